@@ -1,0 +1,31 @@
+"""kontext_core: a self-contained FLUX.1 Kontext engine (no ComfyUI imports).
+
+The public names are imported lazily so that `import kontext_core` stays cheap and the parts that
+need optional packages only load when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Flux": "kontext_core.model",
+    "FluxParams": "kontext_core.config",
+    "AutoEncoder": "kontext_core.autoencoder",
+    "AutoEncoderParams": "kontext_core.config",
+    "KontextPipeline": "kontext_core.pipeline",
+    "load_transformer": "kontext_core.checkpoints.transformer",
+    "load_vae": "kontext_core.checkpoints.autoencoder",
+    "load_text_encoder": "kontext_core.text",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kontext_core' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,205 @@
+"""Safe, lazy reading of safetensors files and diffusers folders.
+
+Nothing here ever unpickles: pickle-based formats are refused by name and by content, and every
+safetensors header is validated against the file size before a tensor is touched, so a truncated
+download fails with a message instead of a crash deep inside a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# A safetensors header is JSON; anything larger than this is not a real header.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used, with the file and the problem named."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def _pickle_refusal(path: Path) -> CheckpointError:
+    return CheckpointError(
+        path,
+        "pickle-based checkpoints (.ckpt/.pt/.pth/.bin) are refused because loading them can execute "
+        "arbitrary code. Convert the file to safetensors on a machine you trust, e.g. "
+        "`python -c \"import torch, safetensors.torch as st; "
+        "st.save_file(torch.load('in.ckpt', weights_only=True), 'out.safetensors')\"`, "
+        "or download the .safetensors release of the model.",
+    )
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """Validated (tensor entries, `__metadata__`) of one safetensors file, without reading any tensor."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _pickle_refusal(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(path, "the file is empty (0 bytes); the download or copy did not finish")
+    with path.open("rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise _pickle_refusal(path)
+        if len(head) < 8:
+            raise CheckpointError(path, f"not a safetensors file: only {size} bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(
+                path, "not a safetensors file, or truncated: its header length does not fit in the file"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"not a safetensors file: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "not a safetensors file: the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - n
+    for key, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            dtype, shape = entry["dtype"], entry["shape"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(path, f"malformed header entry for tensor {key!r}") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(path, f"tensor {key!r} has dtype {dtype}, which this loader does not support")
+        if end > data_size:
+            raise CheckpointError(
+                path,
+                f"truncated: tensor {key!r} ends at byte {8 + n + end} but the file has {size} bytes; "
+                "download the file again",
+            )
+        if start > end:
+            raise CheckpointError(path, f"malformed header: tensor {key!r} has negative length")
+    if not header:
+        raise CheckpointError(path, "the file holds no tensors")
+    return header, metadata
+
+
+class TensorSource:
+    """The tensors of one checkpoint (a file, or a folder of shards) read lazily through memory maps.
+
+    `keys()`, `shape(key)` and `dtype(key)` come from the headers alone; `tensor(key)` reads one tensor.
+    """
+
+    def __init__(self, files: list[Path], origin: Path):
+        self.origin = origin
+        self.metadata: dict[str, str] = {}
+        self._entries: dict[str, dict] = {}
+        self._file_of: dict[str, Path] = {}
+        for file in files:
+            entries, metadata = read_header(file)
+            self.metadata.update(metadata)
+            for key, entry in entries.items():
+                self._entries[key] = entry
+                self._file_of[key] = file
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self._entries[key]["dtype"]]
+
+    def nbytes(self) -> int:
+        return sum(e["data_offsets"][1] - e["data_offsets"][0] for e in self._entries.values())
+
+    def tensor(self, key: str) -> torch.Tensor:
+        file = self._file_of[key]
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error type for corrupt files
+                raise CheckpointError(file, f"cannot be read as safetensors: {e}") from None
+            self._handles[file] = handle
+        return handle.get_tensor(key)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self._entries:
+            yield key, self.tensor(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def open_tensors(path: str | os.PathLike, weights_name: str = "diffusion_pytorch_model") -> TensorSource:
+    """Open a safetensors file, or a diffusers-style folder (`<weights_name>.safetensors`, or shards + index)."""
+    path = Path(path)
+    if path.is_dir():
+        return TensorSource(_folder_shards(path, weights_name), path)
+    return TensorSource([path], path)
+
+
+def _folder_shards(folder: Path, weights_name: str) -> list[Path]:
+    index = folder / f"{weights_name}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(index, f"malformed shard index ({e})") from None
+        shards = sorted({folder / name for name in weight_map.values()})
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise CheckpointError(folder, f"shards listed in {index.name} are missing: {', '.join(missing)}")
+        return shards
+    single = folder / f"{weights_name}.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        raise _pickle_refusal(folder / pickles[0])
+    raise CheckpointError(folder, "no .safetensors weights in this folder")
+
+
+def read_config_json(folder: str | os.PathLike) -> dict | None:
+    """A diffusers/transformers folder's `config.json`, if it has one."""
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(file, f"malformed config.json ({e})") from None
+
+
+def strip_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str:
+    """The first of `prefixes` that every key in `keys` starts with, or ''."""
+    for prefix in prefixes:
+        if prefix and keys and all(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""
