@@ -1,0 +1,15 @@
+"""The node list. Ids are frozen once released: workflows and scripts refer to them."""
+
+from __future__ import annotations
+
+from . import conditioning, images, loaders, safety, sampling, save
+from ._comfy import KontextNode
+
+NODES: list[type[KontextNode]] = [
+    *loaders.NODES,
+    *conditioning.NODES,
+    *images.NODES,
+    *sampling.NODES,
+    *safety.NODES,
+    *save.NODES,
+]

@@ -1,0 +1,152 @@
+"""Pixels and latents: Kontext-friendly resizing, VAE encode/decode, and loading a folder one image per run."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from kontext_core.resize import RESIZE_MODES, resize_to_kontext
+
+from . import _comfy
+from ._comfy import Input, KontextNode, Output, image_input, latent_input
+
+CATEGORY = "Kontext Core/image"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _module_place(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(module.parameters())
+    return param.device, param.dtype
+
+
+class KontextCoreImageScale(KontextNode):
+    NODE_ID = "KontextCoreImageScale"
+    DISPLAY_NAME = "Kontext Image Scale"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Resizes an image to a size Kontext was trained on: 'stretch' to the nearest preferred resolution "
+        "(BFL/diffusers), 'crop' center-crops to it (ComfyUI's FluxKontextImageScale), 'keep' only rounds "
+        "each side to a multiple of 16."
+    )
+    INPUTS = (
+        Input("image", "IMAGE", "The image (batch) to resize."),
+        Input("mode", "COMBO", "'stretch' keeps all content but may distort slightly; 'crop' keeps proportions "
+              "but trims the edges; 'keep' keeps the size (rounded to 16).", default="stretch",
+              options=RESIZE_MODES),
+    )  # fmt: skip
+    OUTPUTS = (Output("IMAGE", "image", "The resized image."),)
+
+    @classmethod
+    def run(cls, image, mode: str = "stretch"):
+        return (resize_to_kontext(image_input(cls, "image", image), mode),)
+
+
+class KontextCoreVAEEncode(KontextNode):
+    NODE_ID = "KontextCoreVAEEncode"
+    DISPLAY_NAME = "Kontext VAE Encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Encodes an image to a FLUX LATENT (raw VAE space, like ComfyUI's VAE Encode). Sides that are not "
+        "multiples of 16 are center-cropped; use Kontext Image Scale first to resize instead."
+    )
+    INPUTS = (
+        Input("vae", "KONTEXT_VAE", "From Kontext VAE Loader."),
+        Input("pixels", "IMAGE", "The image (batch) to encode."),
+    )
+    OUTPUTS = (Output("LATENT", "latent", "16-channel latent, 1/8 of the image size."),)
+
+    @classmethod
+    def run(cls, vae, pixels):
+        pixels = image_input(cls, "pixels", pixels)
+        if not hasattr(vae, "encode_raw"):
+            raise ValueError(f"{cls.NODE_ID}: input 'vae' must be a KONTEXT_VAE")
+        height, width = pixels.shape[1] // 16 * 16, pixels.shape[2] // 16 * 16
+        if height == 0 or width == 0:
+            raise ValueError(f"{cls.NODE_ID}: input 'pixels' must be at least 16×16, got {tuple(pixels.shape)}")
+        top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
+        pixels = pixels[:, top : top + height, left : left + width, :3]
+        device, dtype = _module_place(vae)
+        with torch.no_grad():
+            x = pixels.to(device, dtype).movedim(-1, 1) * 2.0 - 1.0
+            return ({"samples": vae.encode_raw(x).float().cpu()},)
+
+
+class KontextCoreVAEDecode(KontextNode):
+    NODE_ID = "KontextCoreVAEDecode"
+    DISPLAY_NAME = "Kontext VAE Decode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Decodes a FLUX LATENT (raw VAE space) to an image."
+    INPUTS = (
+        Input("vae", "KONTEXT_VAE", "From Kontext VAE Loader."),
+        Input("samples", "LATENT", "The latent to decode, e.g. from Kontext Sampler."),
+    )
+    OUTPUTS = (Output("IMAGE", "image", "The decoded image, [B, H, W, 3] in 0..1."),)
+
+    @classmethod
+    def run(cls, vae, samples):
+        raw = latent_input(cls, "samples", samples)
+        if not hasattr(vae, "decode_raw"):
+            raise ValueError(f"{cls.NODE_ID}: input 'vae' must be a KONTEXT_VAE")
+        device, dtype = _module_place(vae)
+        with torch.no_grad():
+            x = vae.decode_raw(raw.to(device, dtype)).float()
+            return (((x.clamp(-1.0, 1.0) + 1.0) / 2.0).movedim(1, -1).cpu(),)
+
+
+def folder_images(folder: str, pattern: str) -> tuple[str, list[str]]:
+    """The folder (inside ComfyUI's input folder) and its image files matching `pattern`, sorted by name."""
+    root = os.path.realpath(_comfy.input_directory())
+    path = os.path.realpath(os.path.join(root, folder))
+    if os.path.isabs(folder) or os.path.commonpath([root, path]) != root:
+        raise ValueError(f"input 'folder' must be a folder inside ComfyUI's input folder, got {folder!r}")
+    if not os.path.isdir(path):
+        raise ValueError(f"input 'folder': {folder!r} is not a folder in ComfyUI's input folder ({root})")
+    if not pattern or "/" in pattern or "\\" in pattern or ".." in pattern:
+        raise ValueError(f"input 'pattern' must be a file-name pattern such as '*.png', got {pattern!r}")
+    files = sorted(
+        name for name in os.listdir(path)
+        if fnmatch.fnmatch(name.lower(), pattern.lower()) and name.lower().endswith(IMAGE_EXTENSIONS)
+        and os.path.isfile(os.path.join(path, name))
+    )  # fmt: skip
+    return path, files
+
+
+class KontextCoreLoadImageBatch(KontextNode):
+    NODE_ID = "KontextCoreLoadImageBatch"
+    DISPLAY_NAME = "Kontext Load Image From Folder"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Loads the index-th image (sorted by name) of a folder inside ComfyUI's input folder, so a batch "
+        "client can queue one prompt per image by changing only the index."
+    )
+    INPUTS = (
+        Input("folder", "STRING", "Folder relative to ComfyUI's input folder (e.g. 'batch'); paths outside it "
+              "are refused.", default="batch"),
+        Input("pattern", "STRING", "File-name pattern, e.g. '*.png' or 'shot_*'. Only image files count.",
+              default="*"),
+        Input("index", "INT", "Which image, counting from 0 in name order.", default=0, min=0, max=100_000),
+    )  # fmt: skip
+    OUTPUTS = (
+        Output("IMAGE", "image", "The image, [1, H, W, 3] in 0..1."),
+        Output("STRING", "filename", "Its file name without extension (use it as the save prefix)."),
+        Output("INT", "count", "How many images the folder holds for the pattern."),
+    )
+
+    @classmethod
+    def run(cls, folder: str, pattern: str = "*", index: int = 0):
+        path, files = folder_images(folder, pattern)
+        if index >= len(files):
+            raise ValueError(
+                f"input 'index' is {index} but {folder!r} holds {len(files)} image(s) matching {pattern!r}"
+            )
+        with Image.open(os.path.join(path, files[index])) as image:
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+        pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)[None]
+        return (pixels, os.path.splitext(files[index])[0], len(files))
+
+
+NODES = [KontextCoreImageScale, KontextCoreVAEEncode, KontextCoreVAEDecode, KontextCoreLoadImageBatch]

@@ -1,0 +1,127 @@
+"""Loaders: the transformer, the text encoders and the VAE from ComfyUI's own model folders."""
+
+from __future__ import annotations
+
+import torch
+
+import kontext_core
+from kontext_core import math as kmath
+
+from ._comfy import Input, KontextNode, ModelSlot, Output, comfyui_root, list_models, model_path, torch_device
+
+CATEGORY = "Kontext Core/loaders"
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+T5_LENGTHS = ("512", "256")
+
+
+def auto_compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU runs it natively, fp16 on older GPUs, fp32 on a CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+class KontextCoreModelLoader(KontextNode):
+    NODE_ID = "KontextCoreModelLoader"
+    DISPLAY_NAME = "Kontext Model Loader"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Loads a FLUX.1 Kontext transformer (BFL, ComfyUI or fp8 single file) from models/diffusion_models "
+        "with the Kontext Core engine. The model stays loaded between runs; picking another file frees the old one."
+    )
+    INPUTS = (
+        Input("model_name", "COMBO", "Transformer file in models/diffusion_models (or models/unet).",
+              options=lambda: list_models("diffusion_models")),
+        Input("weight_dtype", "COMBO", "How the weights are stored in memory: 'default' keeps the file's precision "
+              "(an fp8 file stays fp8); an fp8 choice casts a 16-bit file to fp8 to halve its memory.",
+              default="default", options=tuple(WEIGHT_DTYPES)),
+        Input("compute_dtype", "COMBO", "Precision of the arithmetic: 'auto' is bf16 on GPUs that support it, "
+              "fp16 on older GPUs, fp32 on a CPU.", default="auto", options=tuple(COMPUTE_DTYPES)),
+        Input("attention", "COMBO", "Attention kernel: 'auto' picks FlashAttention for half precision when it "
+              "is installed, else PyTorch SDPA. 'flash' and 'sage' need their packages.",
+              default="auto", options=kmath.ATTENTION_BACKENDS),
+    )  # fmt: skip
+    OUTPUTS = (Output("KONTEXT_MODEL", "model", "The loaded Kontext transformer."),)
+    _slot = ModelSlot()
+
+    @classmethod
+    def run(cls, model_name: str, weight_dtype: str = "default", compute_dtype: str = "auto", attention: str = "auto"):
+        path = model_path("diffusion_models", model_name, "model_name")
+        device = torch_device()
+        if attention not in ("auto", *kmath.available_backends(device)):
+            raise ValueError(
+                f"input 'attention': {attention!r} is not available on {device} "
+                f"(available: auto, {', '.join(kmath.available_backends(device))})"
+            )
+        kmath.set_attention_backend(attention)
+        dtype = COMPUTE_DTYPES[compute_dtype] or auto_compute_dtype(device)
+        weights = WEIGHT_DTYPES[weight_dtype]
+
+        def load():
+            options = {"weight_dtype": weights} if weights is not None else {}
+            return kontext_core.load_transformer(path, device=device, dtype=dtype, **options)
+
+        return (cls._slot.get(path, (weight_dtype, dtype, str(device)), load),)
+
+
+class KontextCoreTextEncoderLoader(KontextNode):
+    NODE_ID = "KontextCoreTextEncoderLoader"
+    DISPLAY_NAME = "Kontext Text Encoder Loader"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Loads the T5-XXL and CLIP-L text encoders from models/text_encoders (ComfyUI's single files such as "
+        "t5xxl_fp16.safetensors and clip_l.safetensors), with ComfyUI's shipped tokenizers."
+    )
+    INPUTS = (
+        Input("t5_name", "COMBO", "T5-XXL encoder file (t5xxl_fp16, t5xxl_fp8_e4m3fn or its _scaled variant).",
+              options=lambda: list_models("text_encoders")),
+        Input("clip_name", "COMBO", "CLIP-L text encoder file (clip_l.safetensors).",
+              options=lambda: list_models("text_encoders")),
+        Input("t5_max_length", "COMBO", "Tokens T5 pads to. 512 matches BFL and diffusers; 256 matches "
+              "ComfyUI's own FLUX text encoder and is faster. The choice changes the result.",
+              default="512", options=T5_LENGTHS),
+    )  # fmt: skip
+    OUTPUTS = (Output("KONTEXT_TEXT_ENCODER", "text_encoder", "T5 + CLIP, ready for Kontext Text Encode."),)
+    _slot = ModelSlot()
+
+    @classmethod
+    def run(cls, t5_name: str, clip_name: str, t5_max_length: str = "512"):
+        t5 = model_path("text_encoders", t5_name, "t5_name")
+        clip = model_path("text_encoders", clip_name, "clip_name")
+        device = torch_device()
+        dtype = auto_compute_dtype(device)
+
+        def load():
+            return kontext_core.load_text_encoder(
+                t5=t5, clip=clip, t5_max_length=int(t5_max_length), device=device, dtype=dtype,
+                comfyui_root=comfyui_root(),
+            )  # fmt: skip
+
+        # the slot is keyed on the T5 file (the large one); the CLIP name and length go in the options
+        return (cls._slot.get(t5, (clip, t5_max_length, str(device)), load),)
+
+
+class KontextCoreVAELoader(KontextNode):
+    NODE_ID = "KontextCoreVAELoader"
+    DISPLAY_NAME = "Kontext VAE Loader"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads the 16-channel FLUX VAE (ae.safetensors) from models/vae."
+    INPUTS = (
+        Input("vae_name", "COMBO", "FLUX VAE file in models/vae (ae.safetensors or a diffusers-named copy).",
+              options=lambda: list_models("vae")),
+    )  # fmt: skip
+    OUTPUTS = (Output("KONTEXT_VAE", "vae", "The FLUX autoencoder."),)
+    _slot = ModelSlot()
+
+    @classmethod
+    def run(cls, vae_name: str):
+        path = model_path("vae", vae_name, "vae_name")
+        device = torch_device()
+        dtype = auto_compute_dtype(device)
+        return (cls._slot.get(path, (str(device),), lambda: kontext_core.load_vae(path, device=device, dtype=dtype)),)
+
+
+NODES = [KontextCoreModelLoader, KontextCoreTextEncoderLoader, KontextCoreVAELoader]

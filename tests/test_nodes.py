@@ -1,0 +1,447 @@
+"""The node pack without ComfyUI: specs, plumbing, and the sampler against the engine's own loop."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _node_helpers import ROOT, TinyTextEncoder, TinyVAE, load_pack, random_image
+from tiny_models import TINY_FLUX, tiny_flux_model
+
+from kontext_core import sampling
+from kontext_core.styles import STYLE_PRESETS, apply_style
+
+pack = load_pack()
+nodes = sys.modules[f"{pack.__name__}.nodes"]
+_comfy = sys.modules[f"{pack.__name__}.nodes._comfy"]
+BY_ID = {node.NODE_ID: node for node in nodes.NODES}
+
+
+def run(node_id: str, **inputs):
+    return BY_ID[node_id].call(**inputs).outputs
+
+
+@pytest.fixture
+def encoder():
+    return TinyTextEncoder(TINY_FLUX.context_in_dim, TINY_FLUX.vec_in_dim)
+
+
+@pytest.fixture
+def model():
+    return tiny_flux_model(seed=3)
+
+
+# ---------------------------------------------------------------- specs
+
+
+def test_pack_imports_outside_comfyui_with_v1_fallback():
+    assert pack.WEB_DIRECTORY == "./web"
+    assert not hasattr(pack, "comfy_entrypoint")  # no comfy_api here: V1 mappings are the fallback
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(BY_ID)
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["KontextCoreSampler"] == "Kontext Sampler"
+
+
+def test_every_node_is_prefixed_documented_and_tooltipped():
+    assert len(BY_ID) == len(nodes.NODES) == 14
+    for node_id, node in BY_ID.items():
+        assert node_id.startswith("KontextCore") and node.DISPLAY_NAME and not node.DISPLAY_NAME.startswith("Kontext" "Core")
+        assert node.DESCRIPTION and node.CATEGORY.startswith("Kontext Core/")
+        assert all(spec.tooltip for spec in node.INPUTS), node_id
+        assert all(out.tooltip for out in node.OUTPUTS), node_id
+        assert (ROOT / "web" / "docs" / f"{node_id}.md").is_file(), node_id
+
+
+def test_design_input_names():
+    sampler = {spec.name: spec for spec in BY_ID["KontextCoreSampler"].INPUTS}
+    assert {"seed", "steps", "guidance", "denoise", "width", "height"} <= set(sampler)
+    assert (sampler["steps"].min, sampler["steps"].max) == (1, 50)
+    assert sampler["seed"].control_after_generate
+    names = {node_id: [s.name for s in node.INPUTS] for node_id, node in BY_ID.items()}
+    assert names["KontextCoreModelLoader"][0] == "model_name"
+    assert names["KontextCoreTextEncoderLoader"][:2] == ["t5_name", "clip_name"]
+    assert names["KontextCoreVAELoader"] == ["vae_name"]
+
+
+def test_v1_input_types_mirror_the_spec():
+    types_ = pack.NODE_CLASS_MAPPINGS["KontextCoreSampler"].INPUT_TYPES()
+    assert types_["required"]["steps"] == ("INT", {"tooltip": types_["required"]["steps"][1]["tooltip"],
+                                                   "default": 28, "min": 1, "max": 50})  # fmt: skip
+    assert set(types_["optional"]) == {"negative", "latent"}
+    style = pack.NODE_CLASS_MAPPINGS["KontextCoreStylePreset"].INPUT_TYPES()["required"]["style"]
+    assert style[0] == list(STYLE_PRESETS) and style[1]["default"] == "cinematic"
+    assert pack.NODE_CLASS_MAPPINGS["KontextCoreSaveImage"].INPUT_TYPES()["hidden"] == {
+        "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}  # fmt: skip
+
+
+# ---------------------------------------------------------------- conditioning
+
+
+def test_text_encode_gives_core_layout(encoder):
+    (cond,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt="make it red", guidance=3.0)
+    txt, y = encoder.encode(["make it red"])
+    assert len(cond) == 1 and set(cond[0][1]) == {"pooled_output", "guidance"}
+    assert torch.equal(cond[0][0], txt) and torch.equal(cond[0][1]["pooled_output"], y)
+    assert cond[0][1]["guidance"] == 3.0
+
+
+def test_reference_latent_appends_raw_latents_and_method(encoder):
+    (cond,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt="p", guidance=2.5)
+    a, b, c = (torch.randn(1, 16, h, w) for h, w in ((4, 6), (6, 4), (2, 8)))
+    (one,) = run("KontextCoreReferenceLatent", conditioning=cond, latent={"samples": a},
+                 reference_latents_method="offset")  # fmt: skip
+    (two,) = run("KontextCoreReferenceLatent", conditioning=one, latent={"samples": b}, latent_2={"samples": c},
+                 reference_latents_method="index")  # fmt: skip
+    refs = two[0][1]["reference_latents"]
+    assert [r.data_ptr() for r in refs] == [a.data_ptr(), b.data_ptr(), c.data_ptr()]
+    assert two[0][1]["reference_latents_method"] == "index"
+    assert "reference_latents" not in cond[0][1] and len(one[0][1]["reference_latents"]) == 1  # inputs untouched
+
+
+def test_reference_method_aliases():
+    method = sys.modules[f"{pack.__name__}.nodes.conditioning"].reference_method
+    assert [method(m) for m in ("offset", "index", "uxo", "uxo/uno", "uso")] == ["offset", "index", "uxo", "uxo", "uxo"]
+    with pytest.raises(ValueError, match="reference_latents_method"):
+        method("diagonal")
+
+
+def test_reference_latent_errors_name_the_input(encoder):
+    (cond,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt="p", guidance=2.5)
+    with pytest.raises(ValueError, match="'latent_2'"):
+        run("KontextCoreReferenceLatent", conditioning=cond, latent={"samples": torch.randn(1, 16, 4, 4)},
+            latent_2={"samples": torch.randn(1, 4, 4, 4)}, reference_latents_method="offset")  # fmt: skip
+    with pytest.raises(ValueError, match="'reference_latents_method'"):
+        run("KontextCoreReferenceLatent", conditioning=cond, latent={"samples": torch.randn(1, 16, 4, 4)},
+            reference_latents_method="nope")  # fmt: skip
+
+
+def test_style_preset_node():
+    (text,) = run("KontextCoreStylePreset", prompt="a cat on a sofa", style="origami", mode="generate")
+    assert text == apply_style("a cat on a sofa", "origami", "generate")
+    with pytest.raises(ValueError, match="'style'"):
+        run("KontextCoreStylePreset", prompt="x", style="watercolour", mode="edit")
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def _edit_inputs(encoder, guidance=2.5, method="offset"):
+    gen = torch.Generator().manual_seed(7)
+    refs = [torch.randn(1, 16, 6, 4, generator=gen), torch.randn(1, 16, 4, 8, generator=gen)]
+    (cond,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt="swap the hat", guidance=guidance)
+    (cond,) = run("KontextCoreReferenceLatent", conditioning=cond, latent={"samples": refs[0]},
+                  latent_2={"samples": refs[1]}, reference_latents_method=method)  # fmt: skip
+    return cond, refs
+
+
+@pytest.mark.parametrize("method", ["offset", "uxo"])
+def test_sampler_equals_engine_sample(model, encoder, method):
+    cond, refs = _edit_inputs(encoder, guidance=3.5, method=method)
+    (latent,) = run("KontextCoreSampler", model=model, positive=cond, seed=11, steps=2, guidance=-1.0,
+                    denoise=1.0, width=48, height=32, batch_size=1, true_cfg_scale=1.0)  # fmt: skip
+    txt, y = encoder.encode(["swap the hat"])
+    expected = sampling.sample(
+        model, sampling.get_noise(1, 32, 48, 11), txt, y, references=[sampling.latent_to_model(r) for r in refs],
+        reference_method=method, steps=2, guidance=3.5,
+    )  # fmt: skip
+    assert latent["samples"].shape == (1, 16, 4, 6)
+    torch.testing.assert_close(latent["samples"], sampling.latent_from_model(expected), rtol=0, atol=0)
+
+
+def test_sampler_guidance_override_and_default(model, encoder):
+    cond, _ = _edit_inputs(encoder, guidance=3.5)
+    common = dict(model=model, seed=1, steps=2, denoise=1.0, width=32, height=32, batch_size=1, true_cfg_scale=1.0)
+    (stored,) = run("KontextCoreSampler", positive=cond, guidance=-1.0, **common)
+    (same,) = run("KontextCoreSampler", positive=cond, guidance=3.5, **common)
+    (other,) = run("KontextCoreSampler", positive=cond, guidance=1.0, **common)
+    assert torch.equal(stored["samples"], same["samples"])
+    assert not torch.allclose(stored["samples"], other["samples"], atol=1e-4)
+    bare = [[cond[0][0], {"pooled_output": cond[0][1]["pooled_output"]}]]  # no guidance, no references
+    (from_default,) = run("KontextCoreSampler", positive=bare, guidance=-1.0, **common)
+    (explicit,) = run("KontextCoreSampler", positive=bare, guidance=2.5, **common)
+    assert torch.equal(from_default["samples"], explicit["samples"])
+
+
+def test_sampler_latent_sets_size_and_init_with_true_cfg(model, encoder):
+    cond, refs = _edit_inputs(encoder)
+    (neg,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt="blurry", guidance=2.5)
+    init = torch.randn(2, 16, 4, 2, generator=torch.Generator().manual_seed(5))
+    (latent,) = run("KontextCoreSampler", model=model, positive=cond, negative=neg, latent={"samples": init},
+                    seed=4, steps=2, guidance=2.0, denoise=0.5, width=1024, height=1024, batch_size=1,
+                    true_cfg_scale=2.5)  # fmt: skip
+    txt, y = encoder.encode(["swap the hat"])
+    expected = sampling.sample(
+        model, sampling.get_noise(2, 32, 16, 4), txt, y, references=[sampling.latent_to_model(r) for r in refs],
+        steps=2, guidance=2.0, denoise=0.5, init_latent=sampling.latent_to_model(init),
+        negative=encoder.encode(["blurry"]), true_cfg_scale=2.5,
+    )  # fmt: skip
+    torch.testing.assert_close(latent["samples"], sampling.latent_from_model(expected), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        ({"width": 40}, "'width'"),
+        ({"steps": 0}, "'steps'"),
+        ({"steps": 51}, "'steps'"),
+        ({"true_cfg_scale": 2.0}, "'negative'"),
+        ({"denoise": 0.5}, "'denoise'"),
+        ({"seed": -1}, "'seed'"),
+        ({"positive": "not conditioning"}, "'positive'"),
+        ({"model": object()}, "'model'"),
+        ({"latent": {"samples": torch.zeros(1, 4, 8, 8)}}, "'latent'"),
+    ],
+)
+def test_sampler_errors_name_the_input(model, encoder, change, name):
+    cond, _ = _edit_inputs(encoder)
+    inputs = dict(model=model, positive=cond, seed=0, steps=2, guidance=-1.0, denoise=1.0, width=32, height=32,
+                  batch_size=1, true_cfg_scale=1.0) | change  # fmt: skip
+    with pytest.raises(ValueError, match=name):
+        run("KontextCoreSampler", **inputs)
+
+
+class _FakeBar:
+    updates: list = []
+
+    def __init__(self, total):
+        self.total = total
+
+    def update_absolute(self, value, total=None, preview=None):
+        _FakeBar.updates.append((value, total))
+
+
+def test_sampler_reports_progress_and_stops_on_interrupt(monkeypatch, model, encoder):
+    utils = types.SimpleNamespace(ProgressBar=_FakeBar)
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("interrupted")
+
+    management = types.SimpleNamespace(throw_exception_if_processing_interrupted=interrupted)
+    fake = {"comfy.utils": utils, "comfy.model_management": management}
+    monkeypatch.setattr(_comfy, "comfy_module", lambda name: fake.get(name))
+    cond, _ = _edit_inputs(encoder)
+    inputs = dict(model=model, positive=cond, seed=0, guidance=-1.0, denoise=1.0, width=32, height=16,
+                  batch_size=1, true_cfg_scale=1.0)  # fmt: skip
+    _FakeBar.updates = []
+    with pytest.raises(KeyboardInterrupt):
+        run("KontextCoreSampler", steps=3, **inputs)
+    assert _FakeBar.updates == [(1, 3)]  # step 1 reported, stopped in the callback of step 2
+    calls.append("reset")  # further calls do not interrupt
+    _FakeBar.updates = []
+    run("KontextCoreSampler", steps=2, **inputs)
+    assert _FakeBar.updates == [(1, 2), (2, 2)]
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_vae_encode_decode_raw_space_and_crop():
+    vae = TinyVAE(seed=1)
+    image = random_image(2, 37, 50, seed=2)
+    (latent,) = run("KontextCoreVAEEncode", vae=vae, pixels=image)
+    assert latent["samples"].shape == (2, 16, 4, 6)  # 37×50 center-cropped to 32×48
+    cropped = image[:, 2:34, 1:49]
+    torch.testing.assert_close(latent["samples"], vae.encode_raw(cropped.movedim(-1, 1) * 2 - 1), rtol=0, atol=0)
+    (decoded,) = run("KontextCoreVAEDecode", vae=vae, samples=latent)
+    assert decoded.shape == (2, 32, 48, 3) and 0 <= decoded.min() and decoded.max() <= 1
+    expected = (vae.decode_raw(latent["samples"]).movedim(1, -1) + 1) / 2
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="'pixels'"):
+        run("KontextCoreVAEEncode", vae=vae, pixels=torch.rand(1, 8, 40, 3))
+
+
+@pytest.mark.parametrize("mode, size", [("stretch", (1184, 880)), ("crop", (1184, 880)), ("keep", (64, 48))])
+def test_image_scale_modes(mode, size):
+    image = random_image(2, 45, 61, seed=0)
+    (out,) = run("KontextCoreImageScale", image=image, mode=mode)
+    assert out.shape == (2, size[1], size[0], 3)
+    with pytest.raises(ValueError, match="'mode'"):
+        run("KontextCoreImageScale", image=image, mode="fit")
+
+
+def test_load_image_from_folder(monkeypatch, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "batch").mkdir()
+    for i, name in enumerate(["b.png", "a.png", "c.jpg", "notes.txt"]):
+        path = tmp_path / "batch" / name
+        if name.endswith("txt"):
+            path.write_text("x")
+        else:
+            Image.new("RGB", (20 + i, 10), (i * 40, 7, 200)).save(path)
+    monkeypatch.setattr(_comfy, "input_directory", lambda: str(tmp_path))
+    image, name, count = run("KontextCoreLoadImageBatch", folder="batch", pattern="*.png", index=1)
+    assert (name, count, tuple(image.shape)) == ("b", 2, (1, 10, 20, 3))
+    assert image[0, 0, 0].tolist() == pytest.approx([0.0, 7 / 255, 200 / 255])
+    assert run("KontextCoreLoadImageBatch", folder="batch", pattern="*", index=0)[2] == 3
+    for folder in ("../", "/etc", "batch/../.."):
+        with pytest.raises(ValueError, match="'folder'"):
+            run("KontextCoreLoadImageBatch", folder=folder, pattern="*", index=0)
+    with pytest.raises(ValueError, match="'index'"):
+        run("KontextCoreLoadImageBatch", folder="batch", pattern="*.png", index=2)
+    with pytest.raises(ValueError, match="'pattern'"):
+        run("KontextCoreLoadImageBatch", folder="batch", pattern="../*", index=0)
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def test_loader_lists_only_safetensors_and_refuses_other_names(monkeypatch, tmp_path):
+    root = tmp_path / "diffusion_models"
+    (root / "sub").mkdir(parents=True)
+    for name in ("kontext.safetensors", "sub/fp8.sft", "old.ckpt", "readme.txt"):
+        (root / name).write_bytes(b"x")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(root)] if kind == "diffusion_models" else [])
+    assert _comfy.list_models("diffusion_models") == ["kontext.safetensors", "sub/fp8.sft"]
+    assert _comfy.model_path("diffusion_models", "sub/fp8.sft", "model_name") == str(root / "sub" / "fp8.sft")
+    for bad in ("old.ckpt", "../outside.safetensors", str(tmp_path / "outside.safetensors"), ""):
+        with pytest.raises(ValueError, match="'model_name'"):
+            _comfy.model_path("diffusion_models", bad, "model_name")
+
+
+def test_model_loader_caches_and_switches(monkeypatch, tmp_path):
+    loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / name).write_bytes(name.encode())
+    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(tmp_path)])
+    monkeypatch.setattr(loaders, "torch_device", lambda: torch.device("cpu"))
+    loads = []
+
+    def fake_load(path, *, device, dtype, **options):
+        loads.append((Path(path).name, dtype, options))
+        return types.SimpleNamespace(path=path)
+
+    monkeypatch.setitem(vars(loaders.kontext_core), "load_transformer", fake_load)
+    monkeypatch.setattr(loaders.KontextCoreModelLoader, "_slot", _comfy.ModelSlot())
+    args = dict(weight_dtype="default", compute_dtype="auto", attention="auto")
+    first = run("KontextCoreModelLoader", model_name="a.safetensors", **args)[0]
+    assert run("KontextCoreModelLoader", model_name="a.safetensors", **args)[0] is first
+    run("KontextCoreModelLoader", model_name="b.safetensors", **args)
+    run("KontextCoreModelLoader", model_name="b.safetensors", **args | {"weight_dtype": "fp8_e4m3fn"})
+    assert loads == [("a.safetensors", torch.float32, {}), ("b.safetensors", torch.float32, {}),
+                     ("b.safetensors", torch.float32, {"weight_dtype": torch.float8_e4m3fn})]  # fmt: skip
+    assert loaders.KontextCoreModelLoader._slot.value.path.endswith("b.safetensors")
+    with pytest.raises(ValueError, match="'attention'"):
+        run("KontextCoreModelLoader", model_name="a.safetensors", **args | {"attention": "flash"})
+
+
+# ---------------------------------------------------------------- safety
+
+
+class _Verdict:
+    def __init__(self, blocked, score=0.0):
+        self.blocked, self.score = blocked, score
+        self.category = "violence" if blocked else None
+        self.reason = "too gory" if blocked else "ok"
+
+
+def test_image_filter_actions(monkeypatch):
+    safety_nodes = sys.modules[f"{pack.__name__}.nodes.safety"]
+    image = random_image(3, 32, 24, seed=9)
+    flags = {1}
+    seen_tolerance = []
+
+    def check_image(img, tolerance):
+        seen_tolerance.append(tolerance)
+        index = next(i for i in range(3) if torch.equal(image[i], img))
+        return _Verdict(index in flags, score=0.9 if index in flags else 0.1)
+
+    engine = types.SimpleNamespace(check_image=check_image)
+    monkeypatch.setattr(safety_nodes, "_engine", lambda: engine)
+    out, flagged, report = run("KontextCoreSafetyFilterImage", image=image, tolerance=4, action="blank")
+    assert flagged and torch.equal(out[0], image[0]) and torch.equal(out[2], image[2]) and out[1].max() == 0
+    assert set(seen_tolerance) == {4}
+    assert [r["blocked"] for r in json.loads(report)] == [False, True, False]
+    assert json.loads(report)[1] == {"index": 1, "blocked": True, "category": "violence", "reason": "too gory",
+                                     "score": 0.9}  # fmt: skip
+    out, _, _ = run("KontextCoreSafetyFilterImage", image=image, tolerance=2, action="blur")
+    assert torch.equal(out[0], image[0]) and (out[1] - image[1]).abs().mean() > 0.1
+    with pytest.raises(safety_nodes.SafetyBlockedError, match="image 1: violence"):
+        run("KontextCoreSafetyFilterImage", image=image, tolerance=2, action="block")
+    flags.clear()
+    out, flagged, _ = run("KontextCoreSafetyFilterImage", image=image, tolerance=2, action="block")
+    assert out is image and not flagged
+
+
+def test_prompt_filter_actions(monkeypatch):
+    safety_nodes = sys.modules[f"{pack.__name__}.nodes.safety"]
+    engine = types.SimpleNamespace(check_prompt=lambda prompt, tolerance: _Verdict("gore" in prompt))
+    monkeypatch.setattr(safety_nodes, "_engine", lambda: engine)
+    assert run("KontextCoreSafetyFilter", prompt="a cat", tolerance=2, action="block")[:2] == ("a cat", False)
+    text, flagged, report = run("KontextCoreSafetyFilter", prompt="gore", tolerance=2, action="flag")
+    assert (text, flagged, json.loads(report)["category"]) == ("gore", True, "violence")
+    with pytest.raises(safety_nodes.SafetyBlockedError, match="violence"):
+        run("KontextCoreSafetyFilter", prompt="gore", tolerance=2, action="block")
+    with pytest.raises(ValueError, match="'tolerance'"):
+        run("KontextCoreSafetyFilter", prompt="a cat", tolerance=7, action="block")
+
+
+# ---------------------------------------------------------------- save
+
+
+def test_save_paths_number_like_comfyui(tmp_path):
+    save = sys.modules[f"{pack.__name__}.nodes.save"]
+    (tmp_path / "kontext").mkdir()
+    (tmp_path / "kontext" / "edit_00007_.png").write_bytes(b"")
+    assert save.save_paths(str(tmp_path), "kontext/edit", 2) == ("kontext", ["edit_00008_.png", "edit_00009_.png"])
+    assert save.save_paths(str(tmp_path), "new", 1) == ("", ["new_00001_.png"])
+    for bad in ("../up", "/abs/x", "  "):
+        with pytest.raises(ValueError, match="'filename_prefix'"):
+            save.save_paths(str(tmp_path), bad, 1)
+
+
+def test_signing_files_from_inputs_or_env(monkeypatch, tmp_path):
+    save = sys.modules[f"{pack.__name__}.nodes.save"]
+    monkeypatch.delenv(save.CERT_ENV, raising=False)
+    monkeypatch.delenv(save.KEY_ENV, raising=False)
+    assert save.signing_files("", "") is None
+    (tmp_path / "c.pem").write_text("c")
+    (tmp_path / "k.pem").write_text("k")
+    monkeypatch.setattr(_comfy, "user_directory", lambda: str(tmp_path))
+    assert save.signing_files("c.pem", "k.pem") == (str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    with pytest.raises(ValueError, match="'c2pa_cert'"):
+        save.signing_files("../c.pem", "k.pem")
+    with pytest.raises(ValueError, match="together"):
+        save.signing_files("c.pem", "")
+    monkeypatch.setenv(save.CERT_ENV, str(tmp_path / "c.pem"))
+    with pytest.raises(ValueError, match=save.KEY_ENV):
+        save.signing_files("", "")
+
+
+# ---------------------------------------------------------------- the graph equals the engine's pipeline
+
+
+def test_edit_graph_matches_kontext_pipeline(model, encoder):
+    mode = "keep"  # "crop"/"stretch" reach 1024-pixel sizes; their tensor/PIL agreement is in test_resize
+    pipeline = pytest.importorskip("kontext_core.pipeline")
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(8)
+    pixels = torch.randint(0, 256, (37, 53, 3), generator=rng, dtype=torch.uint8)
+    vae = TinyVAE(seed=4)
+    prompt = "make the sky green"
+    expected = pipeline.KontextPipeline(model, vae, encoder).edit(
+        Image.fromarray(pixels.numpy()), prompt, steps=2, seed=21, guidance=2.5, resize=mode
+    )  # fmt: skip
+
+    (image,) = run("KontextCoreImageScale", image=pixels[None].float() / 255.0, mode=mode)
+    (latent,) = run("KontextCoreVAEEncode", vae=vae, pixels=image)
+    (cond,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt=prompt, guidance=2.5)
+    (cond,) = run("KontextCoreReferenceLatent", conditioning=cond, latent=latent, reference_latents_method="offset")
+    (out,) = run("KontextCoreSampler", model=model, positive=cond, latent=latent, seed=21, steps=2, guidance=-1.0,
+                 denoise=1.0, width=1024, height=1024, batch_size=1, true_cfg_scale=1.0)  # fmt: skip
+    (decoded,) = run("KontextCoreVAEDecode", vae=vae, samples=out)
+    ours = (decoded[0] * 255.0).round().to(torch.uint8)
+    theirs = torch.from_numpy(np.array(expected))
+    assert ours.shape == theirs.shape
+    # the graph feeds the VAE k/255·2−1, the pipeline k/127.5−1: equal up to float rounding, so ≤ 1 level
+    assert (ours.int() - theirs.int()).abs().max() <= 1
+    assert (ours == theirs).float().mean() > 0.99
