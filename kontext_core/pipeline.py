@@ -1,0 +1,179 @@
+"""The whole path from images and text to images: edit (with references) and generate (text only)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .autoencoder import AutoEncoder
+from .model import Flux
+from .resize import RESIZE_MODES, resize_to_kontext
+from .sampling import StepInfo, get_noise, sample
+
+
+class TextEncoder(Protocol):
+    def encode(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]: ...
+
+
+def image_to_tensor(image: Image.Image) -> Tensor:
+    """PIL image → 1×3×H×W in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def tensor_to_images(x: Tensor) -> list[Image.Image]:
+    """B×3×H×W in [-1, 1] → PIL images, rounded to the nearest 8-bit value."""
+    x = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in x]
+
+
+def _round16(value: int, name: str) -> int:
+    if value < 16:
+        raise ValueError(f"{name} must be at least 16 pixels, got {value}")
+    return value // 16 * 16
+
+
+class KontextPipeline:
+    """FLUX.1 Kontext: a transformer, the VAE and any text encoder with `encode(prompts) -> (txt, y)`."""
+
+    def __init__(self, transformer: Flux, vae: AutoEncoder, text_encoder: TextEncoder):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image]) -> list[Tensor]:
+        """Model-space latents of images whose sides are multiples of 16."""
+        vae_device = next(self.vae.parameters()).device
+        return [
+            self.vae.encode(image_to_tensor(img).to(vae_device, self._vae_dtype())).float().to(self.device)
+            for img in images
+        ]
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> list[Image.Image]:
+        vae_device = next(self.vae.parameters()).device
+        return tensor_to_images(self.vae.decode(z.to(vae_device, self._vae_dtype())))
+
+    @torch.no_grad()
+    def edit(
+        self,
+        image: Image.Image | Sequence[Image.Image],
+        prompt: str | list[str],
+        *,
+        steps: int = 28,
+        guidance: float = 2.5,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        noise: Tensor | None = None,
+        reference_method: str = "offset",
+        resize: str = "stretch",
+        negative_prompt: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
+        num_images: int = 1,
+        callback: Callable[[StepInfo], None] | None = None,
+        reference_cache_every: int = 0,
+    ) -> Image.Image | list[Image.Image]:
+        """Edit `image` (or several references) following `prompt`; one image, or a list for a batch.
+
+        The output defaults to the first reference's size after `resize` ("stretch": the nearest preferred
+        Kontext resolution as BFL and diffusers do; "crop": ComfyUI's center crop; "keep": own size
+        rounded to 16). `noise` (B×16×H/8×W/8, model space) overrides the seeded noise.
+        """
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        if not images or not all(isinstance(i, Image.Image) for i in images):
+            raise ValueError("image must be a PIL image or a non-empty list of PIL images")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        references = [resize_to_kontext(img, resize) for img in images]
+        width = _round16(width if width is not None else references[0].width, "width")
+        height = _round16(height if height is not None else references[0].height, "height")
+        return self._run(
+            prompt, width, height, self.encode_images(references), steps=steps, guidance=guidance, seed=seed,
+            noise=noise, reference_method=reference_method, negative_prompt=negative_prompt,
+            true_cfg_scale=true_cfg_scale, num_images=num_images, callback=callback,
+            reference_cache_every=reference_cache_every,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        width: int,
+        height: int,
+        steps: int = 28,
+        guidance: float = 2.5,
+        seed: int = 0,
+        noise: Tensor | None = None,
+        negative_prompt: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
+        num_images: int = 1,
+        callback: Callable[[StepInfo], None] | None = None,
+    ) -> Image.Image | list[Image.Image]:
+        """Text to image at width×height (rounded down to multiples of 16)."""
+        return self._run(
+            prompt, _round16(width, "width"), _round16(height, "height"), [], steps=steps, guidance=guidance,
+            seed=seed, noise=noise, reference_method="offset", negative_prompt=negative_prompt,
+            true_cfg_scale=true_cfg_scale, num_images=num_images, callback=callback, reference_cache_every=0,
+        )  # fmt: skip
+
+    def _run(
+        self,
+        prompt: str | list[str],
+        width: int,
+        height: int,
+        references: list[Tensor],
+        *,
+        steps: int,
+        guidance: float,
+        seed: int,
+        noise: Tensor | None,
+        reference_method: str,
+        negative_prompt: str | list[str] | None,
+        true_cfg_scale: float,
+        num_images: int,
+        callback: Callable[[StepInfo], None] | None,
+        reference_cache_every: int,
+    ) -> Image.Image | list[Image.Image]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {num_images}")
+        if len(prompts) > 1 and num_images not in (1, len(prompts)):
+            raise ValueError(f"got {len(prompts)} prompts and num_images={num_images}: give one prompt or one image each")
+        batch = max(len(prompts), num_images)
+        if noise is None:
+            noise = get_noise(batch, height, width, seed, device=self.device)
+        else:
+            expected = (16, height // 8, width // 8)
+            if noise.ndim != 4 or tuple(noise.shape[1:]) != expected:
+                raise ValueError(f"noise must have shape B×{expected[0]}×{expected[1]}×{expected[2]}, got {tuple(noise.shape)}")
+            noise = noise.to(self.device, torch.float32)
+            batch = noise.shape[0]
+        txt, y = self.text_encoder.encode(prompts)
+        negative = None
+        if negative_prompt is not None and true_cfg_scale != 1.0:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            negative = self.text_encoder.encode(negatives)
+        latent = sample(
+            self.transformer, noise, txt, y, references=references, reference_method=reference_method,
+            steps=steps, guidance=guidance, negative=negative, true_cfg_scale=true_cfg_scale, callback=callback,
+            reference_cache_every=reference_cache_every,
+        )  # fmt: skip
+        images = self.decode(latent)
+        return images[0] if len(images) == 1 else images
