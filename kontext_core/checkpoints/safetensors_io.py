@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -203,3 +203,47 @@ def strip_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str:
         if prefix and keys and all(k.startswith(prefix) for k in keys):
             return prefix
     return ""
+
+
+
+def assign_tensors(
+    module: torch.nn.Module,
+    shapes: dict[str, tuple[int, ...]],
+    get: Callable[[str], torch.Tensor],
+    origin: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    what: str = "model",
+) -> torch.nn.Module:
+    """Load tensors into a module built on `meta`, strictly: every key and shape must match.
+
+    `shapes` names what the file holds and `get(key)` reads one tensor, so each tensor is read, moved
+    and cast on its own and the whole state never sits in memory twice. Floating tensors are cast to
+    `dtype` when given; others keep theirs.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if tuple(shapes[k]) != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected)}")
+    if wrong:
+        problems.append("shape mismatches: " + _first([f"{k} {tuple(shapes[k])} != {expected[k]}" for k in wrong]))
+    if problems:
+        raise CheckpointError(origin, f"does not match the {what} layout: " + "; ".join(problems))
+    state = {}
+    for key in expected:
+        t = get(key)
+        cast = dtype if dtype is not None and t.is_floating_point() else None
+        state[key] = t.to(device=device, dtype=cast) if cast is not None else t.to(device=device)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
+def _first(items: list[str], n: int = 8) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", … ({len(items) - n} more)" if len(items) > n else "")

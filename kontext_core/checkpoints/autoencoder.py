@@ -1,0 +1,123 @@
+"""Loading the FLUX VAE from BFL `ae.safetensors`, diffusers `vae/` folders and ComfyUI full checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..autoencoder import AutoEncoder
+from ..config import AutoEncoderParams
+from .safetensors_io import CheckpointError, TensorSource, assign_tensors, open_tensors, read_config_json
+
+# Full ComfyUI checkpoints carry the VAE beside other models under one of these prefixes.
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def diffusers_vae_key_to_bfl(key: str, num_levels: int) -> str:
+    """One diffusers AutoencoderKL key → its BFL name. The decoder's up blocks are numbered in reverse."""
+    k = key
+    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.", k)
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1.", k)
+    k = re.sub(r"\.resnets\.(\d+)\.", r".block.\1.", k)
+    k = k.replace(".downsamplers.0.", ".downsample.").replace(".upsamplers.0.", ".upsample.")
+    k = k.replace(".mid_block.block.0.", ".mid.block_1.").replace(".mid_block.block.1.", ".mid.block_2.")
+    k = k.replace(".mid_block.attentions.0.", ".mid.attn_1.")
+    k = k.replace(".conv_shortcut.", ".nin_shortcut.").replace(".conv_norm_out.", ".norm_out.")
+    attn = {".group_norm.": ".norm.", ".to_q.": ".q.", ".to_k.": ".k.", ".to_v.": ".v.", ".to_out.0.": ".proj_out."}
+    for theirs, ours in attn.items():
+        k = k.replace(theirs, ours)
+    return k
+
+
+def _is_attention_projection(bfl_key: str) -> bool:
+    return bool(re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", bfl_key))
+
+
+def vae_params_from_shapes(shapes: dict[str, tuple[int, ...]], origin: str | os.PathLike) -> AutoEncoderParams:
+    """Widths and depths of a BFL-named VAE, read from its tensor shapes."""
+    try:
+        conv_in = shapes["encoder.conv_in.weight"]
+        levels = 1 + max(int(m[1]) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
+        blocks = 1 + max(int(m[1]) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
+        ch = conv_in[0]
+        ch_mult = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels)]
+        z_channels = shapes["encoder.conv_out.weight"][0] // 2
+        out_ch = shapes["decoder.conv_out.weight"][0]
+    except (KeyError, ValueError):
+        raise CheckpointError(origin, "not a VAE: the encoder/decoder tensors of an autoencoder are missing") from None
+    if z_channels != 16:
+        raise CheckpointError(
+            origin,
+            f"a VAE with {z_channels} latent channels is not the 16-channel FLUX VAE "
+            "(4 channels: an SD1.x/SDXL VAE). Use FLUX's ae.safetensors.",
+        )
+    return AutoEncoderParams(
+        in_channels=conv_in[1], ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=blocks, z_channels=z_channels
+    )
+
+
+def _latent_constants(source: TensorSource, folder_config: dict | None) -> dict[str, float]:
+    config = folder_config
+    if config is None and "config" in source.metadata:
+        try:
+            config = json.loads(source.metadata["config"])
+        except json.JSONDecodeError:
+            raise CheckpointError(source.origin, "the `config` entry in the file's metadata is not valid JSON") from None
+    constants = {}
+    if config:
+        if "scaling_factor" in config:
+            constants["scale_factor"] = float(config["scaling_factor"])
+        if "shift_factor" in config and config["shift_factor"] is not None:
+            constants["shift_factor"] = float(config["shift_factor"])
+    return constants
+
+
+def _not_a_vae_hint(keys: list[str]) -> str:
+    if any(k.startswith(("double_blocks.", "model.diffusion_model.", "transformer_blocks.")) for k in keys):
+        return "this looks like a diffusion transformer/UNet, not a VAE"
+    if any(".SelfAttention." in k or k.startswith(("text_model.", "encoder.block.")) for k in keys):
+        return "this looks like a text encoder, not a VAE"
+    return "no FLUX VAE tensors found"
+
+
+def load_vae(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> AutoEncoder:
+    """The FLUX VAE from a BFL file, a diffusers `vae/` folder or a full checkpoint with a VAE prefix.
+
+    Built on `meta` and filled from the memory-mapped file; `dtype=None` keeps the file's precision.
+    """
+    path = Path(path)
+    source = open_tensors(path)
+    keys = source.keys()
+    folder_config = read_config_json(path) if path.is_dir() else None
+
+    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
+    names = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
+    if any(k.startswith("decoder.up_blocks.") or k.startswith("encoder.down_blocks.") for k in names):
+        levels = 1 + max(int(m[1]) for k in names if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
+        names = {diffusers_vae_key_to_bfl(k, levels): v for k, v in names.items()}
+    if "encoder.conv_in.weight" not in names:
+        raise CheckpointError(path, _not_a_vae_hint(keys))
+
+    def shape_of(ours: str) -> tuple[int, ...]:
+        shape = source.shape(names[ours])
+        return (*shape, 1, 1) if _is_attention_projection(ours) and len(shape) == 2 else shape
+
+    shapes = {k: shape_of(k) for k in names}
+    params = vae_params_from_shapes(shapes, path)
+    for key, value in _latent_constants(source, folder_config).items():
+        setattr(params, key, value)
+
+    def get(ours: str) -> torch.Tensor:
+        t = source.tensor(names[ours])
+        return t.reshape(shapes[ours])
+
+    with torch.device("meta"):
+        vae = AutoEncoder(params)
+    assign_tensors(vae, shapes, get, path, device=device, dtype=dtype, what="FLUX VAE")
+    return vae.eval().requires_grad_(False)
