@@ -59,20 +59,19 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
         raise CheckpointError(path, "the file is empty (0 bytes); the download or copy did not finish")
     with path.open("rb") as f:
         head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise _pickle_refusal(path)
-        if len(head) < 8:
-            raise CheckpointError(path, f"not a safetensors file: only {size} bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CheckpointError(
-                path, "not a safetensors file, or truncated: its header length does not fit in the file"
-            )
-        raw = f.read(n)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        raw = f.read(n) if n is not None and n <= MAX_HEADER_BYTES and 8 + n <= size else None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"not a safetensors file: the header is not valid JSON ({e})") from None
+        header = json.loads(raw) if raw is not None else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if header is None:
+        # only once it fails as safetensors: a header length may start with the same bytes as a pickle
+        if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+            raise _pickle_refusal(path)
+        raise CheckpointError(
+            path, "not a safetensors file, or truncated: its header does not fit in the file or is not valid JSON"
+        )
     if not isinstance(header, dict):
         raise CheckpointError(path, "not a safetensors file: the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

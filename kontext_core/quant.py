@@ -1,0 +1,75 @@
+"""Linear layers whose weights stay in fp8 on the device, as ComfyUI's weight_dtype fp8 does.
+
+The weight is stored as fp8 with a per-tensor float32 scale (1 for a plain fp8 file, the file's
+`scale_weight` / `weight_scale` for ComfyUI's scaled fp8) and upcast to the activations' dtype for each
+matmul, halving memory against bf16 at the same arithmetic. On GPUs with fp8 tensor cores
+(compute capability 8.9+), `fp8_matmul=True` multiplies in fp8 with `torch._scaled_mm` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear with an fp8 `weight` and a float32 `scale_weight`: W = weight · scale_weight."""
+
+    fp8_matmul: bool = False
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("scale_weight", torch.ones((), dtype=torch.float32, device=device))
+
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
+        return self.weight.to(dtype) * self.scale_weight.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fp8_matmul and x.is_cuda and self.weight.dtype == torch.float8_e4m3fn:
+            return self._scaled_mm_forward(x)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _scaled_mm_forward(self, x: Tensor) -> Tensor:
+        # per-tensor dynamic scale for the activations, the stored one for the weight
+        flat = x.reshape(-1, x.shape[-1])
+        amax = flat.abs().amax().float().clamp(min=1e-12)
+        scale_x = amax / torch.finfo(torch.float8_e4m3fn).max
+        x8 = (flat / scale_x.to(flat.dtype)).to(torch.float8_e4m3fn)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        out = torch._scaled_mm(
+            x8, self.weight.t(), scale_a=scale_x, scale_b=self.scale_weight.float(), bias=bias, out_dtype=x.dtype
+        )
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def fp8_matmul_supported(device: torch.device | str) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def use_fp8_linears(model: nn.Module, names: set[str]) -> None:
+    """Swap the nn.Linear modules named in `names` for Fp8Linear, in place (on `meta`, before loading)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if not isinstance(old, nn.Linear):
+            raise TypeError(f"{name} is a {type(old).__name__}, not a Linear")
+        new = Fp8Linear(old.in_features, old.out_features, bias=old.bias is not None, device=old.weight.device)
+        setattr(parent, child, new)
+
+
+def enable_fp8_matmul(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the `_scaled_mm` path on for every Fp8Linear; returns how many layers it affects."""
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    if enabled and layers and not fp8_matmul_supported(layers[0].weight.device):
+        raise RuntimeError(
+            f"fp8 matmul needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
+            f"the model is on {layers[0].weight.device}"
+        )
+    for layer in layers:
+        layer.fp8_matmul = enabled
+    return len(layers)
