@@ -11,7 +11,14 @@ import torch
 
 from ..autoencoder import AutoEncoder
 from ..config import AutoEncoderParams
-from .safetensors_io import CheckpointError, TensorSource, assign_tensors, open_tensors, read_config_json
+from .safetensors_io import (
+    CheckpointError,
+    TensorSource,
+    assign_tensors,
+    ensure_materialized,
+    open_tensors,
+    read_config_json,
+)
 
 # Full ComfyUI checkpoints carry the VAE beside other models under one of these prefixes.
 VAE_PREFIXES = ("first_stage_model.", "vae.")
@@ -120,4 +127,5 @@ def load_vae(
     with torch.device("meta"):
         vae = AutoEncoder(params)
     assign_tensors(vae, shapes, get, path, device=device, dtype=dtype, what="FLUX VAE")
+    ensure_materialized(vae, path)
     return vae.eval().requires_grad_(False)

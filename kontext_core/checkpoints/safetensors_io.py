@@ -243,6 +243,13 @@ def assign_tensors(
     return module
 
 
+def ensure_materialized(module: torch.nn.Module, origin: str | os.PathLike) -> None:
+    """Fail loudly if anything is still on `meta` (a buffer no file holds), instead of computing garbage."""
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(origin, f"internal: tensors were not loaded: {_first(left)}")
+
+
 def _first(items: list[str], n: int = 8) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", … ({len(items) - n} more)" if len(items) > n else "")

@@ -20,7 +20,14 @@ from ..config import FluxParams, default_axes_dim
 from ..model import Flux
 from ..quant import FP8_DTYPES, enable_fp8_matmul, use_fp8_linears
 from .flux_diffusers import Recipe, diffusers_recipes, is_diffusers_flux, recipe_shape, unused_keys
-from .safetensors_io import CheckpointError, TensorSource, assign_tensors, open_tensors, read_config_json
+from .safetensors_io import (
+    CheckpointError,
+    TensorSource,
+    assign_tensors,
+    ensure_materialized,
+    open_tensors,
+    read_config_json,
+)
 
 FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
@@ -217,6 +224,7 @@ def load_transformer(
         return t.to(compute) if compute is not None and t.is_floating_point() else t
 
     assign_tensors(model, shapes, get, path, device=device, what="FLUX transformer")
+    ensure_materialized(model, path)
     model.compute_dtype = compute
     if fp8_matmul:
         enable_fp8_matmul(model)
