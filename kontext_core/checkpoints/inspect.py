@@ -1,0 +1,52 @@
+"""What a model file is, from its header alone: for `python -m kontext_core inspect FILE`."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from .safetensors_io import CheckpointError, open_tensors
+
+
+def describe(path: str | os.PathLike) -> str:
+    """A few lines naming the file's kind, precision, size and tensor count; never reads a tensor."""
+    path = Path(path)
+    try:
+        source = open_tensors(path)
+    except CheckpointError as e:
+        return f"{path}: unusable — {e.problem}"
+    keys = source.keys()
+    dtypes = Counter(str(source.dtype(k)).replace("torch.", "") for k in keys)
+    lines = [
+        f"{path}",
+        f"  kind:      {_kind(keys)}",
+        f"  tensors:   {len(keys)}, {source.nbytes() / 2**30:.2f} GiB",
+        f"  dtypes:    {', '.join(f'{d} ×{n}' for d, n in dtypes.most_common())}",
+    ]
+    if "scaled_fp8" in keys or any(k.endswith((".scale_weight", ".weight_scale")) for k in keys):
+        lines.append("  quantized: ComfyUI scaled fp8 (per-layer weight scales)")
+    if source.metadata:
+        lines.append(f"  metadata:  {', '.join(sorted(source.metadata))}")
+    return "\n".join(lines)
+
+
+def _kind(keys: list[str]) -> str:
+    def has(*parts: str) -> bool:
+        return any(part in k for k in keys for part in parts)
+
+    if any(".lora_" in k or k.startswith("lora_unet_") for k in keys):
+        return "LoRA"
+    if has("double_blocks."):
+        return "FLUX transformer (BFL layout)"
+    if has("transformer_blocks.", "single_transformer_blocks."):
+        return "FLUX transformer (diffusers layout)"
+    if has("input_blocks."):
+        return "UNet (SD1.x/SDXL family): not usable by Kontext Core"
+    if has("encoder.conv_in.", "first_stage_model.", "encoder.down_blocks."):
+        return "VAE"
+    if any(".SelfAttention." in k for k in keys):
+        return "T5 text encoder"
+    if any("token_embedding" in k for k in keys):
+        return "CLIP text encoder"
+    return "unknown"

@@ -1,0 +1,70 @@
+"""The command line: inspect, and a whole edit/generate through the real loaders with tiny files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from text_fixtures import save_models
+from tiny_models import randomize_, tiny_flux_model
+
+from kontext_core.__main__ import main
+from kontext_core.autoencoder import AutoEncoder
+from kontext_core.config import AutoEncoderParams
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory):
+    """A ComfyUI-shaped folder: models/{diffusion_models,vae,text_encoders} and comfy/ tokenizers."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("ComfyUI")
+    models = root / "models"
+    for sub in ("diffusion_models", "vae", "text_encoders"):
+        (models / sub).mkdir(parents=True)
+    text = save_models(tmp_path_factory.mktemp("text"))
+    shutil.copy(text["t5"], models / "text_encoders" / "t5xxl_fp16.safetensors")
+    shutil.copy(text["clip"], models / "text_encoders" / "clip_l.safetensors")
+    shutil.copytree(text["clip_tokenizer"], root / "comfy" / "sd1_tokenizer")
+    shutil.copytree(text["t5_tokenizer"], root / "comfy" / "text_encoders" / "t5_tokenizer")
+    flux = tiny_flux_model(seed=2)
+    # the tiny text encoders are 32 (T5) and 24 (CLIP) wide: a transformer built for those widths
+    from kontext_core.config import FluxParams
+    from kontext_core.model import Flux
+
+    params = FluxParams(**{**flux.params.__dict__, "context_in_dim": 32, "vec_in_dim": 24})
+    flux = randomize_(Flux(params), 2)
+    save_file({k: v.contiguous() for k, v in flux.state_dict().items()}, models / "diffusion_models" / "flux1-kontext-dev.safetensors")
+    vae = randomize_(AutoEncoder(AutoEncoderParams(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1)), 3, std=0.1)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, models / "vae" / "ae.safetensors")
+    return root
+
+
+def test_inspect_names_the_kind(comfyui, capsys):
+    assert main(["inspect", str(comfyui / "models" / "vae" / "ae.safetensors")]) == 0
+    assert "kind:      VAE" in capsys.readouterr().out
+    main(["inspect", str(comfyui / "models" / "diffusion_models" / "flux1-kontext-dev.safetensors")])
+    assert "FLUX transformer (BFL layout)" in capsys.readouterr().out
+
+
+def test_edit_and_generate_from_a_comfyui_folder(comfyui, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(photo)
+    out = tmp_path / "out" / "edited.png"
+    args = ["--comfyui", str(comfyui), "--steps", "2", "--prompt", "make the car red", "--out", str(out)]
+    assert main(["edit", "--image", str(photo), "--resize", "keep", *args]) == 0
+    assert Image.open(out).size == (80, 48)
+    assert not list(out.parent.glob("*.part"))  # written atomically
+
+    gen = tmp_path / "gen.png"
+    assert main(["generate", "--width", "64", "--height", "32", "--num-images", "2", *args[:-1], str(gen)]) == 0
+    assert Image.open(tmp_path / "gen_1.png").size == (64, 32) and (tmp_path / "gen_2.png").is_file()
+    assert "2/2" in capsys.readouterr().err  # the terminal progress bar reached the last step
+
+
+def test_missing_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_ROOT", raising=False)
+    with pytest.raises(FileNotFoundError, match="--transformer .* --vae"):
+        main(["generate", "--prompt", "x", "--out", str(tmp_path / "a.png"), "--comfyui", str(tmp_path)])
