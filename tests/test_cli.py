@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from text_fixtures import save_models
-from tiny_models import randomize_, tiny_flux_model
+from text_fixtures import save_models, text_widths
+from tiny_models import TINY_FLUX, randomize_
 
 from kontext_core.__main__ import main
 from kontext_core.autoencoder import AutoEncoder
-from kontext_core.config import AutoEncoderParams
+from kontext_core.config import AutoEncoderParams, FluxParams
+from kontext_core.model import Flux
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,8 @@ def comfyui(tmp_path_factory):
     shutil.copy(text["clip"], models / "text_encoders" / "clip_l.safetensors")
     shutil.copytree(text["clip_tokenizer"], root / "comfy" / "sd1_tokenizer")
     shutil.copytree(text["t5_tokenizer"], root / "comfy" / "text_encoders" / "t5_tokenizer")
-    flux = tiny_flux_model(seed=2)
-    # the tiny text encoders are 32 (T5) and 24 (CLIP) wide: a transformer built for those widths
-    from kontext_core.config import FluxParams
-    from kontext_core.model import Flux
-
-    params = FluxParams(**{**flux.params.__dict__, "context_in_dim": 32, "vec_in_dim": 24})
+    t5_width, clip_width = text_widths(text)
+    params = FluxParams(**{**TINY_FLUX.__dict__, "context_in_dim": t5_width, "vec_in_dim": clip_width})
     flux = randomize_(Flux(params), 2)
     save_file({k: v.contiguous() for k, v in flux.state_dict().items()}, models / "diffusion_models" / "flux1-kontext-dev.safetensors")
     vae = randomize_(AutoEncoder(AutoEncoderParams(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1)), 3, std=0.1)
