@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from .config import AutoEncoderParams
+
+# Most attention scores (query rows × pixels) one SDPA call may hold, in case it falls back to its math
+# kernel (which materializes them): 2**28 fp32 scores are 1 GiB. A query row's result depends on no other row,
+# so splitting changes the math of none (only a kernel's rounding); a 1024² image (16384 latent pixels) is one call.
+ATTENTION_SCORE_BUDGET = 2**28
 
 
 def swish(x: Tensor) -> Tensor:
@@ -31,8 +39,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h_ = self.norm(x)
         q, k, v = (rearrange(f(h_), "b c h w -> b 1 (h w) c").contiguous() for f in (self.q, self.k, self.v))
-        # SDPA never materializes the (hw)² matrix, so large images fit
-        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        rows = max(1, ATTENTION_SCORE_BUDGET // k.shape[2])
+        sdpa = nn.functional.scaled_dot_product_attention
+        out = torch.cat([sdpa(q[:, :, i : i + rows], k, v) for i in range(0, q.shape[2], rows)], dim=2)
         return x + self.proj_out(rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2], w=x.shape[3]))
 
 
@@ -178,15 +187,20 @@ class AutoEncoder(nn.Module):
         return torch.cat([self.encoder(x[i : i + 1]).chunk(2, dim=1)[0] for i in range(x.shape[0])])
 
     def decode_raw(self, z: Tensor, tile: int | None = None, overlap: int | None = None) -> Tensor:
-        """Latent → image; `tile` (latent pixels) decodes overlapping tiles (overlap default tile/4),
-        for images too big to decode at once. Tiling is approximate where tiles meet, so it is opt-in."""
+        """Latent → image in [-1, 1] (not clamped, as BFL). `tile` (latent pixels) decodes overlapping tiles
+        (`overlap` defaults to tile/4) blended linearly, for images too big to decode at once.
+
+        Tiling is opt-in because it is approximate: each tile takes its own GroupNorm statistics and attends
+        only within itself. A tile covering the whole latent is exact; on the random test VAE, tiles of 12 with
+        overlap 3 over a 16×28 latent stay within 0.1 relative L2 error (tests/test_autoencoder.py).
+        """
         if z.ndim != 4 or z.shape[1] != self.params.z_channels:
             raise ValueError(f"VAE latent must be B×{self.params.z_channels}×h×w, got {tuple(z.shape)}")
         if tile is None:
             decode = self.decoder
         else:
             overlap = tile // 4 if overlap is None else overlap
-            decode = lambda zi: decode_tiled(self.decoder, zi, tile, overlap, self.downscale)  # noqa: E731
+            decode = partial(decode_tiled, self.decoder, tile=tile, overlap=overlap, scale=self.downscale)
         return torch.cat([decode(z[i : i + 1]) for i in range(z.shape[0])])
 
     def encode(self, x: Tensor) -> Tensor:
@@ -206,10 +220,10 @@ def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
     return starts + [size - tile]
 
 
-def decode_tiled(decoder: Decoder, z: Tensor, tile: int, overlap: int, scale: int) -> Tensor:
+def decode_tiled(decoder: Callable[[Tensor], Tensor], z: Tensor, tile: int, overlap: int, scale: int) -> Tensor:
     """Decode overlapping latent tiles and blend them with linear ramps; approximate where tiles meet."""
-    if tile <= 2 * overlap:
-        raise ValueError(f"tile ({tile}) must be larger than twice the overlap ({overlap})")
+    if overlap < 0 or tile <= 2 * overlap:
+        raise ValueError(f"tile ({tile}) must be larger than twice the overlap ({overlap}), which is at least 0")
     _, _, h, w = z.shape
     out = weight = None
     for top in _tile_starts(h, tile, tile - overlap):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -44,6 +46,31 @@ def _is_attention_projection(bfl_key: str) -> bool:
     return bool(re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", bfl_key))
 
 
+def vae_names(keys: Iterable[str]) -> dict[str, str]:
+    """BFL name → key in the file, for the VAE tensors among `keys`; empty when they hold no VAE.
+
+    Takes a bare VAE in BFL or diffusers names, or the VAE part of a full checkpoint (`first_stage_model.`,
+    `vae.`); other models' tensors in a full checkpoint are left out.
+    """
+    keys = list(keys)
+    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
+    names = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
+    levels = [int(m[1]) for k in names if (m := re.match(r"(?:encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.", k))]
+    if levels:
+        names = {diffusers_vae_key_to_bfl(k, 1 + max(levels)): v for k, v in names.items()}
+    return names if "encoder.conv_in.weight" in names or "decoder.conv_in.weight" in names else {}
+
+
+def is_vae_checkpoint(source: TensorSource | str | os.PathLike) -> bool:
+    """Whether a file (or diffusers folder) holds an autoencoder, alone or inside a full checkpoint.
+
+    Reads headers only (an unreadable file raises CheckpointError). Says nothing about the latent width:
+    `load_vae` refuses a 4-channel SD VAE.
+    """
+    source = source if isinstance(source, TensorSource) else open_tensors(_vae_folder(Path(source)))
+    return bool(vae_names(source.keys()))
+
+
 def vae_params_from_shapes(shapes: dict[str, tuple[int, ...]], origin: str | os.PathLike) -> AutoEncoderParams:
     """Widths and depths of a BFL-named VAE, read from its tensor shapes."""
     try:
@@ -55,40 +82,70 @@ def vae_params_from_shapes(shapes: dict[str, tuple[int, ...]], origin: str | os.
         z_channels = shapes["encoder.conv_out.weight"][0] // 2
         out_ch = shapes["decoder.conv_out.weight"][0]
     except (KeyError, ValueError):
-        raise CheckpointError(origin, "not a VAE: the encoder/decoder tensors of an autoencoder are missing") from None
+        raise CheckpointError(
+            origin, "not a complete VAE: encoder/decoder tensors of an autoencoder are missing"
+        ) from None
     if z_channels != 16:
         raise CheckpointError(
             origin,
             f"a VAE with {z_channels} latent channels is not the 16-channel FLUX VAE "
             "(4 channels: an SD1.x/SDXL VAE). Use FLUX's ae.safetensors.",
         )
+    if ch % 32:
+        raise CheckpointError(origin, f"VAE width {ch} is not a multiple of 32, which its GroupNorm(32) layers need")
     return AutoEncoderParams(
         in_channels=conv_in[1], ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=blocks, z_channels=z_channels
     )
 
 
 def _latent_constants(source: TensorSource, folder_config: dict | None) -> dict[str, float]:
+    """scale/shift from a diffusers config.json or a `config` JSON in the file's metadata, where given."""
     config = folder_config
     if config is None and "config" in source.metadata:
         try:
             config = json.loads(source.metadata["config"])
         except json.JSONDecodeError:
-            raise CheckpointError(source.origin, "the `config` entry in the file's metadata is not valid JSON") from None
+            raise CheckpointError(
+                source.origin, "the `config` entry in the file's metadata is not valid JSON"
+            ) from None
+    if not isinstance(config, dict):
+        return {}
+    # diffusers spells it scaling_factor; BFL's AutoEncoderParams scale_factor
+    found = {
+        "scale_factor": config.get("scaling_factor", config.get("scale_factor")),
+        "shift_factor": config.get("shift_factor"),
+    }
     constants = {}
-    if config:
-        if "scaling_factor" in config:
-            constants["scale_factor"] = float(config["scaling_factor"])
-        if "shift_factor" in config and config["shift_factor"] is not None:
-            constants["shift_factor"] = float(config["shift_factor"])
+    for name, value in found.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CheckpointError(source.origin, f"the config's {name} is {value!r}; expected a finite number")
+        constants[name] = float(value)
+    if constants.get("scale_factor") == 0:
+        raise CheckpointError(source.origin, "the config's scaling_factor is 0; the latent cannot be scaled by it")
     return constants
 
 
 def _not_a_vae_hint(keys: list[str]) -> str:
-    if any(k.startswith(("double_blocks.", "model.diffusion_model.", "transformer_blocks.")) for k in keys):
-        return "this looks like a diffusion transformer/UNet, not a VAE"
-    if any(".SelfAttention." in k or k.startswith(("text_model.", "encoder.block.")) for k in keys):
-        return "this looks like a text encoder, not a VAE"
-    return "no FLUX VAE tensors found"
+    if any(re.search(r"(^|\.)input_blocks\.\d+\.", k) for k in keys) or any(k.startswith("down_blocks.") for k in keys):
+        return "this is a UNet (SD1.x/SDXL family), not a VAE"
+    transformer = ("double_blocks.", "single_blocks.", "model.diffusion_model.", "diffusion_model.",
+                   "transformer_blocks.", "single_transformer_blocks.", "img_in.", "x_embedder.")  # fmt: skip
+    if any(k.startswith(transformer) for k in keys):
+        return "this is a diffusion transformer (load it with load_transformer), not a VAE"
+    if any(".SelfAttention." in k or k.startswith(("encoder.block.", "shared.")) for k in keys):
+        return "this is a T5 text encoder (load it with load_text_encoder), not a VAE"
+    if any(k.startswith("text_model.") or "token_embedding" in k for k in keys):
+        return "this is a CLIP text encoder (load it with load_text_encoder), not a VAE"
+    return "no VAE tensors (encoder.conv_in, decoder.conv_in, …) found: this is not a FLUX VAE"
+
+
+def _vae_folder(path: Path) -> Path:
+    """A diffusers pipeline folder stands for its `vae/` subfolder."""
+    if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
+        return path / "vae"
+    return path
 
 
 def load_vae(
@@ -97,22 +154,20 @@ def load_vae(
     """The FLUX VAE from a BFL file, a diffusers `vae/` folder or a full checkpoint with a VAE prefix.
 
     Built on `meta` and filled from the memory-mapped file; `dtype=None` keeps the file's precision.
+    Widths and depths come from the tensors; scale/shift from a diffusers `config.json` or a `config`
+    JSON in the file's metadata, else FLUX's 0.3611 / 0.1159.
     """
-    path = Path(path)
+    path = _vae_folder(Path(path))
     source = open_tensors(path)
     keys = source.keys()
     folder_config = read_config_json(path) if path.is_dir() else None
-
-    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
-    names = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
-    if any(k.startswith("decoder.up_blocks.") or k.startswith("encoder.down_blocks.") for k in names):
-        levels = 1 + max(int(m[1]) for k in names if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
-        names = {diffusers_vae_key_to_bfl(k, levels): v for k, v in names.items()}
-    if "encoder.conv_in.weight" not in names:
+    names = vae_names(keys)
+    if not names:
         raise CheckpointError(path, _not_a_vae_hint(keys))
 
     def shape_of(ours: str) -> tuple[int, ...]:
         shape = source.shape(names[ours])
+        # diffusers keeps the attention projections as Linear [C, C]; BFL as 1×1 convs [C, C, 1, 1]
         return (*shape, 1, 1) if _is_attention_projection(ours) and len(shape) == 2 else shape
 
     shapes = {k: shape_of(k) for k in names}
@@ -121,8 +176,7 @@ def load_vae(
         setattr(params, key, value)
 
     def get(ours: str) -> torch.Tensor:
-        t = source.tensor(names[ours])
-        return t.reshape(shapes[ours])
+        return source.tensor(names[ours]).reshape(shapes[ours])
 
     with torch.device("meta"):
         vae = AutoEncoder(params)
