@@ -1,5 +1,7 @@
 """Reading model files: safetensors only, every format a ComfyUI user has, converted to BFL names."""
 
+from .autoencoder import is_vae_checkpoint, load_vae
 from .safetensors_io import CheckpointError, TensorSource, open_tensors, read_header
+from .transformer import load_transformer
 
-__all__ = ["CheckpointError", "TensorSource", "open_tensors", "read_header"]
+__all__ = ["CheckpointError", "TensorSource", "is_vae_checkpoint", "load_transformer", "load_vae", "open_tensors", "read_header"]
