@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -12,7 +14,8 @@ from . import _comfy
 from ._comfy import Input, KontextNode, NodeResult, image_input
 
 CATEGORY = "Kontext Core/image"
-CERT_ENV, KEY_ENV = "KONTEXT_C2PA_CERT", "KONTEXT_C2PA_KEY"
+# the engine's names, so the command line and the node sign with the same settings
+CERT_ENV, KEY_ENV = "KONTEXT_C2PA_CERT_CHAIN", "KONTEXT_C2PA_PRIVATE_KEY"
 
 
 def _inside(root: str, relative: str, input_name: str) -> str:
@@ -77,32 +80,42 @@ class KontextCoreSaveImage(KontextNode):
         Input("filename_prefix", "STRING", "File name prefix; may include subfolders of the output folder.",
               default="kontext/edit"),
         Input("c2pa_cert", "STRING", "Optional C2PA certificate chain (PEM), relative to ComfyUI's user folder. "
-              "Empty: use the KONTEXT_C2PA_CERT environment variable if set, else no signature.", default=""),
+              "Empty: use the KONTEXT_C2PA_CERT_CHAIN environment variable if set, else no signature.", default=""),
         Input("c2pa_key", "STRING", "Private key (PEM) for the certificate, relative to ComfyUI's user folder "
-              "(or KONTEXT_C2PA_KEY).", default=""),
+              "(or KONTEXT_C2PA_PRIVATE_KEY).", default=""),
+        Input("source_image", "IMAGE", "Optional: the image that was edited. Its presence records the result as an "
+              "edit (C2PA 'edited', with the source as ingredient) instead of a new creation.", optional=True),
     )  # fmt: skip
     HIDDEN = ("prompt", "extra_pnginfo")
     OUTPUT_NODE = True
 
     @classmethod
-    def run(cls, images, filename_prefix: str, c2pa_cert: str = "", c2pa_key: str = "", prompt=None,
-            extra_pnginfo=None):  # fmt: skip
+    def run(cls, images, filename_prefix: str, c2pa_cert: str = "", c2pa_key: str = "", source_image=None,
+            prompt=None, extra_pnginfo=None):  # fmt: skip
         images = image_input(cls, "images", images)
         signer = signing_files(c2pa_cert.strip(), c2pa_key.strip())
+        sources = [_to_pil(s) for s in image_input(cls, "source_image", source_image)] if source_image is not None else []
+        extra = dict(extra_pnginfo or {})
+        workflow = extra.pop("workflow", None)
         output_dir = _comfy.output_directory()
         subfolder, names = save_paths(output_dir, filename_prefix, images.shape[0])
         from kontext_core import provenance
 
+        signing = provenance.SigningConfig(*map(Path, signer)) if signer else None
         saved = []
         for image, name in zip(images, names):
-            pixels = np.clip(image[..., :3].float().cpu().numpy() * 255.0, 0, 255).round().astype(np.uint8)
             path = os.path.join(output_dir, subfolder, name)
             provenance.save_png(
-                Image.fromarray(pixels), path, prompt=prompt, extra_pnginfo=extra_pnginfo,
-                c2pa_cert=signer[0] if signer else None, c2pa_key=signer[1] if signer else None,
+                _to_pil(image), path, prompt=prompt, workflow=workflow, inputs=sources, signing=signing,
+                extra_text={k: json.dumps(v) for k, v in extra.items()},
             )  # fmt: skip
             saved.append({"filename": name, "subfolder": subfolder, "type": "output"})
         return NodeResult((), ui={"images": saved})
+
+
+def _to_pil(image) -> Image.Image:
+    pixels = np.clip(image[..., :3].float().cpu().numpy() * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(pixels)
 
 
 NODES = [KontextCoreSaveImage]
