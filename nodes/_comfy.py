@@ -177,6 +177,10 @@ def v3_class(node: type[KontextNode]) -> type:
         return io.NodeOutput(*result.outputs, ui=result.ui)
 
     attrs = {"define_schema": classmethod(define_schema), "execute": classmethod(execute), "__doc__": node.DESCRIPTION}
+    if "validate_inputs" in node.__dict__:
+        # passed on as is: ComfyUI reads its parameter names, and a **kwargs signature would turn off
+        # its own min/max checks
+        attrs["validate_inputs"] = node.__dict__["validate_inputs"]
     return type(node.__name__, (io.ComfyNode,), attrs)
 
 
@@ -233,6 +237,8 @@ def v1_class(node: type[KontextNode]) -> type:
         "OUTPUT_NODE": node.OUTPUT_NODE,
         "NOT_IDEMPOTENT": node.NOT_IDEMPOTENT,
     }
+    if "validate_inputs" in node.__dict__:
+        attrs["VALIDATE_INPUTS"] = node.__dict__["validate_inputs"]
     return type(node.__name__, (), attrs)
 
 
@@ -272,6 +278,15 @@ def list_models(kind: str) -> list[str]:
     return sorted(names)
 
 
+def check_model_name(kind: str, name: str, input_name: str) -> bool | str:
+    """True, or the message ComfyUI shows when a queued prompt names a file the folder does not hold."""
+    try:
+        model_path(kind, name, input_name)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
 def model_path(kind: str, name: str, input_name: str) -> str:
     """The file behind a combo value. Only names the folder listing offers are accepted, so a workflow
     cannot reach outside the model folders (no absolute paths, no `..`)."""
@@ -291,7 +306,8 @@ def model_path(kind: str, name: str, input_name: str) -> str:
 def comfyui_root() -> str | None:
     """ComfyUI's install folder (for its shipped tokenizers), or None outside ComfyUI."""
     folder_paths = comfy_module("folder_paths")
-    return getattr(folder_paths, "base_path", None) if folder_paths is not None else None
+    # not folder_paths.base_path: with --base-directory (ComfyUI Desktop) that is the user's data folder
+    return os.path.dirname(os.path.abspath(folder_paths.__file__)) if folder_paths is not None else None
 
 
 def input_directory() -> str:

@@ -7,7 +7,17 @@ import torch
 import kontext_core
 from kontext_core import math as kmath
 
-from ._comfy import Input, KontextNode, ModelSlot, Output, comfyui_root, list_models, model_path, torch_device
+from ._comfy import (
+    Input,
+    KontextNode,
+    ModelSlot,
+    Output,
+    check_model_name,
+    comfyui_root,
+    list_models,
+    model_path,
+    torch_device,
+)
 
 CATEGORY = "Kontext Core/loaders"
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -46,6 +56,10 @@ class KontextCoreModelLoader(KontextNode):
     )  # fmt: skip
     OUTPUTS = (Output("KONTEXT_MODEL", "model", "The loaded Kontext transformer."),)
     _slot = ModelSlot()
+
+    @classmethod
+    def validate_inputs(cls, model_name: str):
+        return check_model_name("diffusion_models", model_name, "model_name")
 
     @classmethod
     def run(cls, model_name: str, weight_dtype: str = "default", compute_dtype: str = "auto", attention: str = "auto"):
@@ -88,6 +102,11 @@ class KontextCoreTextEncoderLoader(KontextNode):
     _slot = ModelSlot()
 
     @classmethod
+    def validate_inputs(cls, t5_name: str, clip_name: str):
+        t5 = check_model_name("text_encoders", t5_name, "t5_name")
+        return t5 if t5 is not True else check_model_name("text_encoders", clip_name, "clip_name")
+
+    @classmethod
     def run(cls, t5_name: str, clip_name: str, t5_max_length: str = "512"):
         t5 = model_path("text_encoders", t5_name, "t5_name")
         clip = model_path("text_encoders", clip_name, "clip_name")
@@ -115,6 +134,10 @@ class KontextCoreVAELoader(KontextNode):
     )  # fmt: skip
     OUTPUTS = (Output("KONTEXT_VAE", "vae", "The FLUX autoencoder."),)
     _slot = ModelSlot()
+
+    @classmethod
+    def validate_inputs(cls, vae_name: str):
+        return check_model_name("vae", vae_name, "vae_name")
 
     @classmethod
     def run(cls, vae_name: str):

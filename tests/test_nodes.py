@@ -445,3 +445,19 @@ def test_edit_graph_matches_kontext_pipeline(model, encoder):
     # the graph feeds the VAE k/255·2−1, the pipeline k/127.5−1: equal up to float rounding, so ≤ 1 level
     assert (ours.int() - theirs.int()).abs().max() <= 1
     assert (ours == theirs).float().mean() > 0.99
+
+
+def test_loaders_validate_model_names_before_queueing(monkeypatch, tmp_path):
+    """ComfyUI calls validate_inputs with named arguments when a prompt is queued: unknown files get a 400."""
+    loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]
+    (tmp_path / "flux.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(tmp_path)])
+    assert loaders.KontextCoreModelLoader.validate_inputs("flux.safetensors") is True
+    message = loaders.KontextCoreModelLoader.validate_inputs("missing.safetensors")
+    assert "model_name" in message and "missing.safetensors" in message
+    assert "clip_name" in loaders.KontextCoreTextEncoderLoader.validate_inputs("flux.safetensors", "nope.safetensors")
+    v1 = _comfy.v1_class(loaders.KontextCoreVAELoader)
+    assert "vae_name" in v1.VALIDATE_INPUTS("nope.safetensors")
+    import inspect
+
+    assert list(inspect.signature(v1.VALIDATE_INPUTS).parameters) == ["vae_name"]  # no **kwargs

@@ -1,6 +1,7 @@
 // Kontext Core frontend: a size hint on the sampler, so users see when width/height are off Kontext's
 // trained resolutions and how many tokens (hence how much time) a run will take.
-import { app } from "../../scripts/app.js";
+// served as /extensions/<pack>/js/kontext_core.js, three levels below the site root
+import { app } from "../../../scripts/app.js";
 
 // (width, height) pairs Kontext was trained on (BFL's preferred resolutions).
 const PREFERRED = [
