@@ -19,6 +19,8 @@ _EXPORTS = {
     "load_transformer": "kontext_core.checkpoints.transformer",
     "load_vae": "kontext_core.checkpoints.autoencoder",
     "load_text_encoder": "kontext_core.text",
+    "apply_lora": "kontext_core.lora",
+    "remove_lora": "kontext_core.lora",
 }
 
 __all__ = sorted(_EXPORTS)

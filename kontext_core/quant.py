@@ -3,7 +3,8 @@
 The weight is stored as fp8 with a per-tensor float32 scale (1 for a plain fp8 file, the file's
 `scale_weight` / `weight_scale` for ComfyUI's scaled fp8) and upcast to the activations' dtype for each
 matmul, halving memory against bf16 at the same arithmetic. On GPUs with fp8 tensor cores
-(compute capability 8.9+), `fp8_matmul=True` multiplies in fp8 with `torch._scaled_mm` instead.
+(compute capability 8.9+), `fp8_matmul=True` multiplies in fp8 with `torch._scaled_mm` instead, with a
+per-call activation scale (a file's static `scale_input` is not needed for that and is ignored).
 """
 
 from __future__ import annotations
@@ -18,16 +19,21 @@ class Fp8Linear(nn.Linear):
     """nn.Linear with an fp8 `weight` and a float32 `scale_weight`: W = weight · scale_weight."""
 
     fp8_matmul: bool = False
+    # LoRA updates (kontext_core.lora.LoraFactor): added to the dequantized weight, so the weight stays fp8
+    lora_factors: tuple | list = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.register_buffer("scale_weight", torch.ones((), dtype=torch.float32, device=device))
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
-        return self.weight.to(dtype) * self.scale_weight.to(dtype)
+        weight = self.weight.to(dtype) * self.scale_weight.to(dtype)
+        for factor in self.lora_factors:
+            weight = factor.add_to(weight)
+        return weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fp8_matmul and x.is_cuda and self.weight.dtype == torch.float8_e4m3fn:
+        if self.fp8_matmul and not self.lora_factors and _scaled_mm_fits(x, self.weight):
             return self._scaled_mm_forward(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
@@ -43,6 +49,17 @@ class Fp8Linear(nn.Linear):
             x8, self.weight.t(), scale_a=scale_x, scale_b=self.scale_weight.float(), bias=bias, out_dtype=x.dtype
         )
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _scaled_mm_fits(x: Tensor, weight: Tensor) -> bool:
+    # cuBLASLt fp8 GEMMs need e4m3 weights and both matrix dims in multiples of 16
+    return (
+        x.is_cuda
+        and weight.dtype == torch.float8_e4m3fn
+        and x.dtype in (torch.bfloat16, torch.float16)  # _scaled_mm takes no bias with a float32 output
+        and weight.shape[0] % 16 == 0
+        and weight.shape[1] % 16 == 0
+    )
 
 
 def fp8_matmul_supported(device: torch.device | str) -> bool:

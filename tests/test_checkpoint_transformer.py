@@ -4,42 +4,34 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from _flux_files import (
+    bfl_file,
+    diffusers_folder,
+    flux_inputs,
+    model_from_state,
+    plain_fp8_file,
+    read_manifest,
+    save_state,
+    scaled_fp8_file,
+)
 from tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core import load_transformer
-from kontext_core.checkpoints.flux_diffusers import diffusers_recipes, diffusers_to_bfl, recipe_shape
+from kontext_core.checkpoints.flux_diffusers import diffusers_recipes, recipe_shape
+from kontext_core.checkpoints.transformer import diffusers_to_bfl, flux_params_from_tensors
 from kontext_core.config import FluxParams
 from kontext_core.model import Flux
-from kontext_core.quant import Fp8Linear
-from kontext_core.sampling import position_ids
-
-DATA = Path(__file__).parent / "data"
-
-
-def read_manifest(name: str) -> dict[str, tuple[int, ...]]:
-    rows = (DATA / name).read_text().splitlines()[1:]
-    return {k: tuple(int(x) for x in s.strip("[]").split(",") if x.strip()) for k, s, *_ in (r.split("\t") for r in rows)}
-
-
-def inputs(params: FluxParams, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    img = torch.randn(1, 12, 64, generator=gen)
-    return (
-        img, position_ids(3, 4)[None], torch.randn(1, 5, params.context_in_dim, generator=gen), torch.zeros(1, 5, 3),
-        torch.tensor([0.6]), torch.randn(1, params.vec_in_dim, generator=gen), torch.tensor([2.5]),
-    )  # fmt: skip
+from kontext_core.quant import Fp8Linear, enable_fp8_matmul, fp8_matmul_supported
 
 
 @pytest.fixture(scope="module")
 def reference():
     model = tiny_flux_model(seed=21)
     with torch.no_grad():
-        out = model(*inputs(model.params))
+        out = model(*flux_inputs(model.params))
     return model, out
 
 
@@ -48,87 +40,69 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def save_state(path: Path, state: dict, metadata: dict | None = None) -> Path:
-    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
-    return path
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @torch.no_grad()
 def test_bfl_fp32_file_is_exact(reference, tmp_path):
     model, expected = reference
-    loaded = load_transformer(save_state(tmp_path / "flux.safetensors", model.state_dict()))
+    loaded = load_transformer(bfl_file(model, tmp_path / "flux.safetensors"))
     assert loaded.params == model.params
-    assert torch.equal(loaded(*inputs(model.params)), expected)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    # bit-equal weights; the output may differ by round-off where the file's alignment picks other SIMD paths
+    assert max_rel(loaded(*flux_inputs(model.params)), expected) <= 1e-6
 
 
 @torch.no_grad()
 def test_comfyui_prefixed_full_checkpoint(reference, tmp_path):
     model, expected = reference
     state = {f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()}
-    state["first_stage_model.decoder.conv_in.weight"] = torch.zeros(2, 2, 3, 3)  # other models in the same file
+    state["first_stage_model.decoder.conv_in.weight"] = torch.randn(2, 2, 3, 3)  # other models in the same file
     loaded = load_transformer(save_state(tmp_path / "full.safetensors", state))
-    assert torch.equal(loaded(*inputs(model.params)), expected)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert max_rel(loaded(*flux_inputs(model.params)), expected) <= 1e-6
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 @torch.no_grad()
 def test_half_precision_files(reference, tmp_path, dtype, tol):
     model, expected = reference
-    path = save_state(tmp_path / "half.safetensors", {k: v.to(dtype) for k, v in model.state_dict().items()})
+    path = bfl_file(model, tmp_path / "half.safetensors", dtype)
     kept = load_transformer(path)
     assert kept.img_in.weight.dtype == dtype and kept.compute_dtype == dtype
     upcast = load_transformer(path, dtype=torch.float32)
-    out = upcast(*inputs(model.params))
-    rel = ((out - expected).norm() / expected.norm()).item()
-    print(f"{dtype} file, fp32 compute: rel-L2 {rel:.2e}")
+    assert upcast.img_in.weight.dtype == torch.float32
+    # the same weights, rounded to the file's precision: fp32 compute matches them to round-off
+    twin = model_from_state(model.params, {k: v.to(dtype) for k, v in model.state_dict().items()})
+    out = upcast(*flux_inputs(model.params))
+    assert max_rel(out, twin(*flux_inputs(model.params))) <= 1e-5
+    rel = rel_l2(out, expected)
+    print(f"{dtype} file, fp32 compute: rel-L2 vs fp32 weights {rel:.2e}")
     assert rel < tol
 
 
-def _quantize(w: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = w.abs().max().float() / torch.finfo(fp8).max
-    return (w / scale).to(fp8), scale
-
-
-def _scaled_fp8_state(model: Flux, form: str) -> tuple[dict, dict, dict]:
-    """A ComfyUI scaled-fp8 file: block Linear weights in fp8 with a scale each; the dequantized twin."""
-    state, dequantized, metadata = {}, {}, {}
-    layers = {}
-    for key, value in model.state_dict().items():
-        if key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and value.ndim == 2:
-            q, scale = _quantize(value, torch.float8_e4m3fn)
-            layer = key[: -len(".weight")]
-            state[key] = q
-            state[f"{layer}.scale_weight" if form == "scale_weight" else f"{layer}.weight_scale"] = scale
-            layers[layer] = {"format": "float8_e4m3fn"}
-            dequantized[key] = q.float() * scale
-        else:
-            state[key] = value
-            dequantized[key] = value
-    if form == "scale_weight":
-        state["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    else:
-        metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
-    return state, dequantized, metadata
-
-
-@pytest.mark.parametrize("form", ["scale_weight", "weight_scale"])
+@pytest.mark.parametrize("form", ["scale_weight", "weight_scale", "comfy_quant"])
 @torch.no_grad()
 def test_scaled_fp8_matches_dequantized_reference(reference, tmp_path, form):
     model, expected = reference
-    state, dequantized, metadata = _scaled_fp8_state(model, form)
-    path = save_state(tmp_path / "fp8_scaled.safetensors", state, metadata)
-    twin = Flux(model.params)
-    twin.load_state_dict(dequantized)
-    twin_out = twin(*inputs(model.params))
+    path, dequantized = scaled_fp8_file(model, tmp_path / "fp8_scaled.safetensors", form)
+    twin_out = model_from_state(model.params, dequantized)(*flux_inputs(model.params))
 
     full = load_transformer(path, dtype=torch.float32)  # dequantized at load
-    assert max_rel(full(*inputs(model.params)), twin_out) <= 1e-5
+    assert full.double_blocks[0].img_attn.qkv.weight.dtype == torch.float32
+    assert max_rel(full(*flux_inputs(model.params)), twin_out) <= 1e-5
 
     kept = load_transformer(path, dtype=torch.float32, weight_dtype=torch.float8_e4m3fn)  # stays fp8
-    assert isinstance(kept.double_blocks[0].img_attn.qkv, Fp8Linear)
-    assert kept.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
-    assert max_rel(kept(*inputs(model.params)), twin_out) <= 1e-5
-    rel = ((twin_out - expected).norm() / expected.norm()).item()
+    qkv = kept.double_blocks[0].img_attn.qkv
+    assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == torch.float8_e4m3fn
+    assert max_rel(kept(*flux_inputs(model.params)), twin_out) <= 1e-5
+    assert {k for k in kept.state_dict() if not k.endswith(".scale_weight")} == set(model.state_dict())
+
+    default = load_transformer(path)  # dtype=None: the file's precision, computing in bf16
+    assert isinstance(default.single_blocks[1].linear1, Fp8Linear) and default.compute_dtype == torch.bfloat16
+    rel = rel_l2(twin_out, expected)
     print(f"scaled fp8 ({form}) vs full precision: rel-L2 {rel:.3e}")
     assert 0 < rel < 0.1
 
@@ -137,33 +111,50 @@ def test_scaled_fp8_matches_dequantized_reference(reference, tmp_path, form):
 @torch.no_grad()
 def test_plain_fp8_stays_fp8_by_default(reference, tmp_path, fp8):
     model, expected = reference
-    state = {k: (v.to(fp8) if k.startswith("double_blocks.") and v.ndim == 2 else v) for k, v in model.state_dict().items()}
-    path = save_state(tmp_path / "fp8.safetensors", state)
+    path, dequantized = plain_fp8_file(model, tmp_path / "fp8.safetensors", fp8)
     kept = load_transformer(path)  # dtype=None: keep the file's precision
     assert kept.double_blocks[0].img_mlp[0].weight.dtype == fp8
+    assert kept.img_in.weight.dtype == torch.bfloat16  # the rest follows the compute dtype
     assert kept.compute_dtype == torch.bfloat16
-    twin = Flux(model.params)
-    twin.load_state_dict({k: v.float() for k, v in state.items()})
-    out = load_transformer(path, dtype=torch.float32)(*inputs(model.params))
-    assert max_rel(out, twin(*inputs(model.params))) <= 1e-5
-    low = kept(*[t.bfloat16() if t.is_floating_point() and i in (0, 2, 5) else t for i, t in enumerate(inputs(model.params))])
+    twin_out = model_from_state(model.params, dequantized)(*flux_inputs(model.params))
+    out = load_transformer(path, dtype=torch.float32)(*flux_inputs(model.params))
+    assert max_rel(out, twin_out) <= 1e-5
+    low_inputs = [t.bfloat16() if i in (0, 2, 5) else t for i, t in enumerate(flux_inputs(model.params))]
+    low = kept(*low_inputs)
     assert low.dtype == torch.bfloat16
-    print(f"{fp8} plain file vs full precision: rel-L2 {((out - expected).norm() / expected.norm()).item():.3e}")
+    assert rel_l2(low, twin_out) < 3e-2  # bf16 compute over the same fp8 weights
+    print(f"{fp8} plain file vs full precision: rel-L2 {rel_l2(out, expected):.3e}")
+
+
+@torch.no_grad()
+def test_weight_dtype_fp8_casts_a_full_precision_file(reference, tmp_path):
+    model, expected = reference
+    path = bfl_file(model, tmp_path / "flux.safetensors")
+    loaded = load_transformer(path, dtype=torch.float32, weight_dtype=torch.float8_e4m3fn)
+    assert loaded.single_blocks[0].linear2.weight.dtype == torch.float8_e4m3fn
+    assert loaded.txt_in.weight.dtype == torch.float32  # outside the blocks: full precision, as ComfyUI
+    rel = rel_l2(loaded(*flux_inputs(model.params)), expected)
+    print(f"fp32 file cast to fp8 e4m3 weights: rel-L2 {rel:.3e}")
+    assert 0 < rel < 0.2
 
 
 @torch.no_grad()
 def test_diffusers_folder_sharded(reference, tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    from reference_mappings import diffusers_twin
-
     model, expected = reference
-    twin = diffusers_twin(model)
-    twin.save_pretrained(tmp_path / "transformer", safe_serialization=True, max_shard_size="200KB")
-    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    loaded = load_transformer(tmp_path / "transformer")
-    assert loaded.params.axes_dim == list(twin.config.axes_dims_rope)
-    assert max_rel(loaded(*inputs(model.params)), expected) <= 1e-5
-    assert diffusers is not None
+    folder = diffusers_folder(model, tmp_path / "transformer")
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    loaded = load_transformer(folder)
+    assert loaded.params == model.params
+    assert max_rel(loaded(*flux_inputs(model.params)), expected) <= 1e-5
+
+
+@torch.no_grad()
+def test_diffusers_config_axes_are_used(reference, tmp_path):
+    model, _ = reference
+    folder = diffusers_folder(model, tmp_path / "transformer")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "axes_dims_rope": [2, 8, 6]}))
+    assert load_transformer(folder).params.axes_dim == [2, 8, 6]
 
 
 def test_diffusers_to_bfl_inverts_the_test_mapping(reference):
@@ -179,14 +170,20 @@ def test_diffusers_to_bfl_inverts_the_test_mapping(reference):
 def test_real_config_matches_bfl_manifest():
     with torch.device("meta"):
         model = Flux(FluxParams())
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == read_manifest("flux_kontext_dev_keys.tsv")
+    state = model.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == read_manifest("flux_kontext_dev_keys.tsv")
     assert sum(p.numel() for p in model.parameters()) == 11_901_408_320
+    assert flux_params_from_tensors(state) == FluxParams()  # config inference at full size, on meta
 
 
 def test_diffusers_manifest_converts_to_bfl_manifest():
     theirs = read_manifest("flux_kontext_dev_keys_diffusers.tsv")
     recipes = diffusers_recipes(list(theirs))
-    assert {k: recipe_shape(r, theirs.__getitem__) for k, r in recipes.items()} == read_manifest("flux_kontext_dev_keys.tsv")
+    used = {p for r in recipes.values() for p in r.parts}
+    assert used == set(theirs)  # every diffusers tensor lands somewhere
+    converted = {k: recipe_shape(r, theirs.__getitem__) for k, r in recipes.items()}
+    assert converted == read_manifest("flux_kontext_dev_keys.tsv")
+    assert flux_params_from_tensors(converted) == FluxParams()
 
 
 def test_real_width_one_block_each_matches_manifest_rows():
@@ -196,15 +193,57 @@ def test_real_width_one_block_each_matches_manifest_rows():
     manifest = read_manifest("flux_kontext_dev_keys.tsv")
     rows = {k: v for k, v in manifest.items() if not re.match(r"(double|single)_blocks\.([1-9]|\d\d)", k)}
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == rows
+    assert flux_params_from_tensors(model.state_dict()) == params
+
+
+def test_config_inference_reads_every_field():
+    params = FluxParams(
+        in_channels=64, out_channels=48, vec_in_dim=24, context_in_dim=40, hidden_size=96, mlp_ratio=3.0,
+        num_heads=3, depth=3, depth_single_blocks=2, axes_dim=[4, 14, 14], qkv_bias=False, guidance_embed=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        state = Flux(params).state_dict()
+    assert flux_params_from_tensors(state) == params  # head dim 32 → default axes (4, 14, 14)
+    assert flux_params_from_tensors(state, axes_dim=[8, 12, 12]).axes_dim == [8, 12, 12]
 
 
 @torch.no_grad()
 def test_config_from_metadata_and_axes(reference, tmp_path):
-    model, expected = reference
+    model, _ = reference
     meta = {"flux_params": json.dumps(TINY_FLUX.__dict__)}
     loaded = load_transformer(save_state(tmp_path / "m.safetensors", model.state_dict(), meta))
     assert loaded.params == TINY_FLUX
     other = load_transformer(tmp_path / "m.safetensors", axes_dim=[2, 8, 6])
     assert other.params.axes_dim == [4, 6, 6]  # the file's own flux_params win over a guess
+    plain = load_transformer(bfl_file(model, tmp_path / "p.safetensors"), axes_dim=[2, 8, 6])
+    assert plain.params.axes_dim == [2, 8, 6]
 
 
+@torch.no_grad()
+def test_converting_load_does_not_point_into_the_file(reference, tmp_path):
+    """A cast load must own its memory: the file can change or go once loaded."""
+    model, _ = reference
+    path = bfl_file(model, tmp_path / "flux.safetensors", torch.float16)
+    loaded = load_transformer(path, dtype=torch.float32)
+    before = loaded(*flux_inputs(model.params))
+    path.write_bytes(b"\0" * path.stat().st_size)
+    assert torch.equal(loaded(*flux_inputs(model.params)), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_scaled_mm_path_on_gpu(tmp_path):
+    """fp8 × fp8 matmul (compute capability 8.9+) stays close to upcasting the same fp8 weights."""
+    if not fp8_matmul_supported("cuda"):
+        pytest.skip("GPU has no fp8 tensor cores (needs compute capability 8.9+)")
+    params = FluxParams(**{**TINY_FLUX.__dict__, "hidden_size": 128, "num_heads": 2, "axes_dim": [16, 24, 24]})
+    model = tiny_flux_model(seed=5, params=params)
+    path, _ = scaled_fp8_file(model, tmp_path / "fp8.safetensors", "scale_weight")
+    upcast = load_transformer(path, device="cuda")
+    fast = load_transformer(path, device="cuda", fp8_matmul=True)
+    inputs = [t.cuda() for t in flux_inputs(params)]
+    inputs = [t.bfloat16() if i in (0, 2, 5) else t for i, t in enumerate(inputs)]
+    assert enable_fp8_matmul(fast) > 0
+    rel = rel_l2(fast(*inputs), upcast(*inputs))
+    print(f"_scaled_mm vs per-layer upcast: rel-L2 {rel:.3e}")
+    assert rel < 5e-2

@@ -2,6 +2,9 @@
 
 from .autoencoder import is_vae_checkpoint, load_vae
 from .safetensors_io import CheckpointError, TensorSource, open_tensors, read_header
-from .transformer import load_transformer
+from .transformer import diffusers_to_bfl, flux_params_from_tensors, load_transformer
 
-__all__ = ["CheckpointError", "TensorSource", "is_vae_checkpoint", "load_transformer", "load_vae", "open_tensors", "read_header"]
+__all__ = [
+    "CheckpointError", "TensorSource", "diffusers_to_bfl", "flux_params_from_tensors", "is_vae_checkpoint",
+    "load_transformer", "load_vae", "open_tensors", "read_header",
+]  # fmt: skip

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-_RENAMES = {
+TOP_LEVEL_RENAMES = {
     "x_embedder": "img_in",
     "context_embedder": "txt_in",
     "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
@@ -24,7 +24,7 @@ _RENAMES = {
     "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
     "proj_out": "final_layer.linear",
 }
-_DOUBLE = {
+DOUBLE_BLOCK_RENAMES = {
     "norm1.linear": "img_mod.lin",
     "norm1_context.linear": "txt_mod.lin",
     "attn.to_out.0": "img_attn.proj",
@@ -38,17 +38,17 @@ _DOUBLE = {
     "attn.norm_added_q": "txt_attn.norm.query_norm",
     "attn.norm_added_k": "txt_attn.norm.key_norm",
 }
-_SINGLE = {
+SINGLE_BLOCK_RENAMES = {
     "proj_out": "linear2",
     "norm.linear": "modulation.lin",
     "attn.norm_q": "norm.query_norm",
     "attn.norm_k": "norm.key_norm",
 }
-_FUSED_DOUBLE = {
+FUSED_DOUBLE = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
-_FUSED_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+FUSED_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,14 @@ def diffusers_recipes(keys: list[str]) -> dict[str, Recipe]:
         stem, _, param = key.rpartition(".")
         if stem == "norm_out.linear":
             recipes[f"final_layer.adaLN_modulation.1.{param}"] = Recipe((key,), swap_halves=True)
-        elif stem in _RENAMES:
-            recipes[f"{_RENAMES[stem]}.{param}"] = Recipe((key,))
+        elif stem in TOP_LEVEL_RENAMES:
+            recipes[f"{TOP_LEVEL_RENAMES[stem]}.{param}"] = Recipe((key,))
         elif m := re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", stem):
             kind, index, inner = m.groups()
             renames, fused, prefix = (
-                (_DOUBLE, _FUSED_DOUBLE, f"double_blocks.{index}.")
+                (DOUBLE_BLOCK_RENAMES, FUSED_DOUBLE, f"double_blocks.{index}.")
                 if kind == "transformer_blocks"
-                else (_SINGLE, _FUSED_SINGLE, f"single_blocks.{index}.")
+                else (SINGLE_BLOCK_RENAMES, FUSED_SINGLE, f"single_blocks.{index}.")
             )
             if inner in renames:
                 target = renames[inner]

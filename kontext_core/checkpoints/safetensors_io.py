@@ -125,6 +125,9 @@ class TensorSource:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key]["shape"])
 
@@ -227,11 +230,11 @@ def assign_tensors(
     wrong = sorted(k for k in set(expected) & set(shapes) if tuple(shapes[k]) != expected[k])
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {_first(missing)}")
+        problems.append(f"missing keys ({len(missing)}): {first_items(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected)}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {first_items(unexpected)}")
     if wrong:
-        problems.append("shape mismatches: " + _first([f"{k} {tuple(shapes[k])} != {expected[k]}" for k in wrong]))
+        problems.append("shape mismatches: " + first_items([f"{k} {tuple(shapes[k])} != {expected[k]}" for k in wrong]))
     if problems:
         raise CheckpointError(origin, f"does not match the {what} layout: " + "; ".join(problems))
     state = {}
@@ -247,9 +250,9 @@ def ensure_materialized(module: torch.nn.Module, origin: str | os.PathLike) -> N
     """Fail loudly if anything is still on `meta` (a buffer no file holds), instead of computing garbage."""
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
-        raise CheckpointError(origin, f"internal: tensors were not loaded: {_first(left)}")
+        raise CheckpointError(origin, f"internal: tensors were not loaded: {first_items(left)}")
 
 
-def _first(items: list[str], n: int = 8) -> str:
+def first_items(items: list[str], n: int = 8) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", … ({len(items) - n} more)" if len(items) > n else "")

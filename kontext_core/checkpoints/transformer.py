@@ -4,13 +4,16 @@ BFL single files (bf16/fp16/fp32, with or without ComfyUI's `model.diffusion_mod
 fp8, ComfyUI's scaled fp8 (`scaled_fp8` marker + per-layer `scale_weight`, or `weight_scale` with a
 `_quantization_metadata` header), and diffusers `transformer/` folders (sharded or not). The model is
 built on `meta` and its tensors assigned one by one from the memory-mapped file.
+`diffusers_to_bfl` is re-exported here for tools and tests that convert a whole state dict.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,20 +21,28 @@ import torch
 
 from ..config import FluxParams, default_axes_dim
 from ..model import Flux
-from ..quant import FP8_DTYPES, enable_fp8_matmul, use_fp8_linears
-from .flux_diffusers import Recipe, diffusers_recipes, is_diffusers_flux, recipe_shape, unused_keys
+from ..quant import FP8_DTYPES, enable_fp8_matmul, fp8_matmul_supported, use_fp8_linears
+from .flux_diffusers import Recipe, diffusers_recipes, diffusers_to_bfl, is_diffusers_flux, recipe_shape, unused_keys
 from .safetensors_io import (
     CheckpointError,
     TensorSource,
+    first_items,
     assign_tensors,
     ensure_materialized,
     open_tensors,
     read_config_json,
 )
 
+__all__ = ["diffusers_to_bfl", "flux_params_from_tensors", "load_transformer", "wrong_architecture"]
+
 FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
-SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
+WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+# activation scales only tune ComfyUI's own fp8 matmul; our `_scaled_mm` path scales activations per call
+INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
 MARKER_KEYS = ("scaled_fp8",)
+QUANT_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+# Converting loads give the file's pages back this often, so the file and the model never both sit in RAM.
+RELEASE_EVERY_BYTES = 256 * 1024 * 1024
 
 
 def wrong_architecture(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> str | None:
@@ -61,10 +72,16 @@ def wrong_architecture(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> s
     return None
 
 
-def flux_params_from_shapes(
-    shapes: dict[str, tuple[int, ...]], origin: str | os.PathLike, axes_dim: list[int] | None = None
+def flux_params_from_tensors(
+    tensors: Mapping[str, torch.Tensor | Sequence[int]],
+    origin: str | os.PathLike = "state dict",
+    axes_dim: Sequence[int] | None = None,
 ) -> FluxParams:
-    """The transformer's config from its tensor shapes; the RoPE axes from `axes_dim` or the head-dim rule."""
+    """The transformer's config from BFL-named tensors (or their shapes); the RoPE axes from `axes_dim` or the head-dim rule."""
+    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in tensors.items()}
+    reason = wrong_architecture(list(shapes), shapes)
+    if reason:
+        raise CheckpointError(origin, reason)
 
     def count(pattern: str) -> int:
         found = [int(m[1]) for k in shapes if (m := re.match(pattern, k))]
@@ -103,40 +120,80 @@ class FluxLayout:
     shapes: dict[str, tuple[int, ...]]
     recipes: dict[str, Recipe]
     scales: dict[str, str] = field(default_factory=dict)  # layer name -> key of its weight scale
+    quant_formats: dict[str, torch.dtype] = field(default_factory=dict)  # layer -> fp8 type of a uint8 container
     metadata_params: dict | None = None
     config_axes: list[int] | None = None
 
     def dtype(self, key: str) -> torch.dtype:
+        layer = key.rpartition(".")[0]
+        if key.endswith(".weight") and layer in self.quant_formats:
+            return self.quant_formats[layer]
         return self.source.dtype(self.recipes[key].parts[0])
 
     def read(self, key: str) -> torch.Tensor:
-        return self.recipes[key].build(self.source.tensor)
+        t = self.recipes[key].build(self.source.tensor)
+        layer = key.rpartition(".")[0]
+        if key.endswith(".weight") and t.dtype == torch.uint8 and layer in self.quant_formats:
+            t = t.view(self.quant_formats[layer])  # fp8 bytes stored in a uint8 container
+        return t
 
     def scale(self, layer: str) -> torch.Tensor:
         key = self.scales.get(layer)
-        return self.source.tensor(key).float().reshape(()) if key else torch.ones(())
+        return self.source.tensor(key).float().reshape(()).clone() if key else torch.ones(())
+
+
+def _quant_formats(path: Path, source: TensorSource, local: dict[str, str], prefix: str) -> dict[str, str]:
+    """Layer -> quantization format named by `_quantization_metadata` or per-layer `.comfy_quant` blobs."""
+    formats: dict[str, str] = {}
+    raw = source.metadata.get("_quantization_metadata")
+    if raw is not None:
+        try:
+            layers = json.loads(raw)["layers"]
+            formats.update({k.removeprefix(prefix): conf["format"] for k, conf in layers.items()})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(
+                path, "the `_quantization_metadata` entry in the file's metadata is malformed"
+            ) from None
+    for key, full in local.items():
+        if key.endswith(".comfy_quant"):
+            try:
+                formats[key.removesuffix(".comfy_quant")] = json.loads(bytes(source.tensor(full).tolist()))["format"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                raise CheckpointError(path, f"the quantization config {full!r} is malformed") from None
+    unsupported = sorted({f for f in formats.values() if f not in QUANT_FORMATS})
+    if unsupported:
+        layer = next(k for k, f in formats.items() if f == unsupported[0])
+        raise CheckpointError(
+            path,
+            f"quantization format {', '.join(unsupported)} (e.g. layer {layer}) is not supported: Kontext Core runs "
+            f"bf16/fp16/fp32 files and fp8 ({', '.join(QUANT_FORMATS)}) with per-tensor scales",
+        )
+    return formats
 
 
 def read_layout(path: Path) -> FluxLayout:
+    """Classify a file's tensors (weights, fp8 scales, markers) and map them to BFL names, reading no weight."""
     source = open_tensors(path)
     all_keys = source.keys()
     prefix = next((p for p in FLUX_PREFIXES if any(k.startswith(p) for k in all_keys)), "")
     # a full ComfyUI checkpoint also holds the VAE and text encoders: take the diffusion model only
     local = {k[len(prefix) :]: k for k in all_keys if k.startswith(prefix)}
-    scale_keys = {k: full for k, full in local.items() if k.endswith(SCALE_SUFFIXES) or k in MARKER_KEYS}
-    weights = {k: full for k, full in local.items() if k not in scale_keys}
-    scales = {}
-    for k, full in scale_keys.items():
-        if k.endswith((".scale_weight", ".weight_scale")):
-            scales[k.rsplit(".", 1)[0]] = full
+    formats = _quant_formats(path, source, local, prefix)
+    ignored = MARKER_KEYS + INPUT_SCALE_SUFFIXES + (".comfy_quant",)
+    weights = {
+        k: full for k, full in local.items() if not k.endswith(WEIGHT_SCALE_SUFFIXES + ignored) and k not in ignored
+    }
+    scales = {k.rpartition(".")[0]: full for k, full in local.items() if k.endswith(WEIGHT_SCALE_SUFFIXES)}
 
     if is_diffusers_flux(list(weights)):
         diffusers = diffusers_recipes(list(weights))
         leftover = unused_keys(list(weights), diffusers)
         if leftover:
-            raise CheckpointError(path, f"unexpected keys for a diffusers FLUX transformer: {', '.join(leftover[:8])}")
+            raise CheckpointError(path, f"unexpected keys for a diffusers FLUX transformer: {first_items(leftover)}")
         recipes = {k: Recipe(tuple(weights[p] for p in r.parts), r.swap_halves) for k, r in diffusers.items()}
         shapes = {k: recipe_shape(r, source.shape) for k, r in recipes.items()}
+        if scales or formats:
+            raise CheckpointError(path, "quantized diffusers folders are not supported; use a BFL-layout fp8 file")
     else:
         recipes = {k: Recipe((full,)) for k, full in weights.items()}
         shapes = {k: source.shape(full) for k, full in weights.items()}
@@ -144,6 +201,7 @@ def read_layout(path: Path) -> FluxLayout:
     reason = wrong_architecture(list(weights), shapes)
     if reason:
         raise CheckpointError(path, reason)
+    _check_scales(path, source, scales, weights)
 
     metadata_params = None
     if "flux_params" in source.metadata:
@@ -153,14 +211,48 @@ def read_layout(path: Path) -> FluxLayout:
             raise CheckpointError(path, "the `flux_params` entry in the file's metadata is not valid JSON") from None
     config = read_config_json(path) if path.is_dir() else None
     config_axes = list(config["axes_dims_rope"]) if config and "axes_dims_rope" in config else None
-    return FluxLayout(source, shapes, recipes, scales, metadata_params, config_axes)
+    containers = {layer: QUANT_FORMATS[f] for layer, f in formats.items() if f"{layer}.weight" in weights}
+    return FluxLayout(source, shapes, recipes, scales, containers, metadata_params, config_axes)
 
 
-def _check_device_dtype(device: torch.device, dtype: torch.dtype | None) -> None:
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise CheckpointError(device, "this GPU does not support bf16: choose fp16 or fp32 as the compute dtype")
+def _check_scales(path: Path, source: TensorSource, scales: dict[str, str], weights: dict[str, str]) -> None:
+    orphans = sorted(full for layer, full in scales.items() if f"{layer}.weight" not in weights)
+    if orphans:
+        raise CheckpointError(path, f"weight scales without a weight (unexpected keys): {first_items(orphans)}")
+    wide = sorted(full for full in scales.values() if math.prod(source.shape(full)) != 1)
+    if wide:
+        raise CheckpointError(
+            path, f"per-channel or block-wise weight scales are not supported (per-tensor only): {first_items(wide)}"
+        )
+    unscaled = sorted(weights[f"{layer}.weight"] for layer in scales if source.dtype(weights[f"{layer}.weight"]) not in FP8_DTYPES + (torch.uint8,))  # fmt: skip
+    if unscaled:
+        raise CheckpointError(path, f"weight scales next to weights that are not fp8: {first_items(unscaled)}")
+
+
+def _check_device(
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    compute: torch.dtype,
+    keeps_fp8: bool,
+    fp8_matmul: bool,
+) -> None:
+    """Refuse, before reading any weight, a precision the device cannot hold or compute in."""
     if dtype is not None and (not dtype.is_floating_point or dtype in FP8_DTYPES):
         raise ValueError(f"dtype must be a float compute dtype (bf16, fp16, fp32), got {dtype}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(path, f"cannot load onto {device}: this PyTorch has no CUDA device")
+    if device.type == "cuda" and compute == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise CheckpointError(path, f"bf16 is not supported on {device}: pass dtype=torch.float16 or torch.float32")
+    if keeps_fp8 and device.type == "mps":
+        raise CheckpointError(
+            path, "fp8 weights cannot be kept on MPS: pass dtype=torch.bfloat16 or torch.float16 to dequantize at load"
+        )
+    if fp8_matmul and not fp8_matmul_supported(device):
+        raise CheckpointError(
+            path, f"fp8 matmul needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper), not {device}; "
+            "leave fp8_matmul off to upcast fp8 weights per layer instead",
+        )  # fmt: skip
 
 
 def load_transformer(
@@ -168,20 +260,26 @@ def load_transformer(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
-    axes_dim: list[int] | None = None,
+    axes_dim: Sequence[int] | None = None,
     weight_dtype: torch.dtype | None = None,
     fp8_matmul: bool = False,
 ) -> Flux:
     """A FLUX.1 Kontext (or [dev]) transformer, its config inferred from the tensors.
 
-    `dtype=None` keeps the file's precision: an fp8 file stays fp8 in memory (computing in bf16);
-    a float `dtype` sets the compute precision, and fp8 weights are then dequantized unless
-    `weight_dtype` is an fp8 type, which keeps (or casts) the block weights in fp8. `fp8_matmul`
-    multiplies in fp8 on GPUs that can (compute capability 8.9+).
+    `dtype=None` keeps the file's precision: bf16/fp16/fp32 tensors stay as stored, and an fp8 file's
+    Linear weights stay fp8 (with their scales) behind `Fp8Linear`, which upcasts each weight per call
+    and computes in bf16. A float `dtype` sets the compute precision: every tensor is cast to it and fp8
+    weights are dequantized, unless `weight_dtype` is an fp8 type, which keeps (or casts) the block
+    Linear weights in that fp8 type. `fp8_matmul` multiplies fp8 e4m3 weights in fp8 with
+    `torch._scaled_mm` on GPUs that can (compute capability 8.9+). `axes_dim` sets the RoPE axes when
+    neither a `flux_params` header nor a diffusers `config.json` names them.
+
+    On the CPU, tensors kept as stored are the file's memory map (paged in on first use); a load that
+    casts or moves tensors reads and converts them one at a time and gives the file's pages back as it
+    goes, so RAM never holds the file and the model together.
     """
     path = Path(path)
     device = torch.device(device)
-    _check_device_dtype(device, dtype)
     if weight_dtype is not None and weight_dtype not in FP8_DTYPES and weight_dtype != dtype:
         raise ValueError(f"weight_dtype must be None or an fp8 dtype ({FP8_DTYPES}), got {weight_dtype}")
     layout = read_layout(path)
@@ -192,19 +290,25 @@ def load_transformer(
         except TypeError as e:
             raise CheckpointError(path, f"the `flux_params` metadata does not fit FluxParams ({e})") from None
     else:
-        params = flux_params_from_shapes(layout.shapes, path, axes_dim or layout.config_axes)
+        params = flux_params_from_tensors(layout.shapes, path, axes_dim or layout.config_axes)
 
     linear_weights = {k for k in layout.shapes if k.endswith(".weight") and len(layout.shapes[k]) == 2}
     file_fp8 = {k[: -len(".weight")] for k in linear_weights if layout.dtype(k) in FP8_DTYPES}
     if weight_dtype in FP8_DTYPES:
-        block_linears = {k[: -len(".weight")] for k in linear_weights if k.startswith(("double_blocks.", "single_blocks."))}
+        block_linears = {
+            k[: -len(".weight")] for k in linear_weights if k.startswith(("double_blocks.", "single_blocks."))
+        }
         fp8_layers = file_fp8 | block_linears
     else:
         fp8_layers = file_fp8 if dtype is None else set()
-    compute = dtype or (torch.bfloat16 if file_fp8 or fp8_layers else None)
+    compute = dtype or (torch.bfloat16 if fp8_layers else None)
+    _check_device(path, device, dtype, compute or layout.dtype("img_in.weight"), bool(fp8_layers), fp8_matmul)
 
-    with torch.device("meta"):
-        model = Flux(params)
+    try:
+        with torch.device("meta"):
+            model = Flux(params)
+    except ValueError as e:
+        raise CheckpointError(path, f"inconsistent transformer config: {e}") from None
     if fp8_layers:
         use_fp8_linears(model, fp8_layers)
 
@@ -212,18 +316,47 @@ def load_transformer(
     for layer in fp8_layers:
         shapes[f"{layer}.scale_weight"] = ()
 
-    def get(key: str) -> torch.Tensor:
+    def convert(key: str, t: torch.Tensor) -> torch.Tensor:
         layer, _, param = key.rpartition(".")
-        if param == "scale_weight":
-            return layout.scale(layer)
-        t = layout.read(key)
         if layer in fp8_layers and param == "weight":
             return t if t.dtype in FP8_DTYPES else t.to(weight_dtype)
         if t.dtype in FP8_DTYPES:  # dequantize for a full-precision copy
             return t.to(compute or torch.float32) * layout.scale(layer).to(compute or torch.float32)
         return t.to(compute) if compute is not None and t.is_floating_point() else t
 
-    assign_tensors(model, shapes, get, path, device=device, what="FLUX transformer")
+    def kept_as_stored(key: str) -> bool:
+        layer, _, param = key.rpartition(".")
+        stored = layout.dtype(key)
+        if layer in fp8_layers and param == "weight":
+            return stored in FP8_DTYPES
+        return stored not in FP8_DTYPES and (compute is None or not stored.is_floating_point or stored == compute)
+
+    # A load that changes any tensor must not keep the file mapped: converted pages would stay resident.
+    streaming = device.type != "cpu" or not all(kept_as_stored(k) for k in layout.shapes)
+    read_since_release = 0
+
+    def get(key: str) -> torch.Tensor:
+        nonlocal read_since_release
+        layer, _, param = key.rpartition(".")
+        if param == "scale_weight" and layer in fp8_layers:
+            return layout.scale(layer)
+        source = layout.read(key)
+        t = convert(key, source)
+        if not streaming:
+            return t
+        if t.data_ptr() == source.data_ptr() and device.type == "cpu":
+            t = t.clone()
+        read_since_release += source.numel() * source.element_size()
+        if read_since_release >= RELEASE_EVERY_BYTES:
+            layout.source.close()  # unmaps what was read so far: those pages are converted copies now
+            read_since_release = 0
+        return t
+
+    try:
+        assign_tensors(model, shapes, get, path, device=device, what="FLUX transformer")
+    finally:
+        if streaming:
+            layout.source.close()
     ensure_materialized(model, path)
     model.compute_dtype = compute
     if fp8_matmul:

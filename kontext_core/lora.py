@@ -1,0 +1,200 @@
+"""LoRA for the FLUX transformer: the layouts people share, applied with a strength, removable exactly.
+
+Layouts (one file may mix them):
+- kohya / ComfyUI, BFL names: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `.lora_up.weight`, `.alpha`
+- kohya, diffusers names: `lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight`
+- diffusers / PEFT: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`, `.lora_B.weight`
+- fal / ai-toolkit, BFL names: `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`
+
+A diffusers target that is part of a fused BFL weight (to_q/to_k/to_v of `qkv`, to_q/to_k/to_v/proj_mlp of
+single-block `linear1`) updates its row slice; `norm_out.linear` updates the final modulation with its
+halves swapped, as the weights themselves are. Each update is W[rows] += strength · alpha/rank · up @ down.
+
+Plain Linear weights are recomputed from the kept base weight, so removing every LoRA gives back the
+very tensor that was there before. Fp8Linear weights stay fp8: the low-rank factors ride along and are
+added to the dequantized weight at each call, so the fp8 memory saving survives and removal is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoints.flux_diffusers import DOUBLE_BLOCK_RENAMES, FUSED_DOUBLE, FUSED_SINGLE, TOP_LEVEL_RENAMES, SINGLE_BLOCK_RENAMES
+from .checkpoints.safetensors_io import CheckpointError, first_items, open_tensors
+from .quant import Fp8Linear
+
+__all__ = ["LoraFactor", "LoraResult", "apply_lora", "remove_lora"]
+
+_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
+_UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_")
+_PART = re.compile(
+    r"^(?P<module>.+?)\.(?:(?P<down>lora_down|lora_A|lora\.down)|(?P<up>lora_up|lora_B|lora\.up))(?:\.[^.]+)?\.weight$"
+    r"|^(?P<amodule>.+?)\.alpha$"
+)
+
+
+@dataclass(eq=False)
+class LoraFactor:
+    """One low-rank update: rows `rows` of `layer`'s weight += scale · up @ down (halves swapped if asked)."""
+
+    layer: str
+    up: Tensor
+    down: Tensor
+    scale: float
+    rows: slice = field(default_factory=lambda: slice(None))
+    swap_halves: bool = False
+
+    def add_to(self, weight: Tensor) -> Tensor:
+        """`weight` plus this update, in `weight`'s dtype (the product is taken in float32)."""
+        delta = (self.up.to(weight.device, torch.float32) @ self.down.to(weight.device, torch.float32)) * self.scale
+        if self.swap_halves:
+            first, second = delta.chunk(2, dim=0)
+            delta = torch.cat((second, first), dim=0)
+        out = weight.clone()
+        out[self.rows] = (weight[self.rows].float() + delta).to(weight.dtype)
+        return out
+
+
+@dataclass(eq=False)
+class LoraResult:
+    """What `apply_lora` did: the layers it updated, and every key of the LoRA that matched nothing."""
+
+    applied: list[str]
+    unmatched: list[str]
+    factors: list[LoraFactor] = field(repr=False, default_factory=list)
+    model: nn.Module | None = field(repr=False, default=None)
+
+    def remove(self) -> None:
+        remove_lora(self)
+
+
+def _targets(model: nn.Module) -> dict[str, tuple[str, slice, bool]]:
+    """Every name a LoRA may use for a Linear of `model` → (BFL layer, rows, swap halves)."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = {n: (n, slice(None), False) for n in linears}
+    for diffusers, bfl in TOP_LEVEL_RENAMES.items():
+        if bfl in linears:
+            targets[diffusers] = (bfl, slice(None), False)
+    if "final_layer.adaLN_modulation.1" in linears:
+        targets["norm_out.linear"] = ("final_layer.adaLN_modulation.1", slice(None), True)
+    for name, linear in linears.items():
+        if m := re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", name):
+            kind, index, inner = m.groups()
+            block = f"transformer_blocks.{index}." if kind == "double" else f"single_transformer_blocks.{index}."
+            renames, fused = (DOUBLE_BLOCK_RENAMES, FUSED_DOUBLE) if kind == "double" else (SINGLE_BLOCK_RENAMES, FUSED_SINGLE)
+            for diffusers, bfl in renames.items():
+                if bfl == inner:
+                    targets[block + diffusers] = (name, slice(None), False)
+            if inner in fused:
+                hidden = linear.in_features
+                sizes = [hidden] * 3 + ([linear.out_features - 3 * hidden] if len(fused[inner]) == 4 else [])
+                start = 0
+                for part, size in zip(fused[inner], sizes):
+                    targets[block + part] = (name, slice(start, start + size), False)
+                    start += size
+    # kohya writes the same names with every dot as an underscore
+    for name, target in list(targets.items()):
+        for prefix in _UNDERSCORE_PREFIXES:
+            targets[prefix + name.replace(".", "_")] = target
+    return targets
+
+
+def _resolve(module: str, targets: dict[str, tuple[str, slice, bool]]) -> tuple[str, slice, bool] | None:
+    if module in targets:
+        return targets[module]
+    for prefix in _PREFIXES:
+        if module.startswith(prefix) and module[len(prefix) :] in targets:
+            return targets[module[len(prefix) :]]
+    return None
+
+
+def _read(lora: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    if isinstance(lora, Mapping):
+        return dict(lora), "LoRA state dict"
+    source = open_tensors(lora)
+    return dict(source.items()), str(lora)
+
+
+def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], strength: float = 1.0) -> LoraResult:
+    """Add a LoRA (a safetensors file or a state dict) to `model`'s Linear weights, in place.
+
+    Nothing is changed if any matched tensor has the wrong shape (a LoRA for another model); keys that
+    match no layer, or lack their up/down partner, are listed in `unmatched`, never dropped silently.
+    """
+    tensors, origin = _read(lora)
+    targets = _targets(model)
+    groups: dict[str, dict[str, Tensor]] = {}
+    unmatched: list[str] = []
+    for key, value in tensors.items():
+        m = _PART.match(key)
+        if m is None:
+            unmatched.append(key)
+            continue
+        role = "alpha" if m["amodule"] else "down" if m["down"] else "up"
+        groups.setdefault(m["amodule"] or m["module"], {})[role] = value
+    if not groups:
+        raise CheckpointError(origin, "no LoRA tensors (`lora_down`/`lora_up` or `lora_A`/`lora_B`) found")
+
+    factors: list[LoraFactor] = []
+    wrong: list[str] = []
+    for module, parts in groups.items():
+        target = _resolve(module, targets)
+        if target is None or "up" not in parts or "down" not in parts:
+            unmatched.extend(sorted(k for k in tensors if k.startswith(module + ".")))
+            continue
+        layer, rows, swap = target
+        linear = model.get_submodule(layer)
+        up, down = parts["up"], parts["down"]
+        rank = down.shape[0]
+        out_rows = len(range(linear.out_features)[rows])
+        if down.ndim != 2 or up.ndim != 2 or up.shape != (out_rows, rank) or down.shape[1] != linear.in_features:
+            wrong.append(
+                f"{module} (up {tuple(up.shape)}, down {tuple(down.shape)} for {layer} {out_rows}×{linear.in_features})"
+            )
+            continue
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+        factors.append(LoraFactor(layer, up, down, strength * alpha / rank, rows, swap))
+    if wrong:
+        raise CheckpointError(origin, f"LoRA shapes do not fit this model (a LoRA for another model?): {first_items(wrong)}")
+
+    for layer in dict.fromkeys(f.layer for f in factors):
+        mine = [f for f in factors if f.layer == layer]
+        _set_factors(model.get_submodule(layer), _factors_of(model.get_submodule(layer)) + mine)
+    applied = sorted({f.layer + ("" if f.rows == slice(None) else f"[{f.rows.start}:{f.rows.stop}]") for f in factors})
+    return LoraResult(applied, sorted(unmatched), factors, model)
+
+
+def remove_lora(result: LoraResult) -> None:
+    """Undo one `apply_lora`; other LoRAs stay. With none left, every weight is its original tensor again."""
+    if result.model is None:
+        return
+    for layer in dict.fromkeys(f.layer for f in result.factors):
+        linear = result.model.get_submodule(layer)
+        _set_factors(linear, [f for f in _factors_of(linear) if all(f is not g for g in result.factors)])
+    result.model = None
+
+
+def _factors_of(linear: nn.Linear) -> list[LoraFactor]:
+    return list(getattr(linear, "lora_factors", []))
+
+
+def _set_factors(linear: nn.Linear, factors: list[LoraFactor]) -> None:
+    if isinstance(linear, Fp8Linear):
+        linear.lora_factors = factors  # added to the dequantized weight at each call
+        return
+    # kept outside the module's registry so the state dict stays the BFL keys
+    base = linear.__dict__.setdefault("_lora_base", linear.weight)
+    weight = base.detach()
+    with torch.no_grad():
+        for f in factors:
+            weight = f.add_to(weight)
+    linear.weight = base if not factors else nn.Parameter(weight, requires_grad=base.requires_grad)
+    linear.lora_factors = factors
+    if not factors:
+        del linear.__dict__["_lora_base"]

@@ -1,0 +1,132 @@
+"""Write a tiny Flux to disk in every layout a ComfyUI user has, and the references to compare against."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from kontext_core.config import FluxParams
+from kontext_core.model import Flux
+from kontext_core.sampling import position_ids
+
+DATA = Path(__file__).parent / "data"
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def read_manifest(name: str) -> dict[str, tuple[int, ...]]:
+    """A `key <TAB> shape [<TAB> dtype]` manifest from tests/data as {key: shape}."""
+    rows = (DATA / name).read_text().splitlines()[1:]
+    return {
+        k: tuple(int(x) for x in s.strip("[]").split(",") if x.strip()) for k, s, *_ in (r.split("\t") for r in rows)
+    }
+
+
+def flux_inputs(params: FluxParams, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Forward inputs for a 3×4-token image, 5 text tokens (non-square everywhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(1, 12, 64, generator=gen), position_ids(3, 4)[None],
+        torch.randn(1, 5, params.context_in_dim, generator=gen), torch.zeros(1, 5, 3), torch.tensor([0.6]),
+        torch.randn(1, params.vec_in_dim, generator=gen), torch.tensor([2.5]),
+    )  # fmt: skip
+
+
+def save_state(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
+    return path
+
+
+def model_from_state(params: FluxParams, state: dict[str, torch.Tensor]) -> Flux:
+    """An fp32 Flux holding `state` (e.g. the dequantized twin of an fp8 file)."""
+    model = Flux(params)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def is_block_linear(key: str, value: torch.Tensor) -> bool:
+    return key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and value.ndim == 2
+
+
+def bfl_file(model: Flux, path: Path, dtype: torch.dtype | None = None, prefix: str = "") -> Path:
+    """BFL keys (optionally prefixed like a ComfyUI checkpoint), every tensor in `dtype` if given."""
+    state = {prefix + k: v.to(dtype) if dtype else v for k, v in model.state_dict().items()}
+    return save_state(path, state)
+
+
+def plain_fp8_file(model: Flux, path: Path, fp8: torch.dtype) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Block Linear weights cast straight to fp8 (no scale); returns the file and its dequantized state."""
+    state = {k: v.to(fp8) if is_block_linear(k, v) else v for k, v in model.state_dict().items()}
+    return save_state(path, state), {k: v.float() for k, v in state.items()}
+
+
+def quantize(w: torch.Tensor, fp8: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = w.abs().max().float() / torch.finfo(fp8).max
+    return (w / scale).to(fp8), scale
+
+
+def scaled_fp8_file(model: Flux, path: Path, form: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """ComfyUI scaled fp8, block Linears quantized per tensor; returns the file and its dequantized state.
+
+    form: "scale_weight" (a `scaled_fp8` marker + `.scale_weight`, with `.scale_input`), "weight_scale"
+    (`.weight_scale` + a `_quantization_metadata` header, prefixed keys), or "comfy_quant" (`.weight_scale` +
+    per-layer `.comfy_quant` JSON blobs, fp8 bytes in uint8 containers).
+    """
+    prefix = "model.diffusion_model." if form == "weight_scale" else ""
+    state, dequantized, layers = {}, {}, {}
+    for key, value in model.state_dict().items():
+        dequantized[key] = value
+        if not is_block_linear(key, value):
+            state[prefix + key] = value
+            continue
+        layer = key.removesuffix(".weight")
+        q, scale = quantize(value)
+        dequantized[key] = q.float() * scale
+        if form == "scale_weight":
+            state[key] = q
+            state[f"{layer}.scale_weight"] = scale
+            state[f"{layer}.scale_input"] = torch.tensor(1.0)
+        elif form == "weight_scale":
+            state[prefix + key] = q
+            state[f"{prefix}{layer}.weight_scale"] = scale
+            layers[prefix + layer] = {"format": "float8_e4m3fn"}
+        else:
+            state[key] = q.view(torch.uint8)
+            state[f"{layer}.weight_scale"] = scale
+            state[f"{layer}.comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    metadata = None
+    if form == "scale_weight":
+        state["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    elif form == "weight_scale":
+        metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    return save_state(path, state, metadata), dequantized
+
+
+def diffusers_folder(model: Flux, folder: Path, shard_bytes: int = 200_000) -> Path:
+    """A diffusers `transformer/` folder: sharded safetensors + index + config.json with the RoPE axes."""
+    from reference_mappings import bfl_to_diffusers  # independent of the engine's own converter
+
+    p = model.params
+    state = bfl_to_diffusers(model.state_dict(), p.hidden_size)
+    folder.mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    for key, value in state.items():
+        if sum(v.numel() * v.element_size() for v in shards[-1].values()) > shard_bytes:
+            shards.append({})
+        shards[-1][key] = value
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_state(folder / name, shard)
+        weight_map.update(dict.fromkeys(shard, name))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    config = {
+        "_class_name": "FluxTransformer2DModel", "in_channels": p.in_channels, "num_layers": p.depth,
+        "num_single_layers": p.depth_single_blocks, "attention_head_dim": p.hidden_size // p.num_heads,
+        "num_attention_heads": p.num_heads, "joint_attention_dim": p.context_in_dim,
+        "pooled_projection_dim": p.vec_in_dim, "guidance_embeds": p.guidance_embed, "axes_dims_rope": list(p.axes_dim),
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

@@ -1,0 +1,182 @@
+"""LoRA in every common layout adds strength · alpha/rank · up @ down to the right rows, and comes off exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _flux_files import flux_inputs, model_from_state, save_state, scaled_fp8_file
+from tiny_models import tiny_flux_model
+
+from kontext_core import load_transformer
+from kontext_core.checkpoints import CheckpointError
+from kontext_core.lora import apply_lora, remove_lora
+from kontext_core.quant import Fp8Linear
+
+H = 64  # tiny model hidden size; its MLP is 4 × 64 = 256 wide
+
+# (name in the LoRA file, BFL layer, rows of that layer, halves swapped); written out by hand from the
+# layouts, independently of kontext_core.lora's tables
+DIFFUSERS_TARGETS = [
+    ("transformer_blocks.0.attn.to_q", "double_blocks.0.img_attn.qkv", slice(0, H), False),
+    ("transformer_blocks.0.attn.to_k", "double_blocks.0.img_attn.qkv", slice(H, 2 * H), False),
+    ("transformer_blocks.1.attn.add_v_proj", "double_blocks.1.txt_attn.qkv", slice(2 * H, 3 * H), False),
+    ("transformer_blocks.0.attn.to_out.0", "double_blocks.0.img_attn.proj", slice(None), False),
+    ("transformer_blocks.1.ff_context.net.2", "double_blocks.1.txt_mlp.2", slice(None), False),
+    ("transformer_blocks.0.norm1.linear", "double_blocks.0.img_mod.lin", slice(None), False),
+    ("single_transformer_blocks.1.attn.to_v", "single_blocks.1.linear1", slice(2 * H, 3 * H), False),
+    ("single_transformer_blocks.0.proj_mlp", "single_blocks.0.linear1", slice(3 * H, 7 * H), False),
+    ("single_transformer_blocks.0.proj_out", "single_blocks.0.linear2", slice(None), False),
+    ("single_transformer_blocks.1.norm.linear", "single_blocks.1.modulation.lin", slice(None), False),
+    ("context_embedder", "txt_in", slice(None), False),
+    ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer", slice(None), False),
+    ("norm_out.linear", "final_layer.adaLN_modulation.1", slice(None), True),
+]
+BFL_TARGETS = [
+    "double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", "double_blocks.0.txt_mod.lin",
+    "single_blocks.0.linear1", "single_blocks.1.linear2", "img_in", "final_layer.linear",
+]  # fmt: skip
+
+
+def factors(model, layer: str, rows: slice, rank: int, gen: torch.Generator):
+    linear = model.get_submodule(layer)
+    out = len(range(linear.out_features)[rows])
+    return torch.randn(out, rank, generator=gen) * 0.1, torch.randn(rank, linear.in_features, generator=gen) * 0.1
+
+
+def make_lora(model, layout: str, seed: int = 0):
+    """(LoRA tensors, expected {BFL key: new weight} at strength 0.7)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors, expected = {}, {}
+    targets = (
+        [(f"{layer}", layer, slice(None), False) for layer in BFL_TARGETS]
+        if layout in ("kohya", "ai-toolkit")
+        else DIFFUSERS_TARGETS
+    )
+    for i, (name, layer, rows, swap) in enumerate(targets):
+        rank = 2 + i % 3
+        up, down = factors(model, layer, rows, rank, gen)
+        alpha = float(rank) if layout == "peft" else 1.5 + i
+        delta = 0.7 * alpha / rank * (up @ down)
+        if swap:  # diffusers keeps (scale, shift), BFL (shift, scale)
+            delta = torch.cat(delta.chunk(2)[::-1])
+        key = f"{layer}.weight"
+        weight = expected.get(key, model.state_dict()[key]).clone()
+        weight[rows] += delta
+        expected[key] = weight
+        if layout.startswith("kohya"):
+            stem = ("lora_unet_" if layout == "kohya" else "lora_transformer_") + name.replace(".", "_")
+            tensors |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
+            tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+        elif layout == "peft":  # no alpha: scale 1
+            tensors |= {f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up}
+        else:  # ai-toolkit: BFL names, A/B, alpha beside
+            stem = f"diffusion_model.{name}"
+            tensors |= {
+                f"{stem}.lora_A.weight": down,
+                f"{stem}.lora_B.weight": up,
+                f"{stem}.alpha": torch.tensor(alpha),
+            }
+    return tensors, expected
+
+
+@pytest.mark.parametrize("layout", ["kohya", "kohya-diffusers", "peft", "ai-toolkit"])
+@torch.no_grad()
+def test_every_layout_adds_the_low_rank_update(layout, tmp_path):
+    model = tiny_flux_model(seed=7)
+    before = model.state_dict(keep_vars=True)
+    tensors, expected = make_lora(model, layout)
+    path = save_state(tmp_path / "lora.safetensors", tensors)
+
+    result = apply_lora(model, path, strength=0.7)
+    assert result.unmatched == []
+    assert len(result.applied) == len(DIFFUSERS_TARGETS if "diffusers" in layout or layout == "peft" else BFL_TARGETS)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in after.items():
+        want = expected.get(key, before[key])
+        assert (value - want).abs().max().item() <= 1e-6, key
+        assert (key in expected) == (not torch.equal(value, before[key])), key
+
+    result.remove()
+    assert all(model.state_dict(keep_vars=True)[k] is before[k] for k in before)  # the very tensors, not copies
+
+
+@torch.no_grad()
+def test_unmatched_keys_are_reported_not_dropped():
+    model = tiny_flux_model(seed=8)
+    tensors, _ = make_lora(model, "kohya")
+    tensors |= {
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8),  # a text encoder
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(8, 2),
+        "lora_unet_double_blocks_0_img_mlp_2.lora_down.weight": torch.randn(2, 256),  # no up
+        "diffusion_model.double_blocks.0.img_attn.proj.diff_b": torch.randn(H),  # bias diff
+    }
+    result = apply_lora(model, tensors)
+    assert result.unmatched == sorted(
+        [
+            "diffusion_model.double_blocks.0.img_attn.proj.diff_b",
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+            "lora_unet_double_blocks_0_img_mlp_2.lora_down.weight",
+        ]
+    )
+    assert len(result.applied) == len(BFL_TARGETS)
+
+
+@torch.no_grad()
+def test_wrong_shapes_change_nothing():
+    model = tiny_flux_model(seed=9)
+    before = model.state_dict(keep_vars=True)
+    tensors, _ = make_lora(model, "peft")
+    tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"] = torch.randn(3072, 2)
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        apply_lora(model, tensors)
+    assert all(model.state_dict(keep_vars=True)[k] is before[k] for k in before)
+
+
+def test_not_a_lora_and_pickles_are_refused(tmp_path):
+    model = tiny_flux_model(seed=10)
+    with pytest.raises(CheckpointError, match="no LoRA tensors"):
+        apply_lora(model, save_state(tmp_path / "model.safetensors", model.state_dict()))
+    (tmp_path / "lora.pt").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(CheckpointError, match="refused"):
+        apply_lora(model, tmp_path / "lora.pt")
+
+
+@torch.no_grad()
+def test_stacked_loras_come_off_in_any_order():
+    model = tiny_flux_model(seed=11)
+    before = model.state_dict(keep_vars=True)
+    first = apply_lora(model, make_lora(model, "kohya", seed=1)[0], strength=0.7)
+    after_first = {k: v.clone() for k, v in model.state_dict().items()}
+    second = apply_lora(model, make_lora(model, "peft", seed=2)[0], strength=-0.4)
+    remove_lora(first)
+    remove_lora(second)
+    assert all(model.state_dict(keep_vars=True)[k] is before[k] for k in before)
+    third = apply_lora(model, make_lora(model, "kohya", seed=1)[0], strength=0.7)
+    assert all(torch.equal(model.state_dict()[k], after_first[k]) for k in before)
+    third.remove()
+
+
+@torch.no_grad()
+def test_lora_on_fp8_layers_keeps_them_fp8(tmp_path):
+    model = tiny_flux_model(seed=12)
+    path, dequantized = scaled_fp8_file(model, tmp_path / "fp8.safetensors", "scale_weight")
+    loaded = load_transformer(path, dtype=torch.float32, weight_dtype=torch.float8_e4m3fn)
+    inputs = flux_inputs(model.params)
+    base_out = loaded(*inputs)
+    fp8_before = loaded.state_dict(keep_vars=True)
+
+    twin = model_from_state(model.params, dequantized)
+    tensors, expected = make_lora(twin, "ai-toolkit")
+    result = apply_lora(loaded, tensors, strength=0.7)
+    assert result.unmatched == [] and "double_blocks.0.img_attn.qkv" in result.applied
+    qkv = loaded.double_blocks[0].img_attn.qkv
+    assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == torch.float8_e4m3fn
+    twin.load_state_dict({**twin.state_dict(), **expected})
+    out = loaded(*inputs)
+    assert ((out - twin(*inputs)).abs().max() / out.abs().max()).item() <= 1e-5
+
+    result.remove()
+    assert all(loaded.state_dict(keep_vars=True)[k] is fp8_before[k] for k in fp8_before)
+    assert torch.equal(loaded(*inputs), base_out)
