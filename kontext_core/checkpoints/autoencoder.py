@@ -42,7 +42,7 @@ def diffusers_vae_key_to_bfl(key: str, num_levels: int) -> str:
     return k
 
 
-def _is_attention_projection(bfl_key: str) -> bool:
+def is_attention_projection(bfl_key: str) -> bool:
     return bool(re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", bfl_key))
 
 
@@ -168,7 +168,7 @@ def load_vae(
     def shape_of(ours: str) -> tuple[int, ...]:
         shape = source.shape(names[ours])
         # diffusers keeps the attention projections as Linear [C, C]; BFL as 1×1 convs [C, C, 1, 1]
-        return (*shape, 1, 1) if _is_attention_projection(ours) and len(shape) == 2 else shape
+        return (*shape, 1, 1) if is_attention_projection(ours) and len(shape) == 2 else shape
 
     shapes = {k: shape_of(k) for k in names}
     params = vae_params_from_shapes(shapes, path)
