@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from benchmarks.flops import flux_forward_flops
 from kontext_core.autoencoder import AutoEncoder
 from kontext_core.checkpoints.autoencoder import (
-    is_attention_projection,
     diffusers_vae_key_to_bfl,
+    is_attention_projection,
     vae_params_from_shapes,
 )
 from kontext_core.compile import CudaGraphForward, optimize
@@ -136,20 +136,9 @@ def on_meta_then_fill(
 
 def diffusers_transformer(model: Flux) -> nn.Module:
     """diffusers' FluxTransformer2DModel whose weights are views of `model`'s (no second copy)."""
-    import diffusers
+    from tests.reference_mappings import diffusers_twin
 
-    from tests.reference_mappings import bfl_to_diffusers
-
-    p = model.params
-    with torch.device("meta"):
-        twin = diffusers.FluxTransformer2DModel(
-            in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
-            attention_head_dim=p.hidden_size // p.num_heads, num_attention_heads=p.num_heads,
-            joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim,
-            guidance_embeds=p.guidance_embed, axes_dims_rope=tuple(p.axes_dim),
-        )  # fmt: skip
-    twin.load_state_dict(bfl_to_diffusers(model.state_dict(), p.hidden_size), strict=True, assign=True)
-    return twin.eval().requires_grad_(False)
+    return diffusers_twin(model, share_weights=True)
 
 
 def vae_pair(size: BenchSize, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[nn.Module, AutoEncoder]:

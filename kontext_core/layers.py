@@ -12,8 +12,16 @@ from .math import apply_rope, rope, scaled_dot_product, timestep_embedding
 from .reference_cache import ReferenceKV
 
 __all__ = [
-    "EmbedND", "MLPEmbedder", "RMSNorm", "QKNorm", "SelfAttention", "Modulation",
-    "DoubleStreamBlock", "SingleStreamBlock", "LastLayer", "timestep_embedding",
+    "DoubleStreamBlock",
+    "EmbedND",
+    "LastLayer",
+    "MLPEmbedder",
+    "Modulation",
+    "QKNorm",
+    "RMSNorm",
+    "SelfAttention",
+    "SingleStreamBlock",
+    "timestep_embedding",
 ]  # fmt: skip
 
 

@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .checkpoints.flux_diffusers import DOUBLE_BLOCK_RENAMES, FUSED_DOUBLE, FUSED_SINGLE, TOP_LEVEL_RENAMES, SINGLE_BLOCK_RENAMES
+from .checkpoints.flux_diffusers import (
+    DOUBLE_BLOCK_RENAMES,
+    FUSED_DOUBLE,
+    FUSED_SINGLE,
+    SINGLE_BLOCK_RENAMES,
+    TOP_LEVEL_RENAMES,
+)
 from .checkpoints.safetensors_io import CheckpointError, first_items, open_tensors
 from .quant import Fp8Linear
 

@@ -66,13 +66,16 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], hidden: int) -> dict[str, torc
     return out
 
 
-def diffusers_twin(model: Flux) -> torch.nn.Module:
+def diffusers_twin(model: Flux, share_weights: bool = False) -> torch.nn.Module:
+    """diffusers' FluxTransformer2DModel with `model`'s weights: copied, or (`share_weights`, for
+    benchmarks of the 12B size) the very same tensors, built on meta so nothing is allocated twice."""
     p = model.params
-    twin = diffusers.FluxTransformer2DModel(
-        in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
-        attention_head_dim=p.hidden_size // p.num_heads, num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim,
-        guidance_embeds=p.guidance_embed, axes_dims_rope=tuple(p.axes_dim),
-    )  # fmt: skip
-    twin.load_state_dict(bfl_to_diffusers(model.state_dict(), p.hidden_size), strict=True)
-    return twin.eval()
+    with torch.device("meta" if share_weights else "cpu"):
+        twin = diffusers.FluxTransformer2DModel(
+            in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
+            attention_head_dim=p.hidden_size // p.num_heads, num_attention_heads=p.num_heads,
+            joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim,
+            guidance_embeds=p.guidance_embed, axes_dims_rope=tuple(p.axes_dim),
+        )  # fmt: skip
+    twin.load_state_dict(bfl_to_diffusers(model.state_dict(), p.hidden_size), strict=True, assign=share_weights)
+    return twin.eval().requires_grad_(False)

@@ -13,7 +13,7 @@ from kontext_core.pipeline import KontextPipeline
 from kontext_core.sampling import pack, unpack
 
 diffusers = pytest.importorskip("diffusers")
-from reference_mappings import diffusers_twin  # noqa: E402
+from reference_mappings import diffusers_twin
 
 
 class FixedText:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_mappings import diffusers_twin
+from tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core.config import FluxParams
 from kontext_core.sampling import pack, position_ids, reference_tokens
-
-from reference_mappings import diffusers_twin
-from tiny_models import TINY_FLUX, tiny_flux_model
 
 diffusers = pytest.importorskip("diffusers")
 

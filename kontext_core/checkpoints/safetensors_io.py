@@ -8,6 +8,7 @@ download fails with a message instead of a crash deep inside a model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -90,8 +91,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
                 f"truncated: tensor {key!r} ends at byte {8 + n + end} but the file has {size} bytes; "
                 "download the file again",
             )
-        if start > end:
-            raise CheckpointError(path, f"malformed header: tensor {key!r} has negative length")
+        if end - start != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
+            raise CheckpointError(path, f"malformed header: tensor {key!r} spans {end - start} bytes, not {shape} {dtype}")
     if not header:
         raise CheckpointError(path, "the file holds no tensors")
     return header, metadata

@@ -26,9 +26,9 @@ from .flux_diffusers import Recipe, diffusers_recipes, diffusers_to_bfl, is_diff
 from .safetensors_io import (
     CheckpointError,
     TensorSource,
-    first_items,
     assign_tensors,
     ensure_materialized,
+    first_items,
     open_tensors,
     read_config_json,
 )

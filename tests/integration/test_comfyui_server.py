@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _server import PACK_FOLDER, ROOT, ComfyServer, comfy_session
-
 from PIL import Image
 
 from kontext_core import queue
