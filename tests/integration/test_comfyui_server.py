@@ -155,6 +155,30 @@ def test_every_api_workflow_runs_to_saved_images(comfy, path):
             assert "prompt" in png.info  # the workflow is embedded, as ComfyUI's SaveImage does
 
 
+def test_the_sampler_sends_latent_previews(comfy):
+    """ComfyUI's previewer (latent2rgb here) turns the sampler's x0 estimate into one image per step."""
+    import uuid
+
+    workflow = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "preview", steps=3)
+    client = uuid.uuid4().hex
+    ws = queue.WebSocket(comfy.url.replace("http", "ws", 1) + f"/ws?clientId={client}")
+    try:
+        status, body = comfy.post_json("/prompt", {"prompt": workflow, "client_id": client})
+        assert status == 200, body
+        deadline = time.monotonic() + 240
+        while True:
+            assert time.monotonic() < deadline, "the prompt did not finish"
+            text = ws.receive(1.0)
+            message = json.loads(text) if text else {}
+            data = message.get("data", {})
+            if message.get("type") == "executing" and data.get("node") is None and data.get("prompt_id") == body["prompt_id"]:
+                break
+    finally:
+        ws.close()
+    print(f"\n[previews] {ws.binary_messages} preview frames for 3 sampler steps")
+    assert ws.binary_messages >= 3
+
+
 # ---------------------------------------------------------------- interrupts and validation
 
 
