@@ -21,16 +21,16 @@ def swish(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1×1-convolution projections."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, groups: int = 32):
         super().__init__()
-        self.norm = group_norm(in_channels)
+        self.norm = group_norm(in_channels, groups)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -46,13 +46,13 @@ class AttnBlock(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
@@ -84,18 +84,18 @@ class Upsample(nn.Module):
         return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels: int) -> nn.Module:
+def _mid(channels: int, groups: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels)
+    mid.block_1 = ResnetBlock(channels, channels, groups)
+    mid.attn_1 = AttnBlock(channels, groups)
+    mid.block_2 = ResnetBlock(channels, channels, groups)
     return mid
 
 
 class Encoder(nn.Module):
     def __init__(self, params: AutoEncoderParams):
         super().__init__()
-        ch, ch_mult = params.ch, params.ch_mult
+        ch, ch_mult, groups = params.ch, params.ch_mult, params.norm_groups
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = params.num_res_blocks
         self.conv_in = nn.Conv2d(params.in_channels, ch, kernel_size=3, stride=1, padding=1)
@@ -106,13 +106,13 @@ class Encoder(nn.Module):
             down = nn.Module()
             down.block = nn.ModuleList()
             for _ in range(self.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, block_out))
+                down.block.append(ResnetBlock(block_in, block_out, groups))
                 block_in = block_out
             if i_level != self.num_resolutions - 1:
                 down.downsample = Downsample(block_in)
             self.down.append(down)
-        self.mid = _mid(block_in)
-        self.norm_out = group_norm(block_in)
+        self.mid = _mid(block_in, groups)
+        self.norm_out = group_norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, 2 * params.z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -129,11 +129,11 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, params: AutoEncoderParams):
         super().__init__()
-        ch, ch_mult = params.ch, params.ch_mult
+        ch, ch_mult, groups = params.ch, params.ch_mult, params.norm_groups
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(params.z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _mid(block_in)
+        self.mid = _mid(block_in, groups)
         # `up` is indexed by level (up.0 is full resolution) but runs from the deepest level up
         up_blocks = []
         for i_level in reversed(range(self.num_resolutions)):
@@ -141,13 +141,13 @@ class Decoder(nn.Module):
             up = nn.Module()
             up.block = nn.ModuleList()
             for _ in range(params.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, block_out))
+                up.block.append(ResnetBlock(block_in, block_out, groups))
                 block_in = block_out
             if i_level != 0:
                 up.upsample = Upsample(block_in)
             up_blocks.insert(0, up)
         self.up = nn.ModuleList(up_blocks)
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, params.out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

@@ -41,6 +41,9 @@ class AutoEncoderParams:
     z_channels: int = 16
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
+    # GroupNorm groups (diffusers' `norm_num_groups`). FLUX's 32 groups of 4+ channels; a narrow VAE needs
+    # fewer, or each group is one channel and normalization erases every channel's mean (flat colours).
+    norm_groups: int = 32
 
 
 def default_axes_dim(head_dim: int) -> list[int]:

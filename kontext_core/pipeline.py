@@ -41,6 +41,10 @@ def _round16(value: int, name: str) -> int:
 class KontextPipeline:
     """FLUX.1 Kontext: a transformer, the VAE and any text encoder with `encode(prompts) -> (txt, y)`."""
 
+    # How references are sized when `edit` is not told: the real model works at Kontext's preferred
+    # resolutions; the small model (`load_default_pipeline`) at the scenes' own sizes ("keep").
+    default_resize = "stretch"
+
     def __init__(self, transformer: Flux, vae: AutoEncoder, text_encoder: TextEncoder):
         self.transformer = transformer
         self.vae = vae
@@ -80,7 +84,7 @@ class KontextPipeline:
         height: int | None = None,
         noise: Tensor | None = None,
         reference_method: str = "offset",
-        resize: str = "stretch",
+        resize: str | None = None,
         negative_prompt: str | list[str] | None = None,
         true_cfg_scale: float = 1.0,
         num_images: int = 1,
@@ -91,11 +95,12 @@ class KontextPipeline:
 
         The output defaults to the first reference's size after `resize` ("stretch": the nearest preferred
         Kontext resolution as BFL and diffusers do; "crop": ComfyUI's center crop; "keep": own size
-        rounded to 16). `noise` (B×16×H/8×W/8, model space) overrides the seeded noise.
+        rounded to 16; None: the pipeline's `default_resize`). `noise` (B×16×H/8×W/8, model space) overrides the seeded noise.
         """
         images = [image] if isinstance(image, Image.Image) else list(image)
         if not images or not all(isinstance(i, Image.Image) for i in images):
             raise ValueError("image must be a PIL image or a non-empty list of PIL images")
+        resize = self.default_resize if resize is None else resize
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         references = [resize_to_kontext(img, resize) for img in images]

@@ -101,8 +101,21 @@ def _check_vocabulary(tokenizer: PreTrainedTokenizerBase, model: nn.Module, kind
         )
 
 
+# Tokenizers without a length of their own report a huge sentinel as model_max_length.
+_NO_LENGTH = 10**6
+DEFAULT_T5_LENGTH = 512
+
+
+def tokenizer_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The pad length a tokenizer folder states (`model_max_length`: 512 for T5-XXL's, 48 for the small
+    model's), else BFL's 512."""
+    length = getattr(tokenizer, "model_max_length", None)
+    return length if isinstance(length, int) and 0 < length < _NO_LENGTH else DEFAULT_T5_LENGTH
+
+
 class FluxTextEncoder(nn.Module):
-    """T5 + CLIP with `encode(prompts) -> (txt [B, L, d_t5], y [B, d_clip])`, L = `t5_max_length`."""
+    """T5 + CLIP with `encode(prompts) -> (txt [B, L, d_t5], y [B, d_clip])`, L = `t5_max_length`
+    (None: the T5 tokenizer's own `model_max_length`)."""
 
     def __init__(
         self,
@@ -110,11 +123,13 @@ class FluxTextEncoder(nn.Module):
         clip: CLIPTextModel,
         t5_tokenizer: PreTrainedTokenizerBase,
         clip_tokenizer: PreTrainedTokenizerBase,
-        t5_max_length: int = 512,
+        t5_max_length: int | None = 512,
     ):
         super().__init__()
-        if not isinstance(t5_max_length, int) or t5_max_length < 1:
-            raise ValueError(f"t5_max_length must be a positive integer, got {t5_max_length!r}")
+        if t5_max_length is None:
+            t5_max_length = tokenizer_length(t5_tokenizer)
+        if isinstance(t5_max_length, bool) or not isinstance(t5_max_length, int) or t5_max_length < 1:
+            raise ValueError(f"t5_max_length must be a positive integer or None, got {t5_max_length!r}")
         _check_vocabulary(t5_tokenizer, t5, "t5")
         _check_vocabulary(clip_tokenizer, clip, "clip")
         self.t5, self.clip = t5, clip
@@ -149,7 +164,7 @@ def load_text_encoder(
     clip: str | os.PathLike,
     t5_tokenizer: str | os.PathLike | None = None,
     clip_tokenizer: str | os.PathLike | None = None,
-    t5_max_length: int = 512,
+    t5_max_length: int | None = 512,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -159,7 +174,8 @@ def load_text_encoder(
 
     A tokenizer not given is looked for in and beside a diffusers model folder, then among the tokenizers
     ComfyUI ships (`comfyui_root`, $COMFYUI_ROOT, or the ComfyUI install the model file lies in).
-    `dtype=None` keeps each file's precision (bf16 for fp8 files).
+    `dtype=None` keeps each file's precision (bf16 for fp8 files). `t5_max_length=None` pads to the T5
+    tokenizer's `model_max_length` (512 for T5-XXL's, the length the small model was trained at for its own).
     """
     t5_tok = load_tokenizer(find_tokenizer("t5", t5_tokenizer, t5, comfyui_root), "t5")
     clip_tok = load_tokenizer(find_tokenizer("clip", clip_tokenizer, clip, comfyui_root), "clip")

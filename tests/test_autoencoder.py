@@ -30,13 +30,13 @@ def read_manifest(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def flux_like_kl(
-    widths: tuple[int, ...], layers: int, scaling_factor: float = SCALE, shift_factor: float = SHIFT
+    widths: tuple[int, ...], layers: int, scaling_factor: float = SCALE, shift_factor: float = SHIFT, groups: int = 32
 ) -> torch.nn.Module:
     """diffusers' AutoencoderKL configured as FLUX's VAE (16 channels, no quant convs)."""
     return diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=widths,
         down_block_types=("DownEncoderBlock2D",) * len(widths), up_block_types=("UpDecoderBlock2D",) * len(widths),
-        layers_per_block=layers, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+        layers_per_block=layers, norm_num_groups=groups, use_quant_conv=False, use_post_quant_conv=False,
         scaling_factor=scaling_factor, shift_factor=shift_factor,
     )  # fmt: skip
 
@@ -138,6 +138,27 @@ def test_dtype_kept_or_cast(kl_folder, tmp_path):
     assert {p.dtype for p in load_vae(tmp_path / "ae_bf16.safetensors").parameters()} == {torch.bfloat16}
     cast = load_vae(tmp_path / "ae_bf16.safetensors", dtype=torch.float32)
     assert {p.dtype for p in cast.parameters()} == {torch.float32}
+
+
+@torch.no_grad()
+def test_group_count_from_config_matches_diffusers(tmp_path):
+    """A narrow VAE (the small model's) normalizes in 8 groups: read from config.json or the file's header."""
+    kl = randomize_(flux_like_kl((32, 32, 64, 64), 1, groups=8), 3, std=0.1).eval()
+    kl.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config = json.dumps({"norm_num_groups": 8})
+    save_file(bfl_state(kl), tmp_path / "narrow.safetensors", metadata={"config": config})
+    x = images(b=1, h=32, w=48, seed=4)
+    z_ref = (kl.encode(x).latent_dist.mean - SHIFT) * SCALE
+    dec_ref = kl.decode(z_ref / SCALE + SHIFT).sample
+    for path in (tmp_path / "vae", tmp_path / "narrow.safetensors"):
+        vae = load_vae(path)
+        assert vae.params.norm_groups == 8
+        assert (vae.encode(x) - z_ref).abs().max().item() <= 1e-4
+        assert (vae.decode(z_ref) - dec_ref).abs().max().item() <= 1e-5
+    # a group count that does not divide every width cannot build the layers: refused, naming the file
+    save_file(bfl_state(kl), tmp_path / "groups3.safetensors", metadata={"config": json.dumps({"norm_num_groups": 3})})
+    with pytest.raises(CheckpointError, match=r"groups3\.safetensors.*not all multiples of 3"):
+        load_vae(tmp_path / "groups3.safetensors")
 
 
 def test_scale_and_shift_from_config(tmp_path):

@@ -91,15 +91,24 @@ def vae_params_from_shapes(shapes: dict[str, tuple[int, ...]], origin: str | os.
             f"a VAE with {z_channels} latent channels is not the 16-channel FLUX VAE "
             "(4 channels: an SD1.x/SDXL VAE). Use FLUX's ae.safetensors.",
         )
-    if ch % 32:
-        raise CheckpointError(origin, f"VAE width {ch} is not a multiple of 32, which its GroupNorm(32) layers need")
     return AutoEncoderParams(
         in_channels=conv_in[1], ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=blocks, z_channels=z_channels
     )
 
 
-def _latent_constants(source: TensorSource, folder_config: dict | None) -> dict[str, float]:
-    """scale/shift from a diffusers config.json or a `config` JSON in the file's metadata, where given."""
+def check_norm_groups(params: AutoEncoderParams, origin: str | os.PathLike) -> None:
+    widths = {params.ch, *(params.ch * m for m in params.ch_mult)}
+    if any(w % params.norm_groups for w in widths):
+        raise CheckpointError(
+            origin,
+            f"VAE widths {sorted(widths)} are not all multiples of {params.norm_groups}, the GroupNorm groups "
+            "its layers need (set norm_num_groups in the config)",
+        )
+
+
+def _config_constants(source: TensorSource, folder_config: dict | None) -> dict[str, float]:
+    """scale/shift and GroupNorm groups from a diffusers config.json or a `config` JSON in the file's
+    metadata, where given."""
     config = folder_config
     if config is None and "config" in source.metadata:
         try:
@@ -114,6 +123,7 @@ def _latent_constants(source: TensorSource, folder_config: dict | None) -> dict[
     found = {
         "scale_factor": config.get("scaling_factor", config.get("scale_factor")),
         "shift_factor": config.get("shift_factor"),
+        "norm_groups": config.get("norm_num_groups"),
     }
     constants = {}
     for name, value in found.items():
@@ -122,6 +132,11 @@ def _latent_constants(source: TensorSource, folder_config: dict | None) -> dict[
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise CheckpointError(source.origin, f"the config's {name} is {value!r}; expected a finite number")
         constants[name] = float(value)
+    if "norm_groups" in constants:
+        groups = constants["norm_groups"]
+        if groups != int(groups) or groups < 1:
+            raise CheckpointError(source.origin, f"the config's norm_num_groups is {groups!r}; expected a positive integer")
+        constants["norm_groups"] = int(groups)
     if constants.get("scale_factor") == 0:
         raise CheckpointError(source.origin, "the config's scaling_factor is 0; the latent cannot be scaled by it")
     return constants
@@ -154,8 +169,8 @@ def load_vae(
     """The FLUX VAE from a BFL file, a diffusers `vae/` folder or a full checkpoint with a VAE prefix.
 
     Built on `meta` and filled from the memory-mapped file; `dtype=None` keeps the file's precision.
-    Widths and depths come from the tensors; scale/shift from a diffusers `config.json` or a `config`
-    JSON in the file's metadata, else FLUX's 0.3611 / 0.1159.
+    Widths and depths come from the tensors; scale/shift and the GroupNorm groups from a diffusers
+    `config.json` or a `config` JSON in the file's metadata, else FLUX's 0.3611 / 0.1159 and 32.
     """
     path = _vae_folder(Path(path))
     source = open_tensors(path)
@@ -172,8 +187,9 @@ def load_vae(
 
     shapes = {k: shape_of(k) for k in names}
     params = vae_params_from_shapes(shapes, path)
-    for key, value in _latent_constants(source, folder_config).items():
+    for key, value in _config_constants(source, folder_config).items():
         setattr(params, key, value)
+    check_norm_groups(params, path)
 
     def get(ours: str) -> torch.Tensor:
         return source.tensor(names[ours]).reshape(shapes[ours])
