@@ -19,6 +19,7 @@ _EXPORTS = {
     "load_transformer": "kontext_core.checkpoints.transformer",
     "load_vae": "kontext_core.checkpoints.autoencoder",
     "load_text_encoder": "kontext_core.text",
+    "load_default_pipeline": "kontext_core.small_model",
     "apply_lora": "kontext_core.lora",
     "remove_lora": "kontext_core.lora",
 }

@@ -1,4 +1,8 @@
-"""Command line: `python -m kontext_core edit|generate|inspect ...`."""
+"""Command line: `python -m kontext_core demo|edit|generate|inspect|fetch ...`.
+
+With no FLUX.1 Kontext [dev] files configured (no paths, no ComfyUI folder, nothing in the Hugging Face
+cache), `edit` and `generate` run the built-in small model and say so.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from .tasks import HELD_OUT_SEED, KINDS, make_task
+
+DEMO_SEED = HELD_OUT_SEED  # the first held-out task: a recolour of a held-out (colour, shape, place)
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -21,7 +28,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip", help="CLIP-L: clip_l.safetensors or a diffusers text_encoder/ folder")
     g.add_argument("--t5-tokenizer", help="folder with the T5 tokenizer (Hugging Face format)")
     g.add_argument("--clip-tokenizer", help="folder with the CLIP tokenizer (Hugging Face format)")
-    g.add_argument("--t5-max-length", type=int, default=512, help="T5 pad length: 512 (BFL/diffusers) or 256 (ComfyUI)")
+    g.add_argument("--t5-max-length", type=int, help="T5 pad length: 512 (BFL/diffusers) or 256 (ComfyUI); "
+                   "default: the tokenizer's own (512 for T5-XXL)")
+    g.add_argument("--small-model", action="store_true",
+                   help="use the built-in small model (synthetic scenes of shapes) even if real files are found")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=list(DTYPES), default="auto", help="compute precision (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--attention", default="auto", help="attention kernel: auto, sdpa, flash, sage")
@@ -46,20 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--image", action="append", required=True, help="reference image; repeat for several")
     edit.add_argument("--width", type=int)
     edit.add_argument("--height", type=int)
-    edit.add_argument("--resize", choices=["stretch", "crop", "keep"], default="stretch")
+    edit.add_argument("--resize", choices=["stretch", "crop", "keep"],
+                      help="reference sizing; default stretch (real model) or keep (small model)")
     edit.add_argument("--reference-method", choices=["offset", "index", "uxo"], default="offset")
     edit.add_argument("--fast", type=int, default=0, metavar="K", help="approximate fast mode: reuse reference K/V for K steps")
     _add_sampling_options(edit)
     _add_model_options(edit)
 
     gen = sub.add_parser("generate", help="text to image")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--width", type=int, help="default 1024 (real model) or 64 (small model)")
+    gen.add_argument("--height", type=int, help="default 1024 (real model) or 64 (small model)")
     _add_sampling_options(gen)
     _add_model_options(gen)
 
+    demo = sub.add_parser("demo", help="a held-out synthetic edit with the built-in small model: before/after/truth PNGs")
+    demo.add_argument("--out", default="kontext-demo", help="folder for before.png, after.png, truth.png")
+    demo.add_argument("--seed", type=int, default=DEMO_SEED, help=f"task seed (held out from {HELD_OUT_SEED} up)")
+    demo.add_argument("--kind", help="task kind (default: the seed's); one of " + ", ".join(KINDS))
+    demo.add_argument("--steps", type=int, default=28)
+
     inspect = sub.add_parser("inspect", help="tell what a model file is, without loading its tensors")
     inspect.add_argument("path")
+
+    from .fetch import add_fetch_parser
+
+    add_fetch_parser(sub)
     return parser
 
 
@@ -81,24 +102,48 @@ def _progress(total_label: str):
     return report
 
 
+REAL_MODEL_HINT = (
+    "For real images pass --transformer/--vae/--t5/--clip or --comfyui, or download FLUX.1 Kontext [dev] with "
+    "`python -m kontext_core fetch`."
+)
+
+
+def _wants_small_model(args: argparse.Namespace) -> bool:
+    """The small model when asked for, or when no real model is configured anywhere (said on stderr)."""
+    from .discovery import any_model_configured
+
+    given = (args.transformer, args.vae, args.t5, args.clip, args.t5_tokenizer, args.clip_tokenizer)
+    if args.small_model:
+        if any(given):
+            raise SystemExit("--small-model cannot be combined with model file options")
+        return True
+    return not any(given) and not any_model_configured(comfyui_root=args.comfyui)
+
+
 def load_pipeline(args: argparse.Namespace):
     from . import load_text_encoder, load_transformer, load_vae
     from .discovery import resolve_model_files
     from .math import set_attention_backend
     from .pipeline import KontextPipeline
 
+    set_attention_backend(args.attention)
+    if _wants_small_model(args):
+        from .small_model import NOTICE, load_default_pipeline
+
+        print(f"{NOTICE}. {REAL_MODEL_HINT}", file=sys.stderr)
+        return load_default_pipeline(device=args.device)
     files = resolve_model_files(
         transformer=args.transformer, vae=args.vae, t5=args.t5, clip=args.clip, comfyui_root=args.comfyui
     )
     dtype = DTYPES[args.dtype]
     if dtype is None:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    set_attention_backend(args.attention)
     print(f"transformer: {files.transformer}\nvae: {files.vae}\nt5: {files.t5}\nclip: {files.clip}", file=sys.stderr)
     transformer = load_transformer(files.transformer, device=args.device, dtype=dtype)
     vae = load_vae(files.vae, device=args.device, dtype=dtype)
     text = load_text_encoder(
-        t5=files.t5, clip=files.clip, t5_tokenizer=args.t5_tokenizer, clip_tokenizer=args.clip_tokenizer,
+        t5=files.t5, clip=files.clip, t5_tokenizer=args.t5_tokenizer or files.t5_tokenizer,
+        clip_tokenizer=args.clip_tokenizer or files.clip_tokenizer,
         t5_max_length=args.t5_max_length, device=args.device, dtype=dtype, comfyui_root=files.comfyui_root,
     )  # fmt: skip
     return KontextPipeline(transformer, vae, text)
@@ -116,6 +161,33 @@ def _save(images, out: str) -> list[Path]:
     return paths
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    """One held-out task: the small model's edit beside the input and the rendered truth, judged."""
+    from .quality import judge
+    from .small_model import load_default_pipeline
+
+    if args.kind is not None and args.kind not in KINDS:
+        raise SystemExit(f"--kind {args.kind!r}: expected one of {', '.join(KINDS)}")
+    task = make_task(args.seed, args.kind)
+    pipe = load_default_pipeline()
+    print(f"task {task.kind} (seed {task.seed}): {task.instruction}", file=sys.stderr)
+    progress = _progress(task.kind)
+    if task.kind == "text_to_image":
+        after = pipe.generate(task.instruction, width=task.target.width, height=task.target.height,
+                              steps=args.steps, callback=progress)  # fmt: skip
+    else:
+        after = pipe.edit(task.images, task.instruction, steps=args.steps, callback=progress)
+    out = Path(args.out)
+    befores = [f"before{'' if i == 0 else f'_{i + 1}'}.png" for i in range(len(task.images))]
+    for name, image in (*zip(befores, task.images), ("after.png", after), ("truth.png", task.target)):
+        _save(image, str(out / name))
+    verdict = judge(task, after)
+    unedited = "" if verdict.psnr_unedited is None else f", unedited pixels {verdict.psnr_unedited:.1f} dB"
+    print(f"{'success' if verdict.success else 'FAILED'}: PSNR to the truth {verdict.psnr_target:.1f} dB{unedited}")
+    print(f"wrote {', '.join(str(out / n) for n in (*befores, 'after.png', 'truth.png'))}")
+    return 0 if verdict.success else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
@@ -123,10 +195,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe(args.path))
         return 0
+    if args.command == "demo":
+        return run_demo(args)
+    if args.command == "fetch":
+        from .fetch import run_fetch
+
+        return run_fetch(args)
 
     from PIL import Image
 
     pipe = load_pipeline(args)
+    small = pipe.default_resize == "keep"
     common = dict(
         steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale, num_images=args.num_images, callback=_progress(args.command),
@@ -143,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             reference_method=args.reference_method, reference_cache_every=args.fast, **common,
         )  # fmt: skip
     else:
-        result = pipe.generate(args.prompt, width=args.width, height=args.height, **common)
+        size = 64 if small else 1024
+        result = pipe.generate(args.prompt, width=args.width or size, height=args.height or size, **common)
     for path in _save(result, args.out):
         print(path)
     return 0

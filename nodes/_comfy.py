@@ -267,15 +267,25 @@ def model_folders(kind: str) -> list[str]:
     return [p for p in folder_paths.get_folder_paths(kind) if os.path.isdir(p)]
 
 
+def builtin_models(kind: str) -> dict[str, str]:
+    """The built-in small model's files offered beside the user's (combo name -> path), when shipped."""
+    from kontext_core.small_model import BUILTIN_PREFIX, small_model_files
+
+    files = small_model_files()
+    paths = {"diffusion_models": [files.transformer], "text_encoders": [files.t5, files.clip], "vae": [files.vae]}
+    return {f"{BUILTIN_PREFIX}{p.name}": str(p) for p in paths.get(kind, []) if p.is_file()}
+
+
 def list_models(kind: str) -> list[str]:
-    """Model files (safetensors only: pickles are never loaded) under the `kind` folders, as relative names."""
+    """Model files (safetensors only: pickles are never loaded) under the `kind` folders, as relative names,
+    then the built-in small model's (so a graph runs before any real weights are installed)."""
     names = set()
     for root in model_folders(kind):
         for folder, _, files in os.walk(root, followlinks=True):
             for file in files:
                 if file.lower().endswith(MODEL_EXTENSIONS):
                     names.add(os.path.relpath(os.path.join(folder, file), root).replace(os.sep, "/"))
-    return sorted(names)
+    return sorted(names) + list(builtin_models(kind))
 
 
 def check_model_name(kind: str, name: str, input_name: str) -> bool | str:
@@ -292,6 +302,9 @@ def model_path(kind: str, name: str, input_name: str) -> str:
     cannot reach outside the model folders (no absolute paths, no `..`)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"input '{input_name}' must name a file in ComfyUI's models/{kind} folder, got {name!r}")
+    builtin = builtin_models(kind)
+    if name in builtin:
+        return builtin[name]
     if name in list_models(kind):
         for root in model_folders(kind):
             path = os.path.join(root, *name.split("/"))

@@ -6,6 +6,7 @@ import torch
 
 import kontext_core
 from kontext_core import math as kmath
+from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
 from ._comfy import (
     Input,
@@ -22,7 +23,12 @@ from ._comfy import (
 CATEGORY = "Kontext Core/loaders"
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-T5_LENGTHS = ("512", "256")
+T5_LENGTHS = ("auto", "512", "256")  # auto: the tokenizer's own (512 for T5-XXL, 48 for the small model)
+
+
+def _say_if_small(*names: str) -> None:
+    if any(name.startswith(BUILTIN_PREFIX) for name in names):
+        print(NOTICE, flush=True)
 
 
 def auto_compute_dtype(device: torch.device) -> torch.dtype:
@@ -64,6 +70,7 @@ class KontextCoreModelLoader(KontextNode):
     @classmethod
     def run(cls, model_name: str, weight_dtype: str = "default", compute_dtype: str = "auto", attention: str = "auto"):
         path = model_path("diffusion_models", model_name, "model_name")
+        _say_if_small(model_name)
         device = torch_device()
         if attention not in ("auto", *kmath.available_backends(device)):
             raise ValueError(
@@ -94,9 +101,9 @@ class KontextCoreTextEncoderLoader(KontextNode):
               options=lambda: list_models("text_encoders")),
         Input("clip_name", "COMBO", "CLIP-L text encoder file (clip_l.safetensors).",
               options=lambda: list_models("text_encoders")),
-        Input("t5_max_length", "COMBO", "Tokens T5 pads to. 512 matches BFL and diffusers; 256 matches "
-              "ComfyUI's own FLUX text encoder and is faster. The choice changes the result.",
-              default="512", options=T5_LENGTHS),
+        Input("t5_max_length", "COMBO", "Tokens T5 pads to. 'auto' is the tokenizer's own: 512 for T5-XXL, as "
+              "BFL and diffusers; 256 matches ComfyUI's own FLUX text encoder and is faster. The choice changes "
+              "the result.", default="auto", options=T5_LENGTHS),
     )  # fmt: skip
     OUTPUTS = (Output("KONTEXT_TEXT_ENCODER", "text_encoder", "T5 + CLIP, ready for Kontext Text Encode."),)
     _slot = ModelSlot()
@@ -107,16 +114,23 @@ class KontextCoreTextEncoderLoader(KontextNode):
         return t5 if t5 is not True else check_model_name("text_encoders", clip_name, "clip_name")
 
     @classmethod
-    def run(cls, t5_name: str, clip_name: str, t5_max_length: str = "512"):
+    def run(cls, t5_name: str, clip_name: str, t5_max_length: str = "auto"):
         t5 = model_path("text_encoders", t5_name, "t5_name")
         clip = model_path("text_encoders", clip_name, "clip_name")
+        if t5_max_length not in T5_LENGTHS:
+            raise ValueError(f"input 't5_max_length': expected one of {T5_LENGTHS}, got {t5_max_length!r}")
         device = torch_device()
         dtype = auto_compute_dtype(device)
+        # the small model's tokenizers live beside its files, not among ComfyUI's
+        small = small_model_files()
+        tokenizers = {"t5_tokenizer": small.t5_tokenizer} if t5 == str(small.t5) else {}
+        tokenizers |= {"clip_tokenizer": small.clip_tokenizer} if clip == str(small.clip) else {}
+        _say_if_small(t5_name, clip_name)
 
         def load():
             return kontext_core.load_text_encoder(
-                t5=t5, clip=clip, t5_max_length=int(t5_max_length), device=device, dtype=dtype,
-                comfyui_root=comfyui_root(),
+                t5=t5, clip=clip, t5_max_length=None if t5_max_length == "auto" else int(t5_max_length),
+                device=device, dtype=dtype, comfyui_root=comfyui_root(), **tokenizers,
             )  # fmt: skip
 
         # the slot is keyed on the T5 file (the large one); the CLIP name and length go in the options
@@ -142,6 +156,7 @@ class KontextCoreVAELoader(KontextNode):
     @classmethod
     def run(cls, vae_name: str):
         path = model_path("vae", vae_name, "vae_name")
+        _say_if_small(vae_name)
         device = torch_device()
         dtype = auto_compute_dtype(device)
         return (cls._slot.get(path, (str(device),), lambda: kontext_core.load_vae(path, device=device, dtype=dtype)),)

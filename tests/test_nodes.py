@@ -14,6 +14,7 @@ from _node_helpers import ROOT, TinyTextEncoder, TinyVAE, load_pack, random_imag
 from tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core import sampling
+from kontext_core.small_model import BUILTIN_PREFIX, small_model_files
 from kontext_core.styles import STYLE_PRESETS, apply_style
 
 pack = load_pack()
@@ -300,8 +301,11 @@ def test_loader_lists_only_safetensors_and_refuses_other_names(monkeypatch, tmp_
         (root / name).write_bytes(b"x")
     (tmp_path / "outside.safetensors").write_bytes(b"x")
     monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(root)] if kind == "diffusion_models" else [])
-    assert _comfy.list_models("diffusion_models") == ["kontext.safetensors", "sub/fp8.sft"]
+    builtin = f"{BUILTIN_PREFIX}flux1-kontext-small.safetensors"
+    assert _comfy.list_models("diffusion_models") == ["kontext.safetensors", "sub/fp8.sft", builtin]
     assert _comfy.model_path("diffusion_models", "sub/fp8.sft", "model_name") == str(root / "sub" / "fp8.sft")
+    assert _comfy.model_path("diffusion_models", builtin, "model_name") == str(small_model_files().transformer)
+    assert _comfy.list_models("vae") == [f"{BUILTIN_PREFIX}ae-small.safetensors"]  # offered with no files at all
     for bad in ("old.ckpt", "../outside.safetensors", str(tmp_path / "outside.safetensors"), ""):
         with pytest.raises(ValueError, match="'model_name'"):
             _comfy.model_path("diffusion_models", bad, "model_name")

@@ -25,7 +25,7 @@ CORE = {
     "PreviewImage": ({"images": "IMAGE"}, [], []),
     "SaveImage": ({"images": "IMAGE"}, [], ["filename_prefix"]),
 }
-NAMES = ["batch_folder", "multi_reference", "multi_round_edit", "safety_filtered_edit", "single_edit",
+NAMES = ["batch_folder", "multi_reference", "multi_round_edit", "safety_filtered_edit", "single_edit", "small_model_edit",
          "style_preset", "text_to_image"]  # fmt: skip
 
 
@@ -120,6 +120,17 @@ def test_multi_round_rounds_edit_the_previous_result():
 # ---------------------------------------------------------------- running the API graphs with tiny models
 
 
+def host_folders(monkeypatch, tmp_path) -> None:
+    """ComfyUI's model, input and output folders under tmp_path; loaders on the CPU with empty caches."""
+    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(tmp_path / kind)])
+    monkeypatch.setattr(_comfy, "input_directory", lambda: str(tmp_path / "input"))
+    monkeypatch.setattr(_comfy, "output_directory", lambda: str(tmp_path / "output"))
+    loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]
+    monkeypatch.setattr(loaders, "torch_device", lambda: torch.device("cpu"))
+    for node in loaders.NODES:
+        monkeypatch.setattr(node, "_slot", _comfy.ModelSlot())
+
+
 @pytest.fixture
 def tiny_comfy(monkeypatch, tmp_path):
     """Model folders with placeholder files whose loaders return tiny models; an input folder with images."""
@@ -131,15 +142,10 @@ def tiny_comfy(monkeypatch, tmp_path):
     (tmp_path / "input" / "batch").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, size in [("kontext_example.png", (40, 24)), ("kontext_character.png", (24, 32)),
-                       ("kontext_object.png", (32, 32)), ("batch/a.png", (24, 24)), ("batch/b.png", (40, 24))]:  # fmt: skip
+                       ("kontext_object.png", (32, 32)), ("batch/a.png", (24, 24)), ("batch/b.png", (40, 24)),
+                       ("kontext_small_scene.png", (64, 48))]:  # fmt: skip
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "input" / name)
-    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(tmp_path / kind)])
-    monkeypatch.setattr(_comfy, "input_directory", lambda: str(tmp_path / "input"))
-    monkeypatch.setattr(_comfy, "output_directory", lambda: str(tmp_path / "output"))
-    loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]
-    monkeypatch.setattr(loaders, "torch_device", lambda: torch.device("cpu"))
-    for node in loaders.NODES:
-        monkeypatch.setattr(node, "_slot", _comfy.ModelSlot())
+    host_folders(monkeypatch, tmp_path)
     monkeypatch.setitem(vars(kontext_core), "load_transformer", lambda path, **kw: tiny_flux_model(seed=1))
     monkeypatch.setitem(vars(kontext_core), "load_vae", lambda path, **kw: TinyVAE(seed=2))
     monkeypatch.setitem(vars(kontext_core), "load_text_encoder",

@@ -89,3 +89,6 @@ def write_all(base: Path) -> None:
     write_clip(models / "text_encoders" / CLIP)
     for seed, (name, width, height) in enumerate(INPUT_IMAGES + BATCH_IMAGES):
         random_png(base / "input" / name, width, height, seed)
+    # the inputs shipped with the workflows (the small model's scene), as they are
+    for shipped in (Path(__file__).resolve().parents[2] / "workflows" / "inputs").glob("*.png"):
+        (base / "input" / shipped.name).write_bytes(shipped.read_bytes())

@@ -1,0 +1,87 @@
+"""The small Kontext model we train and ship: the real architectures (Flux DiT, 16-channel VAE, T5 and CLIP
+text towers) at a tiny size, trained on the synthetic edit tasks of `kontext_core.tasks`.
+
+Its files sit in `weights/` in the layouts the real loaders read (BFL transformer and `ae` keys, ComfyUI-style
+text-encoder singles with their config in the header, Hugging Face tokenizer folders), so every loader, node
+and workflow runs on them unchanged. `load_default_pipeline()` is the default when no real weights are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import AutoEncoderParams, FluxParams
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# How the ComfyUI loaders list the small model's files beside the user's.
+BUILTIN_PREFIX = "[built-in small model] "
+NOTICE = (
+    "Kontext Core: using the built-in small model, a tiny FLUX.1 Kontext trained on synthetic scenes of "
+    "coloured shapes (64×64 to 96×64), not FLUX.1 Kontext [dev]"
+)
+
+
+@dataclass(frozen=True)
+class SmallModelFiles:
+    transformer: Path
+    vae: Path
+    t5: Path
+    clip: Path
+    t5_tokenizer: Path
+    clip_tokenizer: Path
+
+
+def small_model_files(folder: Path = WEIGHTS_DIR) -> SmallModelFiles:
+    return SmallModelFiles(
+        transformer=folder / "flux1-kontext-small.safetensors",
+        vae=folder / "ae-small.safetensors",
+        t5=folder / "t5-small-encoder.safetensors",
+        clip=folder / "clip-small.safetensors",
+        t5_tokenizer=folder / "t5_tokenizer",
+        clip_tokenizer=folder / "clip_tokenizer",
+    )
+
+
+# The real VAE's layout, narrow: 8× down, 16 latent channels, FLUX's scale/shift (so a ComfyUI LATENT of the
+# small model means what it means for the real one); GroupNorm in groups of 4 channels, as the real VAE's.
+SMALL_VAE = AutoEncoderParams(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, norm_groups=8)
+# 4 heads of 32 (RoPE axes (4, 14, 14) by the default rule), 2 double + 6 single blocks, guidance embedding.
+SMALL_FLUX = FluxParams(
+    in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=64, hidden_size=128, mlp_ratio=2.0,
+    num_heads=4, depth=2, depth_single_blocks=6, axes_dim=[4, 14, 14], theta=10_000, qkv_bias=True,
+    guidance_embed=True,
+)  # fmt: skip
+# T5 pads every prompt to this many tokens (the tokenizer's model_max_length), as the real one pads to 512.
+SMALL_T5_LENGTH = 48
+
+
+def small_model_available(folder: Path = WEIGHTS_DIR) -> bool:
+    files = small_model_files(folder)
+    return all(getattr(files, name).exists() for name in SmallModelFiles.__dataclass_fields__)
+
+
+def load_default_pipeline(*, device: torch.device | str = "cpu", folder: Path | None = None):
+    """The shipped small model as a `KontextPipeline` (fp32): it edits the synthetic scenes of
+    `kontext_core.tasks` at their own size (references keep their size: `resize="keep"`)."""
+    from ..checkpoints.autoencoder import load_vae
+    from ..checkpoints.transformer import load_transformer
+    from ..pipeline import KontextPipeline
+    from ..text import load_text_encoder
+
+    files = small_model_files(folder or WEIGHTS_DIR)
+    missing = [str(getattr(files, n)) for n in SmallModelFiles.__dataclass_fields__ if not getattr(files, n).exists()]
+    if missing:
+        raise FileNotFoundError(f"the small model's files are missing: {', '.join(missing)}; reinstall the package")
+    pipeline = KontextPipeline(
+        load_transformer(files.transformer, device=device, dtype=torch.float32),
+        load_vae(files.vae, device=device, dtype=torch.float32),
+        load_text_encoder(
+            files.t5, files.clip, files.t5_tokenizer, files.clip_tokenizer, SMALL_T5_LENGTH,
+            device=device, dtype=torch.float32,
+        ),
+    )  # fmt: skip
+    pipeline.default_resize = "keep"
+    return pipeline

@@ -1,0 +1,287 @@
+"""Training the small Kontext transformer with its T5 and CLIP towers, on the synthetic edit tasks.
+
+    python -m kontext_core.small_model.train_flux --vae kontext_core/small_model/weights/ae-small.safetensors \
+        --minutes 45 --out kontext_core/small_model/weights
+
+The objective is the rectified flow the sampler integrates (`sampling.sample`): x_t = t·noise + (1 − t)·x0,
+the model predicts noise − x0, with the references appended as clean context tokens at the position ids the
+sampler gives them ("offset") and t drawn where the sampler's shifted schedule spends its steps. One prompt in
+ten is dropped to "" so the model also learns the unconditional flow. An optional second phase distils
+classifier-free guidance into the guidance embedding: the student, told guidance g, learns the teacher's
+v_uncond + g·(v_cond − v_uncond).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from ..checkpoints.autoencoder import load_vae
+from ..model import Flux
+from ..sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
+from ..text import load_tokenizer
+from . import SMALL_FLUX, SMALL_T5_LENGTH, small_model_files
+from .data import to_signed, to_uint8, training_tasks
+from .tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
+
+PROMPT_DROPOUT = 0.1
+GUIDANCE_RANGE = (1.0, 4.0)
+EMA_DECAY = 0.999
+
+
+def small_t5(vocab_size: int) -> T5EncoderModel:
+    config = T5Config(vocab_size=vocab_size, d_model=SMALL_FLUX.context_in_dim, d_kv=16, d_ff=128, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=64,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)  # fmt: skip
+    return T5EncoderModel(config)
+
+
+def small_clip(vocab_size: int, eos_token_id: int) -> CLIPTextModel:
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=SMALL_FLUX.vec_in_dim, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=CLIP_LENGTH,
+                            hidden_act="quick_gelu", bos_token_id=eos_token_id - 1, eos_token_id=eos_token_id,
+                            pad_token_id=eos_token_id)  # fmt: skip
+    return CLIPTextModel(config)
+
+
+def zero_init_outputs(model: Flux) -> Flux:
+    """adaLN-Zero (DiT): every block starts as the identity and the output at zero, which trains stably."""
+    for block in model.double_blocks:
+        for mod in (block.img_mod.lin, block.txt_mod.lin):
+            nn.init.zeros_(mod.weight), nn.init.zeros_(mod.bias)
+    for block in model.single_blocks:
+        nn.init.zeros_(block.modulation.lin.weight), nn.init.zeros_(block.modulation.lin.bias)
+    for layer in (model.final_layer.linear, model.final_layer.adaLN_modulation[-1]):
+        nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+    return model
+
+
+@dataclass
+class TaskGroup:
+    """Training tasks of one shape: target size and reference sizes; latents in model space."""
+
+    targets: Tensor  # N×16×h×w
+    references: list[Tensor]  # each N×16×h_i×w_i
+    t5_ids: Tensor  # N×SMALL_T5_LENGTH
+    clip_ids: Tensor  # N×77
+
+
+@torch.no_grad()
+def prepare(vae_path: Path, count: int, t5_tok, clip_tok) -> list[TaskGroup]:
+    vae = load_vae(vae_path, dtype=torch.float32)
+    tasks = list(training_tasks(0, count))
+    by_size: dict[tuple[int, int], list[tuple[int, int, Tensor]]] = {}  # size -> (task index, slot, pixels)
+    for i, task in enumerate(tasks):
+        for slot, image in enumerate((task.target, *task.images)):
+            by_size.setdefault((image.height, image.width), []).append((i, slot, to_uint8(image)))
+    latents: dict[tuple[int, int], Tensor] = {}
+    for entries in by_size.values():
+        pixels = torch.stack([e[2] for e in entries])
+        for start in range(0, len(entries), 256):
+            raw = vae.encoder(to_signed(pixels[start : start + 256])).chunk(2, dim=1)[0]
+            z = (raw - vae.params.shift_factor) * vae.params.scale_factor
+            for (i, slot, _), latent in zip(entries[start : start + 256], z):
+                latents[i, slot] = latent.clone()
+    groups: dict[tuple, list[int]] = {}
+    for i, task in enumerate(tasks):
+        signature = (task.target.size, *(image.size for image in task.images))
+        groups.setdefault(signature, []).append(i)
+    prompts = [task.instruction for task in tasks]
+    t5_all = t5_tok(prompts, padding="max_length", max_length=SMALL_T5_LENGTH, truncation=True, return_tensors="pt")
+    if (t5_all.input_ids[:, -1] != t5_tok.pad_token_id).any():
+        raise RuntimeError(f"an instruction is longer than {SMALL_T5_LENGTH} T5 tokens")
+    clip_all = clip_tok(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt")
+    result = []
+    for indices in groups.values():
+        n_refs = len(tasks[indices[0]].images)
+        result.append(TaskGroup(
+            targets=torch.stack([latents[i, 0] for i in indices]),
+            references=[torch.stack([latents[i, 1 + r] for i in indices]) for r in range(n_refs)],
+            t5_ids=t5_all.input_ids[indices], clip_ids=clip_all.input_ids[indices],
+        ))  # fmt: skip
+    return result
+
+
+def batches(groups: list[TaskGroup], batch: int, generator: torch.Generator) -> Iterator[tuple[TaskGroup, Tensor]]:
+    weights = torch.tensor([len(g.targets) for g in groups], dtype=torch.float64)
+    while True:
+        group = groups[int(torch.multinomial(weights, 1, generator=generator))]
+        yield group, torch.randint(len(group.targets), (batch,), generator=generator)
+
+
+def sample_sigmas(batch: int, seq_len: int, generator: torch.Generator) -> Tensor:
+    """Logit-normal t, shifted as `get_schedule` shifts for this image size (the steps the sampler takes)."""
+    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    return time_shift(get_lin_function()(seq_len), 1.0, t)
+
+
+class Student(nn.Module):
+    def __init__(self, flux: Flux, t5: T5EncoderModel, clip: CLIPTextModel):
+        super().__init__()
+        self.flux, self.t5, self.clip = flux, t5, clip
+
+    def forward(self, group: TaskGroup, idx: Tensor, x_t: Tensor, t: Tensor, guidance: Tensor,
+                t5_ids: Tensor, clip_ids: Tensor) -> Tensor:  # fmt: skip
+        """Velocity of the target tokens for packed noisy targets `x_t`, as `sampling.sample` computes it."""
+        batch, (lat_h, lat_w) = len(idx), group.targets.shape[-2:]
+        txt = self.t5(input_ids=t5_ids).last_hidden_state
+        y = self.clip(input_ids=clip_ids).pooler_output
+        img, img_ids = x_t, position_ids(lat_h // 2, lat_w // 2)
+        if group.references:
+            ref_tok, ref_ids = reference_tokens([r[idx] for r in group.references], (lat_h, lat_w), "offset")
+            img, img_ids = torch.cat((img, ref_tok), dim=1), torch.cat((img_ids, ref_ids), dim=0)
+        img_ids = img_ids[None].expand(batch, -1, -1)
+        txt_ids = torch.zeros(batch, txt.shape[1], 3)
+        return self.flux(img, img_ids, txt, txt_ids, t, y, guidance)[:, : x_t.shape[1]]
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    out = args.out
+    files = small_model_files(out)
+    t5_tok = load_tokenizer(write_t5_tokenizer(files.t5_tokenizer), "t5")
+    clip_tok = load_tokenizer(write_clip_tokenizer(files.clip_tokenizer), "clip")
+    start = time.time()
+    # Encoding the tasks' images takes minutes; a cache (keyed by the VAE file and the task count) saves it
+    # for a resumed run.
+    cache = Path(tempfile.gettempdir()) / f"kontext-small-prepared-{args.tasks}-{args.vae.stat().st_mtime_ns}.pt"
+    if cache.exists():
+        groups = [TaskGroup(**g) for g in torch.load(cache)]
+    else:
+        groups = prepare(args.vae, args.tasks, t5_tok, clip_tok)
+        torch.save([dataclasses.asdict(g) for g in groups], cache)
+    if args.prepare_only:
+        print(f"prepared data cached in {cache}")
+        return
+    print(f"prepared {args.tasks} tasks in {len(groups)} shape groups, {time.time() - start:.0f}s", flush=True)
+    empty_t5 = t5_tok([""], padding="max_length", max_length=SMALL_T5_LENGTH, return_tensors="pt").input_ids
+    empty_clip = clip_tok([""], padding="max_length", max_length=CLIP_LENGTH, return_tensors="pt").input_ids
+
+    if args.resume is None:
+        student = Student(zero_init_outputs(Flux(SMALL_FLUX)), small_t5(len(t5_tok)),
+                          small_clip(len(clip_tok), clip_tok.eos_token_id))  # fmt: skip
+    else:
+        student = resume(args.resume)
+    ema = copy.deepcopy(student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    deadline = start + 60 * args.minutes
+    distill_from = deadline - 60 * args.distill_minutes
+    teacher = None
+    step, loss_avg, info = 0, None, {}
+    stream = batches(groups, args.batch, generator)
+    while time.time() < deadline and step < args.max_steps:
+        progress = min((time.time() - start) / (60 * args.minutes), 1.0)
+        for pg in optimizer.param_groups:
+            pg["lr"] = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        if teacher is None and args.distill_minutes > 0 and time.time() >= distill_from:
+            teacher = copy.deepcopy(ema).requires_grad_(False)
+            info["flow_steps"] = step
+            # the undistilled model is kept beside, to compare (benchmarks/quality.py --weights)
+            undistilled = small_model_files(out / "undistilled")
+            undistilled.transformer.parent.mkdir(parents=True, exist_ok=True)
+            save(ema, undistilled, {**info, "loss": loss_avg, "seconds": round(time.time() - start)})
+            shutil.copy(args.vae, undistilled.vae)
+            for folder in ("t5_tokenizer", "clip_tokenizer"):
+                shutil.copytree(getattr(files, folder), getattr(undistilled, folder), dirs_exist_ok=True)
+            print(f"step {step}: distilling guidance from here", flush=True)
+        group, idx = next(stream)
+        batch = len(idx)
+        x0 = pack(group.targets[idx])
+        noise = torch.randn(x0.shape, generator=generator)
+        t = sample_sigmas(batch, x0.shape[1], generator)
+        x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
+        t5_ids, clip_ids = group.t5_ids[idx].clone(), group.clip_ids[idx].clone()
+        if teacher is None:
+            drop = torch.rand(batch, generator=generator) < PROMPT_DROPOUT
+            t5_ids[drop], clip_ids[drop] = empty_t5, empty_clip
+            guidance = torch.empty(batch).uniform_(*GUIDANCE_RANGE, generator=generator)
+            target = noise - x0
+        else:
+            guidance = torch.empty(batch).uniform_(*GUIDANCE_RANGE, generator=generator)
+            with torch.no_grad():
+                ones = torch.ones(batch)
+                v_cond = teacher(group, idx, x_t, t, ones, t5_ids, clip_ids)
+                v_uncond = teacher(group, idx, x_t, t, ones, empty_t5.expand(batch, -1), empty_clip.expand(batch, -1))
+            target = v_uncond + guidance[:, None, None] * (v_cond - v_uncond)
+        pred = student(group, idx, x_t, t, guidance, t5_ids, clip_ids)
+        loss = (pred - target).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), student.parameters()):
+                e.lerp_(p, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
+        loss_avg = loss.item() if loss_avg is None else 0.99 * loss_avg + 0.01 * loss.item()
+        step += 1
+        if step % 200 == 0:
+            print(f"step {step} loss {loss_avg:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                  f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
+        if step % args.save_every == 0:
+            save(ema, files, {**info, "steps": step, "loss": loss_avg, "seconds": round(time.time() - start)})
+    info.update(steps=step, loss=loss_avg, seconds=round(time.time() - start), tasks=args.tasks, batch=args.batch,
+                lr=args.lr, distill_minutes=args.distill_minutes)  # fmt: skip
+    save(ema, files, info)
+    print(f"done: {json.dumps(info)}", flush=True)
+
+
+def resume(folder: Path) -> Student:
+    """A saved model (the EMA weights, in fp32 again) to train on."""
+    from ..checkpoints.text_encoders import load_clip, load_t5
+    from ..checkpoints.transformer import load_transformer
+
+    files = small_model_files(folder)
+    student = Student(load_transformer(files.transformer, dtype=torch.float32),
+                      load_t5(files.t5, dtype=torch.float32), load_clip(files.clip, dtype=torch.float32))  # fmt: skip
+    return student.train().requires_grad_(True)
+
+
+def save(model: Student, files, info: dict) -> None:
+    """The EMA weights in the real layouts: BFL keys (fp16, the config in `flux_params`), ComfyUI-style T5 and
+    CLIP singles with their Hugging Face config."""
+    training = json.dumps(info)
+    flux = {k: v.detach().to(torch.float16).contiguous() for k, v in model.flux.state_dict().items()}
+    meta = {"flux_params": json.dumps(dataclasses.asdict(SMALL_FLUX)), "training": training}
+    save_file(flux, files.transformer, metadata=meta)
+    t5 = {k: v.detach().contiguous() for k, v in model.t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(t5, files.t5, metadata={"config": model.t5.config.to_json_string(), "training": training})
+    # ComfyUI's clip_l layout: the tower under `text_model.` (transformers 5 no longer nests it)
+    clip = {f"text_model.{k.removeprefix('text_model.')}": v.detach().contiguous()
+            for k, v in model.clip.state_dict().items()}  # fmt: skip
+    save_file(clip, files.clip, metadata={"config": model.clip.config.to_json_string(), "training": training})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vae", type=Path, default=small_model_files().vae)
+    parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget, distillation included")
+    parser.add_argument("--distill-minutes", type=float, default=0.0, help="last part spent distilling guidance")
+    parser.add_argument("--tasks", type=int, default=24000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=1000)
+    parser.add_argument("--max-steps", type=int, default=10**9, help="stop earlier than --minutes (smoke runs)")
+    parser.add_argument("--prepare-only", action="store_true", help="encode the tasks into the cache and stop")
+    parser.add_argument("--resume", type=Path, help="a folder of saved small-model files to continue training")
+    parser.add_argument("--out", type=Path, default=small_model_files().vae.parent)
+    train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

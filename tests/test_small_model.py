@@ -1,0 +1,119 @@
+"""The shipped small model: its files in the real layouts, under 5 MiB each, and a real held-out edit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from kontext_core import load_default_pipeline
+from kontext_core.__main__ import DEMO_SEED, main
+from kontext_core.checkpoints.inspect import describe
+from kontext_core.model import Flux
+from kontext_core.quality import judge
+from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SMALL_VAE, small_model_files
+from kontext_core.tasks import HELD_OUT_SEED, make_task, vocabulary
+from kontext_core.text import load_tokenizer
+
+FILES = small_model_files()
+MIB = 2**20
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_default_pipeline()
+
+
+def test_files_are_small_and_in_the_real_layouts():
+    for name in ("transformer", "vae", "t5", "clip"):
+        assert getattr(FILES, name).stat().st_size < 5 * MIB, name
+    with safe_open(FILES.transformer, "pt") as f:
+        keys = set(f.keys())
+    with torch.device("meta"):
+        assert keys == set(Flux(SMALL_FLUX).state_dict())  # BFL keys, nothing renamed
+    assert "FLUX transformer (BFL layout)" in describe(FILES.transformer)
+
+
+def test_loaded_configs_are_the_trained_ones(pipe):
+    assert dataclasses.asdict(pipe.transformer.params) == dataclasses.asdict(SMALL_FLUX)
+    assert pipe.vae.params == SMALL_VAE  # widths from the tensors, groups and FLUX's scale/shift from the header
+    assert pipe.text_encoder.t5_max_length == SMALL_T5_LENGTH
+    assert pipe.default_resize == "keep"
+
+
+def test_tokenizers_know_every_task_word():
+    t5 = load_tokenizer(FILES.t5_tokenizer, "t5")
+    clip = load_tokenizer(FILES.clip_tokenizer, "clip")
+    assert t5.model_max_length == SMALL_T5_LENGTH
+    sentence = " ".join(vocabulary())
+    assert t5.unk_token_id not in t5(sentence).input_ids
+    ids = clip(sentence, add_special_tokens=False).input_ids
+    assert clip.unk_token_id not in ids or clip.unk_token_id == clip.eos_token_id
+    assert clip.decode(ids).split() == sentence.split()  # byte-level BPE: every word round-trips
+    single = [w for w in vocabulary() if w.isalpha() and len(clip.tokenize(w)) == 1]
+    assert len(single) >= len(vocabulary()) // 2  # the merges were built from the task words
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 8 open: the shipped model is undertrained (held-out recolour success 0/20, single edits 21 %, "
+    "benchmarks/RESULTS.md); strict, so this fails the day the model does the edit and the mark must go",
+)
+def test_held_out_edit_succeeds(pipe):
+    task = make_task(DEMO_SEED)
+    assert task.seed >= HELD_OUT_SEED and task.held_out
+    out = pipe.edit(task.images, task.instruction)
+    verdict = judge(task, out)
+    assert out.size == task.target.size
+    assert verdict.success, verdict
+    assert verdict.psnr_unedited >= 25.0
+
+
+def test_demo_command_writes_before_after_truth_and_the_verdict(tmp_path, capsys, pipe):
+    code = main(["demo", "--out", str(tmp_path)])
+    assert {p.name for p in tmp_path.iterdir()} == {"before.png", "after.png", "truth.png"}
+    task = make_task(DEMO_SEED)
+    with Image.open(tmp_path / "after.png") as after:
+        expected = pipe.edit(task.images, task.instruction)
+        assert after.tobytes() == expected.tobytes()  # the demo is the library's edit, nothing else
+        success = judge(task, after.convert("RGB")).success
+    assert code == (0 if success else 1)
+    assert ("success:" if success else "FAILED:") in capsys.readouterr().out
+
+
+def test_cli_uses_the_small_model_when_nothing_is_configured(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("COMFYUI_ROOT", raising=False)
+    task = make_task(DEMO_SEED)
+    task.images[0].save(tmp_path / "in.png")
+    code = main(["edit", "--image", str(tmp_path / "in.png"), "--prompt", task.instruction,
+                 "--out", str(tmp_path / "out.png"), "--steps", "8"])  # fmt: skip
+    assert code == 0 and (tmp_path / "out.png").is_file()
+    assert "built-in small model" in capsys.readouterr().err
+
+
+def test_small_model_workflow_edits_in_the_node_graph(monkeypatch, tmp_path):
+    """The shipped workflow, run node by node with the real built-in files (no stand-ins), does the edit."""
+    from test_workflows import execute, host_folders, load
+
+    from kontext_core.tasks_render import render
+
+    for kind in ("diffusion_models", "text_encoders", "vae", "input", "output"):
+        (tmp_path / kind).mkdir()
+    host_folders(monkeypatch, tmp_path)  # empty model folders: only the built-in files are offered
+    task = make_task(DEMO_SEED)
+    shipped = Image.open(FILES.transformer.parents[3] / "workflows" / "inputs" / "kontext_small_scene.png")
+    assert shipped.tobytes() == render(task.scenes[0]).tobytes()  # the workflow's input is the demo task's
+    shipped.save(tmp_path / "input" / "kontext_small_scene.png")
+    _, api = load("small_model_edit")
+    results = execute(api, tmp_path / "input")
+    decoded = next(results[k] for k, n in api.items() if n["class_type"] == "KontextCoreVAEDecode")[0]
+    out = np.asarray(Image.fromarray((decoded[0].numpy() * 255).round().astype("uint8")), dtype=np.int16)
+    # the graph is the library's edit: same files, same seed and steps (ComfyUI's float images and LATENT
+    # round trip may move a pixel by one 8-bit level)
+    expected = np.asarray(load_default_pipeline().edit(task.images, task.instruction, seed=0), dtype=np.int16)
+    assert np.abs(out - expected).max() <= 1
+    assert list((tmp_path / "output" / "kontext").glob("small_model_edit_*.png"))
