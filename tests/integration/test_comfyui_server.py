@@ -84,6 +84,9 @@ def expected_size(workflow: dict, save_id: str) -> tuple[int, int]:
     from _tiny_files import BATCH_IMAGES, INPUT_IMAGES
 
     sizes = {name: (w, h) for name, w, h in INPUT_IMAGES}
+    for shipped in (ROOT / "workflows" / "inputs").glob("*.png"):  # copied as they are (_tiny_files.write_all)
+        with Image.open(shipped) as image:
+            sizes[shipped.name] = image.size
     node_id = save_id
     while True:
         node = workflow[node_id]
