@@ -112,22 +112,23 @@ def _wants_small_model(args: argparse.Namespace) -> bool:
     """The small model when asked for, or when no real model is configured anywhere (said on stderr)."""
     from .discovery import any_model_configured
 
-    given = (args.transformer, args.vae, args.t5, args.clip, args.t5_tokenizer, args.clip_tokenizer)
+    files = {"transformer": args.transformer, "vae": args.vae, "t5": args.t5, "clip": args.clip}
+    tokenizers = (args.t5_tokenizer, args.clip_tokenizer)
     if args.small_model:
-        if any(given):
+        if any(files.values()) or any(tokenizers):
             raise SystemExit("--small-model cannot be combined with model file options")
         return True
-    return not any(given) and not any_model_configured(comfyui_root=args.comfyui)
+    return not any(tokenizers) and not any_model_configured(**files, comfyui_root=args.comfyui)
 
 
-def load_pipeline(args: argparse.Namespace):
+def load_pipeline(args: argparse.Namespace, small: bool):
     from . import load_text_encoder, load_transformer, load_vae
     from .discovery import resolve_model_files
     from .math import set_attention_backend
     from .pipeline import KontextPipeline
 
     set_attention_backend(args.attention)
-    if _wants_small_model(args):
+    if small:
         from .small_model import NOTICE, load_default_pipeline
 
         print(f"{NOTICE}. {REAL_MODEL_HINT}", file=sys.stderr)
@@ -204,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
-    pipe = load_pipeline(args)
-    small = pipe.default_resize == "keep"
+    small = _wants_small_model(args)
+    pipe = load_pipeline(args, small)
     common = dict(
         steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale, num_images=args.num_images, callback=_progress(args.command),

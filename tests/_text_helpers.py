@@ -10,6 +10,8 @@ import torch
 from tiny_models import randomize_
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from kontext_core.small_model.tokenizers import byte_symbols
+
 SENTENCES = [
     "make the car red", "remove the stain from the shirt", "turn the sky into a sunset",
     "add a small blue circle at the top left", "restyle the image as a pencil drawing",
@@ -19,17 +21,10 @@ SENTENCES = [
 CLIP_WORDS = ["make", "the", "car", "red", "sky", "cat", "photo", "sunset"]
 
 
-def _byte_symbols() -> list[str]:
-    """The printable stand-ins byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-
-
 def write_clip_tokenizer(folder: Path) -> Path:
     """vocab.json + merges.txt as CLIP's: bytes, bytes+</w>, merged words, then <|startoftext|>, <|endoftext|>."""
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
     for word in CLIP_WORDS:

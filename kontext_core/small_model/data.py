@@ -41,11 +41,16 @@ def image_pool(first: int, count: int) -> dict[tuple[int, int], Tensor]:
     return {size: torch.stack(images) for size, images in by_size.items()}
 
 
+def draw_batches(counts: list[int], batch: int, generator: torch.Generator) -> Iterator[tuple[int, Tensor]]:
+    """Endless (group, row indices) draws: a group in proportion to its row count, then `batch` rows of it."""
+    weights = torch.tensor(counts, dtype=torch.float64)
+    while True:
+        group = int(torch.multinomial(weights, 1, generator=generator))
+        yield group, torch.randint(counts[group], (batch,), generator=generator)
+
+
 def size_batches(pool: dict[tuple[int, int], Tensor], batch: int, generator: torch.Generator) -> Iterator[Tensor]:
     """Endless random batches, each of one image size, sizes drawn in proportion to their counts."""
-    sizes = list(pool)
-    weights = torch.tensor([len(pool[s]) for s in sizes], dtype=torch.float64)
-    while True:
-        size = sizes[int(torch.multinomial(weights, 1, generator=generator))]
-        images = pool[size]
-        yield images[torch.randint(len(images), (batch,), generator=generator)]
+    images = list(pool.values())
+    for group, rows in draw_batches([len(i) for i in images], batch, generator):
+        yield images[group][rows]

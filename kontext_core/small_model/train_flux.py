@@ -35,7 +35,7 @@ from ..model import Flux
 from ..sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
 from ..text import load_tokenizer
 from . import SMALL_FLUX, SMALL_T5_LENGTH, small_model_files
-from .data import to_signed, to_uint8, training_tasks
+from .data import draw_batches, to_signed, to_uint8, training_tasks
 from .tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
 
 PROMPT_DROPOUT = 0.1
@@ -117,10 +117,8 @@ def prepare(vae_path: Path, count: int, t5_tok, clip_tok) -> list[TaskGroup]:
 
 
 def batches(groups: list[TaskGroup], batch: int, generator: torch.Generator) -> Iterator[tuple[TaskGroup, Tensor]]:
-    weights = torch.tensor([len(g.targets) for g in groups], dtype=torch.float64)
-    while True:
-        group = groups[int(torch.multinomial(weights, 1, generator=generator))]
-        yield group, torch.randint(len(group.targets), (batch,), generator=generator)
+    for group, rows in draw_batches([len(g.targets) for g in groups], batch, generator):
+        yield groups[group], rows
 
 
 def sample_sigmas(batch: int, seq_len: int, generator: torch.Generator) -> Tensor:
