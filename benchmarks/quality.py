@@ -6,7 +6,8 @@
 Held-out tasks are seeds from `tasks.HELD_OUT_SEED` up (never trained on). Reports, per task kind: edit
 success (`quality.judge`), PSNR to the truth, PSNR of the pixels the edit must not touch; then drift over
 10 chained edits with and without drift control, and the fp8-weight and fast-mode paths against the exact
-one on the same tasks (success, and PSNR of their outputs to the exact path's).
+one on the same tasks (success, and PSNR of their outputs to the exact path's). The truth itself through the
+VAE, judged the same way, gives the ceiling the VAE sets for any transformer.
 """
 
 from __future__ import annotations
@@ -57,12 +58,10 @@ def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(finite), 2) if finite else None
 
 
-def evaluate(pipe: KontextPipeline, tasks: list[EditTask], **options) -> tuple[dict, list[Image.Image]]:
+def tabulate(tasks: list[EditTask], outputs: list[Image.Image]) -> dict:
+    """Per kind and over the single edits: success and PSNRs of `outputs`, judged against each task's truth."""
     rows: dict[str, list] = {}
-    outputs = []
-    for task in tasks:
-        out = run_task(pipe, task, **options)
-        outputs.append(out)
+    for task, out in zip(tasks, outputs, strict=True):
         rows.setdefault(task.kind, []).append((judge(task, out), task.held_out))
     table = {}
     for kind, results in rows.items():
@@ -74,8 +73,9 @@ def evaluate(pipe: KontextPipeline, tasks: list[EditTask], **options) -> tuple[d
             "success_held_out_combinations": round(sum(held) / len(held), 3) if held else None,
             "psnr_target_db": _mean([j.psnr_target for j in judged]),
             "psnr_unedited_db": _mean([j.psnr_unedited for j in judged]),
-            "psnr_unedited_min_db": min((round(j.psnr_unedited, 2) for j in judged if j.psnr_unedited is not None),
-                                        default=None),
+            "psnr_unedited_min_db": min(
+                (round(j.psnr_unedited, 2) for j in judged if j.psnr_unedited is not None), default=None
+            ),
         }
     single = [k for k in table if k not in ("text_to_image", "two_reference")]
     edits = [r for k in single for r in rows[k]]
@@ -84,7 +84,18 @@ def evaluate(pipe: KontextPipeline, tasks: list[EditTask], **options) -> tuple[d
         "success": round(sum(j.success for j, _ in edits) / len(edits), 3),
         "psnr_unedited_db": _mean([j.psnr_unedited for j, _ in edits]),
     }
-    return table, outputs
+    return table
+
+
+def evaluate(pipe: KontextPipeline, tasks: list[EditTask], **options) -> tuple[dict, list[Image.Image]]:
+    outputs = [run_task(pipe, task, **options) for task in tasks]
+    return tabulate(tasks, outputs), outputs
+
+
+def vae_round_trips(pipe: KontextPipeline, tasks: list[EditTask]) -> list[Image.Image]:
+    """Each task's truth encoded and decoded: what a transformer that made no error at all would output, so
+    judging these gives the ceiling the VAE sets."""
+    return [pipe.decode(pipe.encode_images([task.target])[0])[0] for task in tasks]
 
 
 def _recolor_round(scene: Scene, shape: Shape, colour: str) -> tuple[EditTask, Shape]:
@@ -164,6 +175,15 @@ def markdown(report: dict) -> str:
     single = report["exact"]["single_edits"]
     lines.append(f"| **single edits** | {single['tasks']} | **{cell(single['success'])}** | | | "
                  f"{single['psnr_unedited_db']} |")  # fmt: skip
+    if "vae_round_trip" in report:
+        ceiling = report["vae_round_trip"]
+        kinds = [k for k in ceiling if k != "single_edits"]
+        lines += ["", "| the truth through the VAE | " + " | ".join(kinds) + " | **single edits** |",
+                  "|---" * (len(kinds) + 2) + "|",
+                  "| success | " + " | ".join(cell(ceiling[k]["success"]) for k in kinds)
+                  + f" | **{cell(ceiling['single_edits']['success'])}** |",
+                  "| PSNR unedited (dB) | " + " | ".join(str(ceiling[k]["psnr_unedited_db"] or "–") for k in kinds)
+                  + f" | **{ceiling['single_edits']['psnr_unedited_db']}** |"]  # fmt: skip
     variants = [k for k in ("fp8_weights", "fast_k2", "fast_k4", "guidance_1") if k in report]
     if variants:
         lines += ["", "| path | single-edit success | PSNR to the exact path's output (dB, mean / min) | "
@@ -188,7 +208,7 @@ def main() -> None:
     parser.add_argument("--per-kind", type=int, default=25, help="held-out tasks per kind")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--drift-scenes", type=int, default=5)
-    parser.add_argument("--variants", default="exact,fp8,fast2,fast4,guidance1")
+    parser.add_argument("--variants", default="exact,vae,fp8,fast2,fast4,guidance1")
     parser.add_argument("--weights", type=Path, default=small_model_files().vae.parent)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -201,6 +221,9 @@ def main() -> None:
     table, exact_outputs = evaluate(pipe, tasks, steps=args.steps)
     report["exact"] = table
     print(json.dumps(table, indent=1), flush=True)
+    if "vae" in variants:
+        report["vae_round_trip"] = tabulate(tasks, vae_round_trips(pipe, tasks))
+        print("VAE round trip of the truth", json.dumps(report["vae_round_trip"]), flush=True)
     if "fp8" in variants:
         from kontext_core.checkpoints.transformer import load_transformer
 

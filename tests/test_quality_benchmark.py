@@ -1,0 +1,43 @@
+"""The quality benchmark's tables: how outputs become the figures in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.quality import tabulate, vae_round_trips
+from kontext_core.small_model import load_default_pipeline, small_model_available
+from kontext_core.tasks import HELD_OUT_SEED, KINDS, make_task
+
+TASKS = [make_task(HELD_OUT_SEED + k) for k in range(len(KINDS))]
+EDIT_KINDS = [t.kind for t in TASKS if t.kind not in ("text_to_image", "restyle")]
+
+
+def test_the_truth_scores_full_marks():
+    table = tabulate(TASKS, [t.target for t in TASKS])
+    assert all(table[kind]["success"] == 1.0 for kind in KINDS)
+    # identical pixels have infinite PSNR, which the means leave out rather than average
+    assert table["single_edits"] == {"tasks": 6, "success": 1.0, "psnr_unedited_db": None}
+
+
+def test_copying_the_input_fails_every_edit():
+    edits = [t for t in TASKS if t.kind in EDIT_KINDS]
+    table = tabulate(edits, [t.images[0] for t in edits])
+    assert all(table[kind]["success"] == 0.0 for kind in EDIT_KINDS)
+    assert table["single_edits"]["success"] == 0.0
+
+
+def test_tabulate_needs_one_output_per_task():
+    with pytest.raises(ValueError):
+        tabulate(TASKS, [TASKS[0].target])
+
+
+@pytest.mark.skipif(not small_model_available(), reason="the small model's weights are not in the package")
+def test_vae_round_trip_is_the_truth_decoded_at_its_size():
+    pipe = load_default_pipeline()
+    tasks = TASKS[:2]
+    for task, out in zip(tasks, vae_round_trips(pipe, tasks)):
+        assert out.size == task.target.size
+        psnr_db = tabulate([task], [out])[task.kind]["psnr_target_db"]
+        assert psnr_db is not None and math.isfinite(psnr_db) and psnr_db > 20  # the shipped VAE: ~30 dB
