@@ -40,4 +40,5 @@ def test_vae_round_trip_is_the_truth_decoded_at_its_size():
     for task, out in zip(tasks, vae_round_trips(pipe, tasks)):
         assert out.size == task.target.size
         psnr_db = tabulate([task], [out])[task.kind]["psnr_target_db"]
-        assert psnr_db is not None and math.isfinite(psnr_db) and psnr_db > 20  # the shipped VAE: ~30 dB
+        # a wrong latent scale or shift decodes far below 20 dB; the shipped VAE averages 33 dB on held-out truths
+        assert psnr_db is not None and math.isfinite(psnr_db) and psnr_db > 20
