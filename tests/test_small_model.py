@@ -60,7 +60,7 @@ def test_tokenizers_know_every_task_word():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 8 open: the shipped model is undertrained (held-out recolour success 13/20, single edits 68 %, "
+    reason="issue 8 open: the shipped model falls short and has plateaued (held-out recolour success 13/20, single edits 68 %, "
     "benchmarks/RESULTS.md); strict, so this fails the day the model does the edit and the mark must go",
 )
 def test_held_out_edit_succeeds(pipe):
