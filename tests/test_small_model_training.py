@@ -3,15 +3,20 @@ README.md and benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from kontext_core.small_model import SMALL_FLUX, load_default_pipeline, small_model_files
 from kontext_core.small_model import train_flux, train_vae
 from kontext_core.small_model.data import image_pool, training_tasks
-from kontext_core.tasks import HELD_OUT_SEED, make_task
+from kontext_core.small_model.train_flux import TaskGroup, batches, parse_kind_weights
+from kontext_core.tasks import HELD_OUT_SEED, KINDS, make_task
 
 
 def test_training_never_sees_held_out_seeds():
@@ -30,6 +35,40 @@ def trained(tmp_path_factory):
     train_flux.main(["--vae", str(small_model_files(out).vae), "--tasks", "24", "--batch", "4", "--max-steps", "2",
                      "--out", str(out)])  # fmt: skip
     return out
+
+
+def test_distillation_and_kind_weights_run(trained, tmp_path):
+    shutil.copy(small_model_files(trained).vae, small_model_files(tmp_path).vae)
+    train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--batch", "4", "--max-steps", "2",
+                     "--resume", str(trained), "--minutes", "5", "--distill-minutes", "5",
+                     "--kind-weights", "move=3,restyle=0", "--out", str(tmp_path)])  # fmt: skip
+    with safe_open(small_model_files(tmp_path).transformer, "pt") as f:
+        info = json.loads(f.metadata()["training"])
+    assert info["flow_steps"] == 0 and info["steps"] == 2  # both steps distilled guidance
+    assert info["kind_weights"] == {"move": 3.0, "restyle": 0.0}
+    for folder in (tmp_path, tmp_path / "undistilled"):  # the student and the teacher it started from
+        assert load_default_pipeline(folder=folder).transformer.params.guidance_embed
+
+
+def _group(seeds: list[int], targets: torch.Tensor, references: list[torch.Tensor]) -> TaskGroup:
+    n = len(seeds)
+    return TaskGroup(targets, references, torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, 4, dtype=torch.long),
+                     torch.tensor(seeds))  # fmt: skip
+
+
+def test_kind_weights_steer_which_tasks_are_drawn():
+    assert parse_kind_weights("move=3, background=0.5") == {"move": 3.0, "background": 0.5}
+    for bad, message in (("moov=2", "not a task kind"), ("move", "needs a number"), ("move=-1", ">= 0")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse_kind_weights(bad)
+    groups = [_group(list(range(0, 16)), torch.zeros(16, 16, 2, 2), []), _group([3, 11], torch.zeros(2, 16, 2, 2), [])]
+    only_move = {kind: 0.0 for kind in KINDS if kind != "move"}
+    stream = batches(groups, 8, torch.Generator().manual_seed(0), only_move)
+    for _ in range(20):
+        group, rows = next(stream)
+        assert all(KINDS[seed % len(KINDS)] == "move" for seed in group.seeds[rows].tolist())
+    with pytest.raises(ValueError, match="no task"):
+        next(batches(groups, 8, torch.Generator(), {kind: 0.0 for kind in KINDS}))
 
 
 def test_decoder_fine_tune_keeps_the_latent_space(trained):

@@ -41,12 +41,21 @@ def image_pool(first: int, count: int) -> dict[tuple[int, int], Tensor]:
     return {size: torch.stack(images) for size, images in by_size.items()}
 
 
-def draw_batches(counts: list[int], batch: int, generator: torch.Generator) -> Iterator[tuple[int, Tensor]]:
-    """Endless (group, row indices) draws: a group in proportion to its row count, then `batch` rows of it."""
-    weights = torch.tensor(counts, dtype=torch.float64)
+def draw_batches(
+    counts: list[int], batch: int, generator: torch.Generator, row_weights: list[Tensor] | None = None
+) -> Iterator[tuple[int, Tensor]]:
+    """Endless (group, row indices) draws: a group in proportion to its row count, then `batch` rows of it;
+    with `row_weights` (one tensor per group), a group in proportion to its total weight and rows by weight."""
+    if row_weights is None:
+        weights = torch.tensor(counts, dtype=torch.float64)
+    else:
+        weights = torch.stack([w.sum() for w in row_weights]).double()
     while True:
         group = int(torch.multinomial(weights, 1, generator=generator))
-        yield group, torch.randint(counts[group], (batch,), generator=generator)
+        if row_weights is None:
+            yield group, torch.randint(counts[group], (batch,), generator=generator)
+        else:
+            yield group, torch.multinomial(row_weights[group], batch, replacement=True, generator=generator)
 
 
 def size_batches(pool: dict[tuple[int, int], Tensor], batch: int, generator: torch.Generator) -> Iterator[Tensor]:

@@ -8,7 +8,8 @@ the model predicts noise − x0, with the references appended as clean context t
 sampler gives them ("offset") and t drawn where the sampler's shifted schedule spends its steps. One prompt in
 ten is dropped to "" so the model also learns the unconditional flow. An optional second phase distils
 classifier-free guidance into the guidance embedding: the student, told guidance g, learns the teacher's
-v_uncond + g·(v_cond − v_uncond).
+v_uncond + g·(v_cond − v_uncond). Tasks are drawn uniformly over the training set unless `--kind-weights` draws
+some kinds more or less often.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ..checkpoints.autoencoder import load_vae
 from ..model import Flux
 from ..sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
 from ..text import load_tokenizer
+from ..tasks import KINDS
 from . import SMALL_FLUX, SMALL_T5_LENGTH, small_model_files
 from .data import draw_batches, to_signed, to_uint8, training_tasks
 from .tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
@@ -78,6 +80,7 @@ class TaskGroup:
     references: list[Tensor]  # each N×16×h_i×w_i
     t5_ids: Tensor  # N×SMALL_T5_LENGTH
     clip_ids: Tensor  # N×77
+    seeds: Tensor  # N, each row's task seed (its kind is `KINDS[seed % len(KINDS)]`)
 
 
 @torch.no_grad()
@@ -106,18 +109,44 @@ def prepare(vae_path: Path, count: int, t5_tok, clip_tok) -> list[TaskGroup]:
         raise RuntimeError(f"an instruction is longer than {SMALL_T5_LENGTH} T5 tokens")
     clip_all = clip_tok(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt")
     result = []
-    for indices in groups.values():
+    for indices in groups.values():  # a task's index is its seed: training seeds start at 0
         n_refs = len(tasks[indices[0]].images)
         result.append(TaskGroup(
             targets=torch.stack([latents[i, 0] for i in indices]),
             references=[torch.stack([latents[i, 1 + r] for i in indices]) for r in range(n_refs)],
             t5_ids=t5_all.input_ids[indices], clip_ids=clip_all.input_ids[indices],
+            seeds=torch.tensor(indices),
         ))  # fmt: skip
     return result
 
 
-def batches(groups: list[TaskGroup], batch: int, generator: torch.Generator) -> Iterator[tuple[TaskGroup, Tensor]]:
-    for group, rows in draw_batches([len(g.targets) for g in groups], batch, generator):
+def parse_kind_weights(text: str) -> dict[str, float]:
+    """The `--kind-weights` text "move=3,background=2" as {"move": 3.0, "background": 2.0}; others keep 1."""
+    weights = {}
+    for item in filter(None, text.split(",")):
+        kind, _, value = item.partition("=")
+        kind = kind.strip()
+        if kind not in KINDS:
+            raise argparse.ArgumentTypeError(f"--kind-weights: {kind!r} is not a task kind; expected one of {KINDS}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--kind-weights: {item!r} needs a number after '='") from None
+        if not math.isfinite(weights[kind]) or weights[kind] < 0:
+            raise argparse.ArgumentTypeError(f"--kind-weights: the weight of {kind!r} must be a finite number >= 0")
+    return weights
+
+
+def batches(groups: list[TaskGroup], batch: int, generator: torch.Generator,
+            kind_weights: dict[str, float] | None = None) -> Iterator[tuple[TaskGroup, Tensor]]:  # fmt: skip
+    """Endless batches of one task group; with `kind_weights`, tasks of a kind drawn that much more often."""
+    row_weights = None
+    if kind_weights:
+        per_kind = torch.tensor([kind_weights.get(kind, 1.0) for kind in KINDS], dtype=torch.float64)
+        row_weights = [per_kind[g.seeds % len(KINDS)] for g in groups]
+        if not any(w.sum() > 0 for w in row_weights):
+            raise ValueError("--kind-weights leaves no task to train on")
+    for group, rows in draw_batches([len(g.targets) for g in groups], batch, generator, row_weights):
         yield groups[group], rows
 
 
@@ -161,7 +190,7 @@ def train(args: argparse.Namespace) -> None:
     start = time.time()
     # Encoding the tasks' images takes minutes; a cache (keyed by the VAE file and the task count) saves it
     # for a resumed run.
-    cache = Path(tempfile.gettempdir()) / f"kontext-small-prepared-{args.tasks}-{args.vae.stat().st_mtime_ns}.pt"
+    cache = Path(tempfile.gettempdir()) / f"kontext-small-prepared-v2-{args.tasks}-{args.vae.stat().st_mtime_ns}.pt"
     if cache.exists():
         groups = [TaskGroup(**g) for g in torch.load(cache)]
     else:
@@ -185,7 +214,7 @@ def train(args: argparse.Namespace) -> None:
     distill_from = deadline - 60 * args.distill_minutes
     teacher = None
     step, loss_avg, info = 0, None, {}
-    stream = batches(groups, args.batch, generator)
+    stream = batches(groups, args.batch, generator, args.kind_weights)
     while time.time() < deadline and step < args.max_steps:
         progress = min((time.time() - start) / (60 * args.minutes), 1.0)
         for pg in optimizer.param_groups:
@@ -237,7 +266,7 @@ def train(args: argparse.Namespace) -> None:
         if step % args.save_every == 0:
             save(ema, files, {**info, "steps": step, "loss": loss_avg, "seconds": round(time.time() - start)})
     info.update(steps=step, loss=loss_avg, seconds=round(time.time() - start), tasks=args.tasks, batch=args.batch,
-                lr=args.lr, distill_minutes=args.distill_minutes)  # fmt: skip
+                lr=args.lr, distill_minutes=args.distill_minutes, kind_weights=args.kind_weights)  # fmt: skip
     save(ema, files, info)
     print(f"done: {json.dumps(info)}", flush=True)
 
@@ -273,6 +302,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae", type=Path, default=small_model_files().vae)
     parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget, distillation included")
     parser.add_argument("--distill-minutes", type=float, default=0.0, help="last part spent distilling guidance")
+    parser.add_argument(
+        "--kind-weights",
+        type=parse_kind_weights,
+        default={},
+        help="draw tasks of these kinds more or less often, e.g. move=3,background=2 (others 1)",
+    )
     parser.add_argument("--tasks", type=int, default=24000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
