@@ -50,10 +50,10 @@ def test_distillation_and_kind_weights_run(trained, tmp_path):
         assert load_default_pipeline(folder=folder).transformer.params.guidance_embed
 
 
-def _group(seeds: list[int], targets: torch.Tensor, references: list[torch.Tensor]) -> TaskGroup:
-    n = len(seeds)
+def _group(kinds: list[str], targets: torch.Tensor, references: list[torch.Tensor]) -> TaskGroup:
+    n = len(kinds)
     return TaskGroup(targets, references, torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, 4, dtype=torch.long),
-                     torch.tensor(seeds))  # fmt: skip
+                     torch.tensor([KINDS.index(kind) for kind in kinds]))  # fmt: skip
 
 
 def test_kind_weights_steer_which_tasks_are_drawn():
@@ -61,12 +61,15 @@ def test_kind_weights_steer_which_tasks_are_drawn():
     for bad, message in (("moov=2", "not a task kind"), ("move", "needs a number"), ("move=-1", ">= 0")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse_kind_weights(bad)
-    groups = [_group(list(range(0, 16)), torch.zeros(16, 16, 2, 2), []), _group([3, 11], torch.zeros(2, 16, 2, 2), [])]
+    groups = [
+        _group([*KINDS, *KINDS], torch.zeros(16, 16, 2, 2), []),
+        _group(["move"] * 2, torch.zeros(2, 16, 2, 2), []),
+    ]
     only_move = {kind: 0.0 for kind in KINDS if kind != "move"}
     stream = batches(groups, 8, torch.Generator().manual_seed(0), only_move)
     for _ in range(20):
         group, rows = next(stream)
-        assert all(KINDS[seed % len(KINDS)] == "move" for seed in group.seeds[rows].tolist())
+        assert all(KINDS[kind] == "move" for kind in group.kinds[rows].tolist())
     with pytest.raises(ValueError, match="no task"):
         next(batches(groups, 8, torch.Generator(), {kind: 0.0 for kind in KINDS}))
 

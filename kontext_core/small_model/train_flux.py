@@ -80,7 +80,7 @@ class TaskGroup:
     references: list[Tensor]  # each N×16×h_i×w_i
     t5_ids: Tensor  # N×SMALL_T5_LENGTH
     clip_ids: Tensor  # N×77
-    seeds: Tensor  # N, each row's task seed (its kind is `KINDS[seed % len(KINDS)]`)
+    kinds: Tensor  # N, each row's task kind as an index into `tasks.KINDS`
 
 
 @torch.no_grad()
@@ -109,13 +109,13 @@ def prepare(vae_path: Path, count: int, t5_tok, clip_tok) -> list[TaskGroup]:
         raise RuntimeError(f"an instruction is longer than {SMALL_T5_LENGTH} T5 tokens")
     clip_all = clip_tok(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt")
     result = []
-    for indices in groups.values():  # a task's index is its seed: training seeds start at 0
+    for indices in groups.values():
         n_refs = len(tasks[indices[0]].images)
         result.append(TaskGroup(
             targets=torch.stack([latents[i, 0] for i in indices]),
             references=[torch.stack([latents[i, 1 + r] for i in indices]) for r in range(n_refs)],
             t5_ids=t5_all.input_ids[indices], clip_ids=clip_all.input_ids[indices],
-            seeds=torch.tensor(indices),
+            kinds=torch.tensor([KINDS.index(tasks[i].kind) for i in indices]),
         ))  # fmt: skip
     return result
 
@@ -143,7 +143,7 @@ def batches(groups: list[TaskGroup], batch: int, generator: torch.Generator,
     row_weights = None
     if kind_weights:
         per_kind = torch.tensor([kind_weights.get(kind, 1.0) for kind in KINDS], dtype=torch.float64)
-        row_weights = [per_kind[g.seeds % len(KINDS)] for g in groups]
+        row_weights = [per_kind[g.kinds] for g in groups]
         if not any(w.sum() > 0 for w in row_weights):
             raise ValueError("--kind-weights leaves no task to train on")
     for group, rows in draw_batches([len(g.targets) for g in groups], batch, generator, row_weights):
@@ -190,7 +190,7 @@ def train(args: argparse.Namespace) -> None:
     start = time.time()
     # Encoding the tasks' images takes minutes; a cache (keyed by the VAE file and the task count) saves it
     # for a resumed run.
-    cache = Path(tempfile.gettempdir()) / f"kontext-small-prepared-v2-{args.tasks}-{args.vae.stat().st_mtime_ns}.pt"
+    cache = Path(tempfile.gettempdir()) / f"kontext-small-prepared-v3-{args.tasks}-{args.vae.stat().st_mtime_ns}.pt"
     if cache.exists():
         groups = [TaskGroup(**g) for g in torch.load(cache)]
     else:
