@@ -15,6 +15,15 @@ from torch import Tensor, nn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def quantize_fp8(weight: Tensor, fp8: torch.dtype = torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
+    """`weight` as fp8 with a per-tensor float32 scale (ComfyUI's scaled fp8): the largest magnitude maps to
+    the format's largest finite value, so small weights keep their bits instead of falling into subnormals."""
+    if fp8 not in FP8_DTYPES:
+        raise ValueError(f"fp8 must be one of {FP8_DTYPES}, got {fp8}")
+    scale = (weight.detach().abs().amax().float() / torch.finfo(fp8).max).clamp(min=torch.finfo(torch.float32).tiny)
+    return (weight.detach().float() / scale).to(fp8), scale
+
+
 class Fp8Linear(nn.Linear):
     """nn.Linear with an fp8 `weight` and a float32 `scale_weight`: W = weight · scale_weight."""
 

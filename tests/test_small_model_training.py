@@ -50,6 +50,14 @@ def test_distillation_and_kind_weights_run(trained, tmp_path):
         assert load_default_pipeline(folder=folder).transformer.params.guidance_embed
 
 
+def test_deepened_run_saves_the_deeper_config(trained, tmp_path):
+    shutil.copy(small_model_files(trained).vae, small_model_files(tmp_path).vae)
+    train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--batch", "4", "--max-steps", "1",
+                     "--resume", str(trained), "--deepen", "--out", str(tmp_path)])  # fmt: skip
+    params = load_default_pipeline(folder=tmp_path).transformer.params
+    assert (params.depth, params.depth_single_blocks) == (2 * SMALL_FLUX.depth, 2 * SMALL_FLUX.depth_single_blocks)
+
+
 def _group(kinds: list[str], targets: torch.Tensor, references: list[torch.Tensor]) -> TaskGroup:
     n = len(kinds)
     return TaskGroup(targets, references, torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, 4, dtype=torch.long),

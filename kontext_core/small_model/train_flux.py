@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from ..checkpoints.autoencoder import load_vae
+from ..layers import DoubleStreamBlock, SingleStreamBlock
 from ..model import Flux
 from ..sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
 from ..text import load_tokenizer
@@ -70,6 +71,31 @@ def zero_init_outputs(model: Flux) -> Flux:
     for layer in (model.final_layer.linear, model.final_layer.adaLN_modulation[-1]):
         nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
     return model
+
+
+def closed(block: DoubleStreamBlock | SingleStreamBlock) -> DoubleStreamBlock | SingleStreamBlock:
+    """A copy of `block` whose residual gates are zero: it passes its input through unchanged."""
+    block = copy.deepcopy(block)
+    for mod in (block.img_mod, block.txt_mod) if isinstance(block, DoubleStreamBlock) else (block.modulation,):
+        with torch.no_grad():  # Modulation's chunks are (shift, scale, gate) per ModulationOut
+            mod.lin.weight.view(mod.multiplier // 3, 3, -1, mod.lin.in_features)[:, 2] = 0
+            mod.lin.bias.view(mod.multiplier // 3, 3, -1)[:, 2] = 0
+    return block
+
+
+def deepen(flux: Flux) -> Flux:
+    """Twice the blocks: each trained block followed by a closed copy of itself. The deeper model computes
+    exactly what `flux` did, and the copies' gates open as training needs them (progressive stacking)."""
+    deeper = copy.deepcopy(flux)
+    deeper.params = dataclasses.replace(flux.params, depth=2 * flux.params.depth,
+                                        depth_single_blocks=2 * flux.params.depth_single_blocks)  # fmt: skip
+    deeper.double_blocks = nn.ModuleList(
+        b for block in flux.double_blocks for b in (copy.deepcopy(block), closed(block))
+    )
+    deeper.single_blocks = nn.ModuleList(
+        b for block in flux.single_blocks for b in (copy.deepcopy(block), closed(block))
+    )
+    return deeper
 
 
 @dataclass
@@ -208,6 +234,13 @@ def train(args: argparse.Namespace) -> None:
                           small_clip(len(clip_tok), clip_tok.eos_token_id))  # fmt: skip
     else:
         student = resume(args.resume)
+    if args.deepen:
+        student.flux = deepen(student.flux)
+    print(
+        f"transformer: {student.flux.params.depth} double + {student.flux.params.depth_single_blocks} single blocks, "
+        f"{sum(p.numel() for p in student.flux.parameters()) / 1e6:.2f} M parameters",
+        flush=True,
+    )
     ema = copy.deepcopy(student).requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     deadline = start + 60 * args.minutes
@@ -287,7 +320,7 @@ def save(model: Student, files, info: dict) -> None:
     CLIP singles with their Hugging Face config."""
     training = json.dumps(info)
     flux = {k: v.detach().to(torch.float16).contiguous() for k, v in model.flux.state_dict().items()}
-    meta = {"flux_params": json.dumps(dataclasses.asdict(SMALL_FLUX)), "training": training}
+    meta = {"flux_params": json.dumps(dataclasses.asdict(model.flux.params)), "training": training}
     save_file(flux, files.transformer, metadata=meta)
     t5 = {k: v.detach().contiguous() for k, v in model.t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
     save_file(t5, files.t5, metadata={"config": model.t5.config.to_json_string(), "training": training})
@@ -316,6 +349,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=10**9, help="stop earlier than --minutes (smoke runs)")
     parser.add_argument("--prepare-only", action="store_true", help="encode the tasks into the cache and stop")
     parser.add_argument("--resume", type=Path, help="a folder of saved small-model files to continue training")
+    parser.add_argument(
+        "--deepen",
+        action="store_true",
+        help="double the resumed transformer's blocks (each "
+        "followed by a copy that starts as the identity) before training on",
+    )
     parser.add_argument("--out", type=Path, default=small_model_files().vae.parent)
     train(parser.parse_args(argv))
 
