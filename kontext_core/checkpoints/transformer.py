@@ -40,6 +40,14 @@ WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 # activation scales only tune ComfyUI's own fp8 matmul; our `_scaled_mm` path scales activations per call
 INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
 MARKER_KEYS = ("scaled_fp8",)
+BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
+
+
+def is_block_linear_weight(key: str, shape: Sequence[int]) -> bool:
+    """A Linear weight inside the double/single blocks: the weights an fp8 transformer holds in fp8."""
+    return key.startswith(BLOCK_PREFIXES) and key.endswith(".weight") and len(shape) == 2
+
+
 QUANT_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 # Converting loads give the file's pages back this often, so the file and the model never both sit in RAM.
 RELEASE_EVERY_BYTES = 256 * 1024 * 1024
@@ -295,9 +303,7 @@ def load_transformer(
     linear_weights = {k for k in layout.shapes if k.endswith(".weight") and len(layout.shapes[k]) == 2}
     file_fp8 = {k[: -len(".weight")] for k in linear_weights if layout.dtype(k) in FP8_DTYPES}
     if weight_dtype in FP8_DTYPES:
-        block_linears = {
-            k[: -len(".weight")] for k in linear_weights if k.startswith(("double_blocks.", "single_blocks."))
-        }
+        block_linears = {k[: -len(".weight")] for k in linear_weights if is_block_linear_weight(k, layout.shapes[k])}
         fp8_layers = file_fp8 | block_linears
     else:
         fp8_layers = file_fp8 if dtype is None else set()

@@ -21,14 +21,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..checkpoints.transformer import MARKER_KEYS, is_block_linear_weight
 from ..quant import FP8_DTYPES, quantize_fp8
 
-BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
-MARKER = "scaled_fp8"
-
-
-def is_block_linear_weight(key: str, tensor: torch.Tensor) -> bool:
-    return key.startswith(BLOCK_PREFIXES) and key.endswith(".weight") and tensor.ndim == 2
+MARKER = MARKER_KEYS[0]
 
 
 def store_fp8(source: Path, target: Path) -> None:
@@ -44,11 +40,11 @@ def store_fp8(source: Path, target: Path) -> None:
         raise ValueError(f"source: {source} is not a readable safetensors file ({e})") from None
     if MARKER in state or any(t.dtype in FP8_DTYPES for t in state.values()):
         raise ValueError(f"source: {source} already holds fp8 tensors; expected a full-precision transformer")
-    if not any(is_block_linear_weight(key, t) for key, t in state.items()):
+    if not any(is_block_linear_weight(key, t.shape) for key, t in state.items()):
         raise ValueError(f"source: {source} has no double_blocks/single_blocks weights; expected BFL transformer keys")
     stored: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if is_block_linear_weight(key, tensor):
+        if is_block_linear_weight(key, tensor.shape):
             stored[key], stored[f"{key.removesuffix('.weight')}.scale_weight"] = quantize_fp8(tensor)
         else:
             stored[key] = tensor

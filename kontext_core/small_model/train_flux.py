@@ -89,12 +89,8 @@ def deepen(flux: Flux) -> Flux:
     deeper = copy.deepcopy(flux)
     deeper.params = dataclasses.replace(flux.params, depth=2 * flux.params.depth,
                                         depth_single_blocks=2 * flux.params.depth_single_blocks)  # fmt: skip
-    deeper.double_blocks = nn.ModuleList(
-        b for block in flux.double_blocks for b in (copy.deepcopy(block), closed(block))
-    )
-    deeper.single_blocks = nn.ModuleList(
-        b for block in flux.single_blocks for b in (copy.deepcopy(block), closed(block))
-    )
+    deeper.double_blocks = nn.ModuleList(b for block in deeper.double_blocks for b in (block, closed(block)))
+    deeper.single_blocks = nn.ModuleList(b for block in deeper.single_blocks for b in (block, closed(block)))
     return deeper
 
 
