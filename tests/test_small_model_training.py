@@ -17,6 +17,7 @@ from kontext_core.small_model import train_flux, train_vae
 from kontext_core.small_model.data import image_pool, training_tasks
 from kontext_core.small_model.train_flux import TaskGroup, batches, parse_kind_weights
 from kontext_core.tasks import HELD_OUT_SEED, KINDS, make_task
+from kontext_core.text import load_tokenizer
 
 
 def test_training_never_sees_held_out_seeds():
@@ -97,3 +98,37 @@ def test_trained_files_load_as_the_default_pipeline(trained):
     task = make_task(HELD_OUT_SEED + 7)  # two references
     out = pipe.edit(task.images, task.instruction, steps=2)
     assert out.size == task.target.size
+
+
+def _prepared(trained, workers: int) -> list[TaskGroup]:
+    files = small_model_files(trained)
+    t5 = load_tokenizer(files.t5_tokenizer, "t5")
+    clip = load_tokenizer(files.clip_tokenizer, "clip")
+    return train_flux.prepare(files.vae, 24, t5, clip, torch.device("cpu"), workers)
+
+
+def test_parallel_rendering_prepares_the_same_tasks(trained, monkeypatch):
+    monkeypatch.setattr(train_flux, "RENDER_CHUNK", 5)  # several chunks, the last one short
+    serial, parallel = _prepared(trained, 1), _prepared(trained, 3)
+    assert sum(len(g.targets) for g in serial) == 24
+    assert sorted(int(k) for g in serial for k in g.kinds) == sorted(KINDS.index(make_task(s).kind) for s in range(24))
+    assert len(serial) == len(parallel)
+    for a, b in zip(serial, parallel):
+        for name in ("targets", "t5_ids", "clip_ids", "kinds"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert len(a.references) == len(b.references)
+        assert all(torch.equal(r, q) for r, q in zip(a.references, b.references))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_runs_on_the_gpu(trained, tmp_path):
+    shutil.copy(small_model_files(trained).vae, small_model_files(tmp_path).vae)
+    train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--batch", "4", "--max-steps", "2",
+                     "--resume", str(trained), "--device", "cuda", "--no-cache", "--minutes", "5",
+                     "--distill-minutes", "5", "--out", str(tmp_path)])  # fmt: skip
+    with safe_open(small_model_files(tmp_path).transformer, "pt") as f:
+        assert json.loads(f.metadata()["training"])["steps"] == 2
+    assert (
+        load_default_pipeline(folder=tmp_path).transformer.params
+        == load_default_pipeline(folder=trained).transformer.params
+    )

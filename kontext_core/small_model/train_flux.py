@@ -3,6 +3,10 @@
     python -m kontext_core.small_model.train_flux --vae kontext_core/small_model/weights/ae-small.safetensors \
         --minutes 45 --out kontext_core/small_model/weights
 
+On a GPU add `--device cuda --workers 16 --no-cache` and a larger `--batch` (and `--tasks`): the tasks are
+rendered in that many processes, encoded and kept on the GPU, and the model trains there in fp32 with TF32
+matrix products.
+
 The objective is the rectified flow the sampler integrates (`sampling.sample`): x_t = t·noise + (1 − t)·x0,
 the model predicts noise − x0, with the references appended as clean context tokens at the position ids the
 sampler gives them ("offset") and t drawn where the sampler's shifted schedule spends its steps. One prompt in
@@ -15,10 +19,12 @@ some kinds more or less often.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import multiprocessing
 import shutil
 import tempfile
 import time
@@ -26,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -38,7 +45,7 @@ from ..sampling import get_lin_function, pack, position_ids, reference_tokens, t
 from ..text import load_tokenizer
 from ..tasks import KINDS
 from . import SMALL_FLUX, SMALL_T5_LENGTH, small_model_files
-from .data import draw_batches, to_signed, to_uint8, training_tasks
+from .data import draw_batches, to_signed, training_tasks
 from .tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
 
 PROMPT_DROPOUT = 0.1
@@ -105,41 +112,52 @@ class TaskGroup:
     kinds: Tensor  # N, each row's task kind as an index into `tasks.KINDS`
 
 
+RENDER_CHUNK = 2000  # tasks rendered per worker call and encoded per VAE pass
+
+
+def render_tasks(seeds: range) -> list[tuple[str, str, list[np.ndarray]]]:
+    """(kind, instruction, [target, *references] as H×W×3 uint8) of each training task: picklable for workers."""
+    return [(task.kind, task.instruction, [np.asarray(image.convert("RGB")) for image in (task.target, *task.images)])
+            for task in training_tasks(seeds.start, len(seeds))]  # fmt: skip
+
+
 @torch.no_grad()
-def prepare(vae_path: Path, count: int, t5_tok, clip_tok) -> list[TaskGroup]:
-    vae = load_vae(vae_path, dtype=torch.float32)
-    tasks = list(training_tasks(0, count))
-    by_size: dict[tuple[int, int], list[tuple[int, int, Tensor]]] = {}  # size -> (task index, slot, pixels)
-    for i, task in enumerate(tasks):
-        for slot, image in enumerate((task.target, *task.images)):
-            by_size.setdefault((image.height, image.width), []).append((i, slot, to_uint8(image)))
-    latents: dict[tuple[int, int], Tensor] = {}
-    for entries in by_size.values():
-        pixels = torch.stack([e[2] for e in entries])
-        for start in range(0, len(entries), 256):
-            raw = vae.encoder(to_signed(pixels[start : start + 256])).chunk(2, dim=1)[0]
-            z = (raw - vae.params.shift_factor) * vae.params.scale_factor
-            for (i, slot, _), latent in zip(entries[start : start + 256], z):
-                latents[i, slot] = latent.clone()
-    groups: dict[tuple, list[int]] = {}
-    for i, task in enumerate(tasks):
-        signature = (task.target.size, *(image.size for image in task.images))
-        groups.setdefault(signature, []).append(i)
-    prompts = [task.instruction for task in tasks]
+def prepare(vae_path: Path, count: int, t5_tok, clip_tok, device: torch.device, workers: int = 1) -> list[TaskGroup]:
+    """The first `count` training tasks encoded into latents (on `device`), grouped by their images' sizes.
+    Rendering is pure Python and runs in `workers` processes; tasks come back in seed order either way."""
+    chunks = [range(start, min(start + RENDER_CHUNK, count)) for start in range(0, count, RENDER_CHUNK)]
+    kinds, prompts, latents, groups = [], [], [], {}  # groups: image shapes -> task indices
+    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        # the workers are forked before the GPU is touched: a forked CUDA context is unusable
+        vae = load_vae(vae_path, device=device, dtype=torch.float32)
+        for chunk in pool.imap(render_tasks, chunks) if pool else map(render_tasks, chunks):
+            by_size: dict[tuple[int, ...], list[tuple[int, int, np.ndarray]]] = {}  # (task, slot, pixels)
+            for kind, prompt, images in chunk:
+                i = len(prompts)
+                kinds.append(KINDS.index(kind)), prompts.append(prompt), latents.append([None] * len(images))
+                groups.setdefault(tuple(image.shape for image in images), []).append(i)
+                for slot, image in enumerate(images):
+                    by_size.setdefault(image.shape, []).append((i, slot, image))
+            for entries in by_size.values():
+                pixels = torch.from_numpy(np.stack([e[2] for e in entries])).permute(0, 3, 1, 2).contiguous().to(device)
+                z = torch.cat([vae.encoder(to_signed(pixels[s : s + 256])).chunk(2, dim=1)[0]
+                               for s in range(0, len(pixels), 256)])  # fmt: skip
+                z = ((z - vae.params.shift_factor) * vae.params.scale_factor).cpu()
+                for (i, slot, _), latent in zip(entries, z):
+                    latents[i][slot] = latent
     t5_all = t5_tok(prompts, padding="max_length", max_length=SMALL_T5_LENGTH, truncation=True, return_tensors="pt")
     if (t5_all.input_ids[:, -1] != t5_tok.pad_token_id).any():
         raise RuntimeError(f"an instruction is longer than {SMALL_T5_LENGTH} T5 tokens")
     clip_all = clip_tok(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt")
-    result = []
-    for indices in groups.values():
-        n_refs = len(tasks[indices[0]].images)
-        result.append(TaskGroup(
-            targets=torch.stack([latents[i, 0] for i in indices]),
-            references=[torch.stack([latents[i, 1 + r] for i in indices]) for r in range(n_refs)],
-            t5_ids=t5_all.input_ids[indices], clip_ids=clip_all.input_ids[indices],
-            kinds=torch.tensor([KINDS.index(tasks[i].kind) for i in indices]),
-        ))  # fmt: skip
-    return result
+    kind_ids = torch.tensor(kinds)
+    return [
+        TaskGroup(
+            targets=torch.stack([latents[i][0] for i in indices]),
+            references=[torch.stack([latents[i][1 + r] for i in indices]) for r in range(len(latents[indices[0]]) - 1)],
+            t5_ids=t5_all.input_ids[indices], clip_ids=clip_all.input_ids[indices], kinds=kind_ids[indices],
+        )
+        for indices in groups.values()
+    ]  # fmt: skip
 
 
 def parse_kind_weights(text: str) -> dict[str, float]:
@@ -174,7 +192,7 @@ def batches(groups: list[TaskGroup], batch: int, generator: torch.Generator,
 
 def sample_sigmas(batch: int, seq_len: int, generator: torch.Generator) -> Tensor:
     """Logit-normal t, shifted as `get_schedule` shifts for this image size (the steps the sampler takes)."""
-    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    t = torch.sigmoid(torch.randn(batch, generator=generator, device=generator.device))
     return time_shift(get_lin_function()(seq_len), 1.0, t)
 
 
@@ -197,14 +215,17 @@ class Student(nn.Module):
         if group.references:
             ref_tok, ref_ids = reference_tokens([r[idx] for r in group.references], (lat_h, lat_w), "offset")
             img, img_ids = torch.cat((img, ref_tok), dim=1), torch.cat((img_ids, ref_ids), dim=0)
-        img_ids = img_ids[None].expand(batch, -1, -1)
-        txt_ids = torch.zeros(batch, txt.shape[1], 3)
+        img_ids = img_ids[None].expand(batch, -1, -1).to(x_t.device)
+        txt_ids = torch.zeros(batch, txt.shape[1], 3, device=x_t.device)
         return self.flux(img, img_ids, txt, txt_ids, t, y, guidance)[:, : x_t.shape[1]]
 
 
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda":  # TF32 matmuls: the model stays fp32 (no autocast), the matrix units still work
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    generator = torch.Generator().manual_seed(args.seed)  # task draws, on the CPU
     out = args.out
     files = small_model_files(out)
     t5_tok = load_tokenizer(write_t5_tokenizer(files.t5_tokenizer), "t5")
@@ -213,17 +234,20 @@ def train(args: argparse.Namespace) -> None:
     # Encoding the tasks' images takes minutes; a cache (keyed by the VAE file and the task count) saves it
     # for a resumed run.
     cache = Path(tempfile.gettempdir()) / f"kontext-small-prepared-v3-{args.tasks}-{args.vae.stat().st_mtime_ns}.pt"
-    if cache.exists():
+    if args.cache and cache.exists():
         groups = [TaskGroup(**g) for g in torch.load(cache)]
     else:
-        groups = prepare(args.vae, args.tasks, t5_tok, clip_tok)
-        torch.save([dataclasses.asdict(g) for g in groups], cache)
+        groups = prepare(args.vae, args.tasks, t5_tok, clip_tok, device, args.workers)
+        if args.cache:
+            torch.save([dataclasses.asdict(g) for g in groups], cache)
     if args.prepare_only:
         print(f"prepared data cached in {cache}")
         return
     print(f"prepared {args.tasks} tasks in {len(groups)} shape groups, {time.time() - start:.0f}s", flush=True)
-    empty_t5 = t5_tok([""], padding="max_length", max_length=SMALL_T5_LENGTH, return_tensors="pt").input_ids
-    empty_clip = clip_tok([""], padding="max_length", max_length=CLIP_LENGTH, return_tensors="pt").input_ids
+    noise_generator = torch.Generator(device).manual_seed(args.seed)  # noise, t, guidance, prompt dropout
+    groups = [TaskGroup(**{k: _to(v, device) for k, v in dataclasses.asdict(g).items()}) for g in groups]
+    empty_t5 = t5_tok([""], padding="max_length", max_length=SMALL_T5_LENGTH, return_tensors="pt").input_ids.to(device)
+    empty_clip = clip_tok([""], padding="max_length", max_length=CLIP_LENGTH, return_tensors="pt").input_ids.to(device)
 
     if args.resume is None:
         student = Student(zero_init_outputs(Flux(SMALL_FLUX)), small_t5(len(t5_tok)),
@@ -232,17 +256,23 @@ def train(args: argparse.Namespace) -> None:
         student = resume(args.resume)
     if args.deepen:
         student.flux = deepen(student.flux)
+    student.to(device)
     print(
         f"transformer: {student.flux.params.depth} double + {student.flux.params.depth_single_blocks} single blocks, "
         f"{sum(p.numel() for p in student.flux.parameters()) / 1e6:.2f} M parameters",
         flush=True,
     )
     ema = copy.deepcopy(student).requires_grad_(False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99),
+                                  fused=device.type == "cuda")  # fmt: skip
     deadline = start + 60 * args.minutes
     distill_from = deadline - 60 * args.distill_minutes
     teacher = None
     step, loss_avg, info = 0, None, {}
+
+    def smoothed_loss() -> float | None:
+        return None if loss_avg is None else float(loss_avg)
+
     stream = batches(groups, args.batch, generator, args.kind_weights)
     while time.time() < deadline and step < args.max_steps:
         progress = min((time.time() - start) / (60 * args.minutes), 1.0)
@@ -254,27 +284,26 @@ def train(args: argparse.Namespace) -> None:
             # the undistilled model is kept beside, to compare (benchmarks/quality.py --weights)
             undistilled = small_model_files(out / "undistilled")
             undistilled.transformer.parent.mkdir(parents=True, exist_ok=True)
-            save(ema, undistilled, {**info, "loss": loss_avg, "seconds": round(time.time() - start)})
+            save(ema, undistilled, {**info, "loss": smoothed_loss(), "seconds": round(time.time() - start)})
             shutil.copy(args.vae, undistilled.vae)
             for folder in ("t5_tokenizer", "clip_tokenizer"):
                 shutil.copytree(getattr(files, folder), getattr(undistilled, folder), dirs_exist_ok=True)
             print(f"step {step}: distilling guidance from here", flush=True)
         group, idx = next(stream)
-        batch = len(idx)
+        batch, idx = len(idx), idx.to(device)
         x0 = pack(group.targets[idx])
-        noise = torch.randn(x0.shape, generator=generator)
-        t = sample_sigmas(batch, x0.shape[1], generator)
+        noise = torch.randn(x0.shape, generator=noise_generator, device=device)
+        t = sample_sigmas(batch, x0.shape[1], noise_generator)
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
         t5_ids, clip_ids = group.t5_ids[idx].clone(), group.clip_ids[idx].clone()
+        guidance = torch.empty(batch, device=device).uniform_(*GUIDANCE_RANGE, generator=noise_generator)
         if teacher is None:
-            drop = torch.rand(batch, generator=generator) < PROMPT_DROPOUT
+            drop = torch.rand(batch, generator=noise_generator, device=device) < PROMPT_DROPOUT
             t5_ids[drop], clip_ids[drop] = empty_t5, empty_clip
-            guidance = torch.empty(batch).uniform_(*GUIDANCE_RANGE, generator=generator)
             target = noise - x0
         else:
-            guidance = torch.empty(batch).uniform_(*GUIDANCE_RANGE, generator=generator)
             with torch.no_grad():
-                ones = torch.ones(batch)
+                ones = torch.ones(batch, device=device)
                 v_cond = teacher(group, idx, x_t, t, ones, t5_ids, clip_ids)
                 v_uncond = teacher(group, idx, x_t, t, ones, empty_t5.expand(batch, -1), empty_clip.expand(batch, -1))
             target = v_uncond + guidance[:, None, None] * (v_cond - v_uncond)
@@ -287,17 +316,23 @@ def train(args: argparse.Namespace) -> None:
         with torch.no_grad():
             for e, p in zip(ema.parameters(), student.parameters()):
                 e.lerp_(p, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
-        loss_avg = loss.item() if loss_avg is None else 0.99 * loss_avg + 0.01 * loss.item()
+        # kept on the device: reading the loss every step would make the CPU wait for the GPU
+        loss_avg = loss.detach() if loss_avg is None else 0.99 * loss_avg + 0.01 * loss.detach()
         step += 1
         if step % 200 == 0:
-            print(f"step {step} loss {loss_avg:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+            print(f"step {step} loss {float(loss_avg):.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
                   f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
         if step % args.save_every == 0:
-            save(ema, files, {**info, "steps": step, "loss": loss_avg, "seconds": round(time.time() - start)})
-    info.update(steps=step, loss=loss_avg, seconds=round(time.time() - start), tasks=args.tasks, batch=args.batch,
+            save(ema, files, {**info, "steps": step, "loss": smoothed_loss(), "seconds": round(time.time() - start)})
+    info.update(steps=step, loss=smoothed_loss(), seconds=round(time.time() - start),
+                tasks=args.tasks, batch=args.batch,
                 lr=args.lr, distill_minutes=args.distill_minutes, kind_weights=args.kind_weights)  # fmt: skip
     save(ema, files, info)
     print(f"done: {json.dumps(info)}", flush=True)
+
+
+def _to(value: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Tensor]:
+    return [v.to(device) for v in value] if isinstance(value, list) else value.to(device)
 
 
 def resume(folder: Path) -> Student:
@@ -315,13 +350,15 @@ def save(model: Student, files, info: dict) -> None:
     """The EMA weights in the real layouts: BFL keys (fp16, the config in `flux_params`), ComfyUI-style T5 and
     CLIP singles with their Hugging Face config."""
     training = json.dumps(info)
-    flux = {k: v.detach().to(torch.float16).contiguous() for k, v in model.flux.state_dict().items()}
+    flux = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.flux.state_dict().items()}
     meta = {"flux_params": json.dumps(dataclasses.asdict(model.flux.params)), "training": training}
     save_file(flux, files.transformer, metadata=meta)
-    t5 = {k: v.detach().contiguous() for k, v in model.t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    t5 = {
+        k: v.detach().cpu().contiguous() for k, v in model.t5.state_dict().items() if k != "encoder.embed_tokens.weight"
+    }
     save_file(t5, files.t5, metadata={"config": model.t5.config.to_json_string(), "training": training})
     # ComfyUI's clip_l layout: the tower under `text_model.` (transformers 5 no longer nests it)
-    clip = {f"text_model.{k.removeprefix('text_model.')}": v.detach().contiguous()
+    clip = {f"text_model.{k.removeprefix('text_model.')}": v.detach().cpu().contiguous()
             for k, v in model.clip.state_dict().items()}  # fmt: skip
     save_file(clip, files.clip, metadata={"config": model.clip.config.to_json_string(), "training": training})
 
@@ -352,6 +389,14 @@ def main(argv: list[str] | None = None) -> None:
         "followed by a copy that starts as the identity) before training on",
     )
     parser.add_argument("--out", type=Path, default=small_model_files().vae.parent)
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1 ...")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering the tasks")
+    parser.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the encoded tasks in the temp folder for the next run with the same VAE and task count",
+    )
     train(parser.parse_args(argv))
 
 
