@@ -215,7 +215,7 @@ class Student(nn.Module):
         if group.references:
             ref_tok, ref_ids = reference_tokens([r[idx] for r in group.references], (lat_h, lat_w), "offset")
             img, img_ids = torch.cat((img, ref_tok), dim=1), torch.cat((img_ids, ref_ids), dim=0)
-        img_ids = img_ids[None].expand(batch, -1, -1).to(x_t.device)
+        img_ids = img_ids.to(x_t.device)[None].expand(batch, -1, -1)  # moved before expanding: N×3, not B×N×3
         txt_ids = torch.zeros(batch, txt.shape[1], 3, device=x_t.device)
         return self.flux(img, img_ids, txt, txt_ids, t, y, guidance)[:, : x_t.shape[1]]
 
