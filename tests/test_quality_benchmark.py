@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from _flux_files import bfl_file
+from tiny_models import tiny_flux_model
 
-from benchmarks.quality import tabulate, vae_round_trips
+from benchmarks.quality import stored_in_fp8, tabulate, vae_round_trips
 from kontext_core.small_model import load_default_pipeline, small_model_available
+from kontext_core.small_model.store_fp8 import store_fp8
 from kontext_core.tasks import HELD_OUT_SEED, KINDS, make_task
 
 TASKS = [make_task(HELD_OUT_SEED + k) for k in range(len(KINDS))]
@@ -42,3 +46,11 @@ def test_vae_round_trip_is_the_truth_decoded_at_its_size():
         psnr_db = tabulate([task], [out])[task.kind]["psnr_target_db"]
         # a wrong latent scale or shift decodes far below 20 dB; the shipped VAE averages 33 dB on held-out truths
         assert psnr_db is not None and math.isfinite(psnr_db) and psnr_db > 20
+
+
+def test_fp8_storage_is_read_from_the_header(tmp_path):
+    # the benchmark's fp8 path re-quantizes the weights, meaningless for a file stored in fp8 already
+    fp16 = bfl_file(tiny_flux_model(seed=5), tmp_path / "fp16.safetensors", torch.float16)
+    store_fp8(fp16, tmp_path / "fp8.safetensors")
+    assert not stored_in_fp8(fp16)
+    assert stored_in_fp8(tmp_path / "fp8.safetensors")
