@@ -48,10 +48,12 @@ def small_model_files(folder: Path = WEIGHTS_DIR) -> SmallModelFiles:
 # The real VAE's layout, narrow: 8× down, 16 latent channels, FLUX's scale/shift (so a ComfyUI LATENT of the
 # small model means what it means for the real one); GroupNorm in groups of 4 channels, as the real VAE's.
 SMALL_VAE = AutoEncoderParams(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, norm_groups=8)
-# 4 heads of 32 (RoPE axes (4, 14, 14) by the default rule), 2 double + 6 single blocks, guidance embedding.
+# 4 heads of 32 (RoPE axes (4, 14, 14) by the default rule), 4 double + 12 single blocks, guidance embedding.
+# (Trained as 2 + 6 blocks, then grown: `train_flux --deepen`.) Shipped with scaled-fp8 block weights
+# (`store_fp8`), which is what fits this depth in 5 MiB; loaders dequantize them for fp32 compute.
 SMALL_FLUX = FluxParams(
     in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=64, hidden_size=128, mlp_ratio=2.0,
-    num_heads=4, depth=2, depth_single_blocks=6, axes_dim=[4, 14, 14], theta=10_000, qkv_bias=True,
+    num_heads=4, depth=4, depth_single_blocks=12, axes_dim=[4, 14, 14], theta=10_000, qkv_bias=True,
     guidance_embed=True,
 )  # fmt: skip
 # T5 pads every prompt to this many tokens (the tokenizer's model_max_length), as the real one pads to 512.

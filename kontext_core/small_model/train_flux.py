@@ -1,7 +1,12 @@
 """Training the small Kontext transformer with its T5 and CLIP towers, on the synthetic edit tasks.
 
     python -m kontext_core.small_model.train_flux --vae kontext_core/small_model/weights/ae-small.safetensors \
-        --minutes 45 --out kontext_core/small_model/weights
+        --minutes 45 --out run/
+    python -m kontext_core.small_model.store_fp8 run/flux1-kontext-small.safetensors \
+        kontext_core/small_model/weights/flux1-kontext-small.safetensors
+
+Training saves the transformer in fp16 (resuming needs its low bits); the shipped shape is 8 MiB so, and
+`store_fp8` writes it for the package in scaled fp8 (4.2 MiB), beside the T5, CLIP and tokenizers saved in `run/`.
 
 On a GPU add `--device cuda --workers 16 --no-cache` and a larger `--batch` (and `--tasks`): the tasks are
 rendered in that many processes, encoded and kept on the GPU, and the model trains there in fp32 with TF32
