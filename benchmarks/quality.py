@@ -7,8 +7,8 @@ Held-out tasks are seeds from `tasks.HELD_OUT_SEED` up (never trained on). Repor
 success (`quality.judge`), PSNR to the truth, PSNR of the pixels the edit must not touch; then drift over
 10 chained edits with and without drift control, and the fp8-weight and fast-mode paths against the exact
 one on the same tasks (success, and PSNR of their outputs to the exact path's; the fp8 path is skipped for a
-transformer stored in fp8, such as the shipped one: measure it on the full-precision file). The truth itself through the
-VAE, judged the same way, gives the ceiling the VAE sets for any transformer.
+transformer stored in fp8, such as the shipped one: measure it on the full-precision file). The truth itself
+through the VAE, judged the same way, gives the ceiling the VAE sets for any transformer.
 """
 
 from __future__ import annotations

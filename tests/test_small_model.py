@@ -15,8 +15,8 @@ from kontext_core.__main__ import DEMO_SEED, main
 from kontext_core.checkpoints.inspect import describe
 from kontext_core.model import Flux
 from kontext_core.quality import judge
-from kontext_core.small_model.store_fp8 import MARKER
 from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SMALL_VAE, small_model_files
+from kontext_core.small_model.store_fp8 import MARKER
 from kontext_core.tasks import HELD_OUT_SEED, make_task, vocabulary
 from kontext_core.text import load_tokenizer
 
