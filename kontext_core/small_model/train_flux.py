@@ -50,7 +50,7 @@ from ..sampling import get_lin_function, pack, position_ids, reference_tokens, t
 from ..text import load_tokenizer
 from ..tasks import KINDS
 from . import SMALL_FLUX, SMALL_T5_LENGTH, small_model_files
-from .data import draw_batches, to_signed, training_tasks
+from .data import draw_batches, to_signed, to_uint8, training_tasks
 from .tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
 
 PROMPT_DROPOUT = 0.1
@@ -121,8 +121,9 @@ RENDER_CHUNK = 2000  # tasks rendered per worker call and encoded per VAE pass
 
 
 def render_tasks(seeds: range) -> list[tuple[str, str, list[np.ndarray]]]:
-    """(kind, instruction, [target, *references] as H×W×3 uint8) of each training task: picklable for workers."""
-    return [(task.kind, task.instruction, [np.asarray(image.convert("RGB")) for image in (task.target, *task.images)])
+    """(kind, instruction, [target, *references] as 3×H×W uint8) of each training task: numpy arrays, which
+    come back from the workers by pickling (tensors would go through shared-memory handles, one per image)."""
+    return [(task.kind, task.instruction, [to_uint8(image).numpy() for image in (task.target, *task.images)])
             for task in training_tasks(seeds.start, len(seeds))]  # fmt: skip
 
 
@@ -139,12 +140,14 @@ def prepare(vae_path: Path, count: int, t5_tok, clip_tok, device: torch.device, 
             by_size: dict[tuple[int, ...], list[tuple[int, int, np.ndarray]]] = {}  # (task, slot, pixels)
             for kind, prompt, images in chunk:
                 i = len(prompts)
-                kinds.append(KINDS.index(kind)), prompts.append(prompt), latents.append([None] * len(images))
+                kinds.append(KINDS.index(kind))
+                prompts.append(prompt)
+                latents.append([None] * len(images))
                 groups.setdefault(tuple(image.shape for image in images), []).append(i)
                 for slot, image in enumerate(images):
                     by_size.setdefault(image.shape, []).append((i, slot, image))
             for entries in by_size.values():
-                pixels = torch.from_numpy(np.stack([e[2] for e in entries])).permute(0, 3, 1, 2).contiguous().to(device)
+                pixels = torch.from_numpy(np.stack([e[2] for e in entries])).contiguous().to(device)
                 z = torch.cat([vae.encoder(to_signed(pixels[s : s + 256])).chunk(2, dim=1)[0]
                                for s in range(0, len(pixels), 256)])  # fmt: skip
                 z = ((z - vae.params.shift_factor) * vae.params.scale_factor).cpu()
