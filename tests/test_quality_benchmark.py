@@ -9,7 +9,7 @@ import torch
 from _flux_files import bfl_file
 from tiny_models import tiny_flux_model
 
-from benchmarks.quality import stored_in_fp8, tabulate, vae_round_trips
+from benchmarks.quality import benchmark_tasks, stored_in_fp8, tabulate, vae_round_trips
 from kontext_core.small_model import load_default_pipeline, small_model_available
 from kontext_core.small_model.store_fp8 import store_fp8
 from kontext_core.tasks import HELD_OUT_SEED, KINDS, make_task
@@ -30,6 +30,14 @@ def test_copying_the_input_fails_every_edit():
     table = tabulate(edits, [t.images[0] for t in edits])
     assert all(table[kind]["success"] == 0.0 for kind in EDIT_KINDS)
     assert table["single_edits"]["success"] == 0.0
+
+
+def test_benchmark_tasks_are_held_out_unless_a_training_seed_is_given():
+    held_out, training = benchmark_tasks(2), benchmark_tasks(2, first_seed=0)
+    assert [t.seed for t in held_out] == list(range(HELD_OUT_SEED, HELD_OUT_SEED + 2 * len(KINDS)))
+    assert [t.seed for t in training] == list(range(2 * len(KINDS)))
+    assert [t.kind for t in training] == [t.kind for t in held_out] == 2 * list(KINDS)
+    assert not any(t.held_out for t in training)  # training tasks never hold an unseen combination
 
 
 def test_tabulate_needs_one_output_per_task():
