@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kontext_core.checkpoints.transformer import read_layout
+from kontext_core.checkpoints.transformer import load_transformer, read_layout
 from kontext_core.pipeline import KontextPipeline
 from kontext_core.quality import judge, psnr
 from kontext_core.quant import FP8_DTYPES
@@ -248,7 +248,6 @@ def main() -> None:
         print(f"fp8: skipped, {weights} is stored in fp8 already; run --weights on its full-precision folder "
               "to measure what fp8 costs", flush=True)  # fmt: skip
     elif "fp8" in variants:
-        from kontext_core.checkpoints.transformer import load_transformer
 
         def fp8() -> KontextPipeline:
             transformer = load_transformer(weights, dtype=torch.float32, weight_dtype=torch.float8_e4m3fn)
