@@ -120,6 +120,35 @@ def test_parallel_rendering_prepares_the_same_tasks(trained, monkeypatch):
         assert all(torch.equal(r, q) for r, q in zip(a.references, b.references))
 
 
+def test_first_task_prepares_the_later_seeds(trained):
+    files = small_model_files(trained)
+    t5, clip = load_tokenizer(files.t5_tokenizer, "t5"), load_tokenizer(files.clip_tokenizer, "clip")
+    later = train_flux.prepare(files.vae, 12, t5, clip, torch.device("cpu"), first=12)
+    kinds = sorted(int(k) for g in later for k in g.kinds)
+    assert kinds == sorted(KINDS.index(make_task(s).kind) for s in range(12, 24))
+
+    def shapes(group: TaskGroup) -> tuple:
+        return (group.targets.shape[1:], *(r.shape[1:] for r in group.references))
+
+    # rows keep seed order inside a group, so seeds 12..23 are the last rows of each group of seeds 0..23
+    everything = {shapes(g): g for g in _prepared(trained, 1)}
+    for group in later:
+        whole = everything[shapes(group)]
+        n = len(group.targets)
+        assert torch.equal(group.t5_ids, whole.t5_ids[-n:]) and torch.equal(group.kinds, whole.kinds[-n:])
+        # encoded in other batches than the 24 tasks were: fp32 convolutions may differ in the last bits
+        torch.testing.assert_close(group.targets, whole.targets[-n:], rtol=1e-5, atol=1e-5)
+        for r, q in zip(group.references, whole.references, strict=True):
+            torch.testing.assert_close(r, q[-n:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args", [["--first-task", "-1"], ["--first-task", "999990", "--tasks", "20"]])
+def test_first_task_must_pick_training_seeds(args, capsys):
+    with pytest.raises(SystemExit):
+        train_flux.main([*args, "--prepare-only"])
+    assert "--first-task" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_runs_on_the_gpu(trained, tmp_path):
     shutil.copy(small_model_files(trained).vae, small_model_files(tmp_path).vae)

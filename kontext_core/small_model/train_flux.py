@@ -48,7 +48,7 @@ from ..layers import DoubleStreamBlock, SingleStreamBlock
 from ..model import Flux
 from ..sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
 from ..text import load_tokenizer
-from ..tasks import KINDS
+from ..tasks import HELD_OUT_SEED, KINDS
 from . import SMALL_FLUX, SMALL_T5_LENGTH, small_model_files
 from .data import draw_batches, to_signed, to_uint8, training_tasks
 from .tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
@@ -118,6 +118,9 @@ class TaskGroup:
 
 
 RENDER_CHUNK = 2000  # tasks rendered per worker call and encoded per VAE pass
+# Images per encoder call: on a CPU, 16 64×64 images encode about twice as fast as 256 (measured 3.4 s
+# against 7.3 s per 1,024 on two cores), the activations stay in cache instead of being paged in each call.
+ENCODE_BATCH = 16
 
 
 def render_tasks(seeds: range) -> list[tuple[str, str, list[np.ndarray]]]:
@@ -128,10 +131,12 @@ def render_tasks(seeds: range) -> list[tuple[str, str, list[np.ndarray]]]:
 
 
 @torch.no_grad()
-def prepare(vae_path: Path, count: int, t5_tok, clip_tok, device: torch.device, workers: int = 1) -> list[TaskGroup]:
-    """The first `count` training tasks encoded into latents (on `device`), grouped by their images' sizes.
-    Rendering is pure Python and runs in `workers` processes; tasks come back in seed order either way."""
-    chunks = [range(start, min(start + RENDER_CHUNK, count)) for start in range(0, count, RENDER_CHUNK)]
+def prepare(vae_path: Path, count: int, t5_tok, clip_tok, device: torch.device, workers: int = 1,
+            first: int = 0) -> list[TaskGroup]:  # fmt: skip
+    """`count` training tasks from seed `first` on, encoded into latents (on `device`), grouped by their images'
+    sizes. Rendering is pure Python and runs in `workers` processes; tasks come back in seed order either way."""
+    end = first + count
+    chunks = [range(start, min(start + RENDER_CHUNK, end)) for start in range(first, end, RENDER_CHUNK)]
     kinds, prompts, latents, groups = [], [], [], {}  # groups: image shapes -> task indices
     with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         # the workers are forked before the GPU is touched: a forked CUDA context is unusable
@@ -148,8 +153,8 @@ def prepare(vae_path: Path, count: int, t5_tok, clip_tok, device: torch.device, 
                     by_size.setdefault(image.shape, []).append((i, slot, image))
             for entries in by_size.values():
                 pixels = torch.from_numpy(np.stack([e[2] for e in entries])).contiguous().to(device)
-                z = torch.cat([vae.encoder(to_signed(pixels[s : s + 256])).chunk(2, dim=1)[0]
-                               for s in range(0, len(pixels), 256)])  # fmt: skip
+                z = torch.cat([vae.encoder(to_signed(pixels[s : s + ENCODE_BATCH])).chunk(2, dim=1)[0]
+                               for s in range(0, len(pixels), ENCODE_BATCH)])  # fmt: skip
                 z = ((z - vae.params.shift_factor) * vae.params.scale_factor).cpu()
                 for (i, slot, _), latent in zip(entries, z):
                     latents[i][slot] = latent
@@ -240,19 +245,21 @@ def train(args: argparse.Namespace) -> None:
     t5_tok = load_tokenizer(write_t5_tokenizer(files.t5_tokenizer), "t5")
     clip_tok = load_tokenizer(write_clip_tokenizer(files.clip_tokenizer), "clip")
     start = time.time()
-    # Encoding the tasks' images takes minutes; a cache (keyed by the VAE file and the task count) saves it
+    # Encoding the tasks' images takes minutes; a cache (keyed by the VAE file and the tasks' seeds) saves it
     # for a resumed run.
-    cache = Path(tempfile.gettempdir()) / f"kontext-small-prepared-v3-{args.tasks}-{args.vae.stat().st_mtime_ns}.pt"
+    seeds = f"{args.tasks}" if args.first_task == 0 else f"{args.first_task}+{args.tasks}"
+    cache = Path(tempfile.gettempdir()) / f"kontext-small-prepared-v3-{seeds}-{args.vae.stat().st_mtime_ns}.pt"
     if args.cache and cache.exists():
         groups = [TaskGroup(**g) for g in torch.load(cache)]
     else:
-        groups = prepare(args.vae, args.tasks, t5_tok, clip_tok, device, args.workers)
+        groups = prepare(args.vae, args.tasks, t5_tok, clip_tok, device, args.workers, args.first_task)
         if args.cache:
             torch.save([dataclasses.asdict(g) for g in groups], cache)
     if args.prepare_only:
         print(f"prepared data cached in {cache}")
         return
-    print(f"prepared {args.tasks} tasks in {len(groups)} shape groups, {time.time() - start:.0f}s", flush=True)
+    print(f"prepared {args.tasks} tasks from seed {args.first_task} in {len(groups)} shape groups, "
+          f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
     noise_generator = torch.Generator(device).manual_seed(args.seed)  # noise, t, guidance, prompt dropout
     groups = [TaskGroup(**{k: _to(v, device) for k, v in dataclasses.asdict(g).items()}) for g in groups]
     empty_t5 = t5_tok([""], padding="max_length", max_length=SMALL_T5_LENGTH, return_tensors="pt").input_ids.to(device)
@@ -334,7 +341,7 @@ def train(args: argparse.Namespace) -> None:
         if step % args.save_every == 0:
             save(ema, files, {**info, "steps": step, "loss": smoothed_loss(), "seconds": round(time.time() - start)})
     info.update(steps=step, loss=smoothed_loss(), seconds=round(time.time() - start),
-                tasks=args.tasks, batch=args.batch,
+                tasks=args.tasks, first_task=args.first_task, batch=args.batch,
                 lr=args.lr, distill_minutes=args.distill_minutes, kind_weights=args.kind_weights)  # fmt: skip
     save(ema, files, info)
     print(f"done: {json.dumps(info)}", flush=True)
@@ -384,6 +391,12 @@ def main(argv: list[str] | None = None) -> None:
         help="draw tasks of these kinds more or less often, e.g. move=3,background=2 (others 1)",
     )
     parser.add_argument("--tasks", type=int, default=24000)
+    parser.add_argument(
+        "--first-task",
+        type=int,
+        default=0,
+        help="train on the tasks from this seed on (e.g. tasks a resumed model has not seen)",
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
@@ -406,7 +419,11 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="keep the encoded tasks in the temp folder for the next run with the same VAE and task count",
     )
-    train(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.first_task < 0 or args.tasks < 1 or args.first_task + args.tasks > HELD_OUT_SEED:
+        parser.error(f"--first-task {args.first_task} and --tasks {args.tasks} must pick seeds in "
+                     f"[0, {HELD_OUT_SEED}): held-out seeds are never trained on")  # fmt: skip
+    train(args)
 
 
 if __name__ == "__main__":
