@@ -66,11 +66,6 @@ def test_tokenizers_know_every_task_word():
     assert len(single) >= len(vocabulary()) // 2  # the merges were built from the task words
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 open: the shipped model falls short (held-out recolour success 15/20, single edits 75 %, "
-    "benchmarks/RESULTS.md); strict, so this fails the day the model does the edit and the mark must go",
-)
 def test_held_out_edit_succeeds(pipe):
     task = make_task(DEMO_SEED)
     assert task.seed >= HELD_OUT_SEED and task.held_out
