@@ -8,6 +8,7 @@ token. Tokenizers load from local Hugging Face-format folders only, never from a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -89,7 +90,19 @@ def load_tokenizer(folder: str | os.PathLike, kind: str) -> PreTrainedTokenizerB
     try:
         return cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{folder}: cannot load a {kind.upper()} tokenizer from this folder ({e})") from None
+        hint = ""
+        if kind == "t5" and not _has_protobuf():
+            # transformers then blames a missing `tiktoken`, which is not what this folder needs
+            hint = ("; a SentencePiece `spiece.model` is read with the `protobuf` package, which this pack "
+                    "requires: pip install protobuf")  # fmt: skip
+        raise ValueError(f"{folder}: cannot load a {kind.upper()} tokenizer from this folder ({e}){hint}") from None
+
+
+def _has_protobuf() -> bool:
+    try:
+        return importlib.util.find_spec("google.protobuf") is not None
+    except (ImportError, ValueError):  # no `google` package at all, or a stubbed-out module
+        return False
 
 
 def _check_vocabulary(tokenizer: PreTrainedTokenizerBase, model: nn.Module, kind: str) -> None:

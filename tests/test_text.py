@@ -357,3 +357,23 @@ def test_real_configs_on_meta_match_the_manifests():
     clip = clip_config_from_shapes(read_manifest("clip_l_text_keys.tsv"), "clip")
     assert (clip.num_attention_heads, clip.hidden_act, clip.layer_norm_eps) == (12, "quick_gelu", 1e-5)
     assert (clip.bos_token_id, clip.eos_token_id, clip.max_position_embeddings) == (49406, 49407, 77)
+
+
+def test_a_t5_tokenizer_that_fails_without_protobuf_names_protobuf(tiny, monkeypatch):
+    import kontext_core.text as text
+
+    assert text._has_protobuf()  # a dependency of the pack, so installed here
+    folder = tiny["files"]["t5_tokenizer"]
+    text.load_tokenizer(folder, "t5")  # loads while protobuf is there
+
+    def fails(*args, **kwargs):  # what transformers 5 raises for a `spiece.model` when protobuf is missing
+        raise ValueError("`tiktoken` is required to read a `tiktoken` file. Install it with `pip install tiktoken`.")
+
+    monkeypatch.setattr(T5TokenizerFast, "from_pretrained", fails)
+    monkeypatch.setattr(text, "_has_protobuf", lambda: False)
+    with pytest.raises(ValueError, match=r"cannot load a T5 tokenizer .*tiktoken.*pip install protobuf"):
+        text.load_tokenizer(folder, "t5")
+    monkeypatch.setattr(text, "_has_protobuf", lambda: True)  # another cause: no protobuf hint
+    with pytest.raises(ValueError, match="cannot load a T5 tokenizer") as error:
+        text.load_tokenizer(folder, "t5")
+    assert "protobuf" not in str(error.value)
