@@ -48,9 +48,9 @@ from ..layers import DoubleStreamBlock, SingleStreamBlock
 from ..model import Flux
 from ..sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
 from ..text import load_tokenizer
-from ..tasks import HELD_OUT_SEED, KINDS
+from ..tasks import KINDS
 from . import SMALL_FLUX, SMALL_T5_LENGTH, small_model_files
-from .data import draw_batches, to_signed, to_uint8, training_tasks
+from .data import check_training_seeds, draw_batches, to_signed, to_uint8, training_tasks
 from .tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
 
 PROMPT_DROPOUT = 0.1
@@ -421,9 +421,12 @@ def main(argv: list[str] | None = None) -> None:
         help="keep the encoded tasks in the temp folder for the next run with the same VAE and task count",
     )
     args = parser.parse_args(argv)
-    if args.first_task < 0 or args.tasks < 1 or args.first_task + args.tasks > HELD_OUT_SEED:
-        parser.error(f"--first-task {args.first_task} and --tasks {args.tasks} must pick seeds in "
-                     f"[0, {HELD_OUT_SEED}): held-out seeds are never trained on")  # fmt: skip
+    if args.tasks < 1:
+        parser.error(f"--tasks must be at least 1, got {args.tasks}")
+    try:  # checked here, not when the first chunk renders minutes later
+        check_training_seeds(args.first_task, args.tasks)
+    except ValueError as e:
+        parser.error(f"--first-task {args.first_task} with --tasks {args.tasks}: {e}")
     train(args)
 
 
