@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from kontext_core.__main__ import DEMO_SEED, main
 from kontext_core.checkpoints.inspect import describe
 from kontext_core.model import Flux
 from kontext_core.quality import judge
-from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SMALL_VAE, small_model_files
+from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SMALL_VAE, SmallModelFiles, small_model_files
 from kontext_core.small_model.store_fp8 import MARKER
 from kontext_core.tasks import HELD_OUT_SEED, make_task, vocabulary
 from kontext_core.text import load_tokenizer
@@ -51,6 +52,19 @@ def test_loaded_configs_are_the_trained_ones(pipe):
     assert pipe.vae.params == SMALL_VAE  # widths from the tensors, groups and FLUX's scale/shift from the header
     assert pipe.text_encoder.t5_max_length == SMALL_T5_LENGTH
     assert pipe.default_resize == "keep"
+
+
+def test_a_folder_of_small_model_files_loads_from_a_string_path(tmp_path):
+    for name in SmallModelFiles.__dataclass_fields__:
+        source = getattr(FILES, name)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / source.name)
+    pipeline = load_default_pipeline(folder=str(tmp_path))  # a CLI argument or a config value is a str
+    assert dataclasses.asdict(pipeline.transformer.params) == dataclasses.asdict(SMALL_FLUX)
+
+
+def test_a_folder_without_the_small_model_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="flux1-kontext-small.safetensors.*folder= must hold all six"):
+        load_default_pipeline(folder=tmp_path)
 
 
 def test_tokenizers_know_every_task_word():

@@ -8,12 +8,17 @@ and workflow runs on them unchanged. `load_default_pipeline()` is the default wh
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import AutoEncoderParams, FluxParams
+
+if TYPE_CHECKING:
+    from ..pipeline import KontextPipeline
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # How the ComfyUI loaders list the small model's files beside the user's.
@@ -34,7 +39,8 @@ class SmallModelFiles:
     clip_tokenizer: Path
 
 
-def small_model_files(folder: Path = WEIGHTS_DIR) -> SmallModelFiles:
+def small_model_files(folder: str | os.PathLike[str] = WEIGHTS_DIR) -> SmallModelFiles:
+    folder = Path(folder)
     return SmallModelFiles(
         transformer=folder / "flux1-kontext-small.safetensors",
         vae=folder / "ae-small.safetensors",
@@ -60,12 +66,14 @@ SMALL_FLUX = FluxParams(
 SMALL_T5_LENGTH = 48
 
 
-def small_model_available(folder: Path = WEIGHTS_DIR) -> bool:
+def small_model_available(folder: str | os.PathLike[str] = WEIGHTS_DIR) -> bool:
     files = small_model_files(folder)
     return all(getattr(files, name).exists() for name in SmallModelFiles.__dataclass_fields__)
 
 
-def load_default_pipeline(*, device: torch.device | str = "cpu", folder: Path | None = None):
+def load_default_pipeline(
+    *, device: torch.device | str = "cpu", folder: str | os.PathLike[str] | None = None
+) -> KontextPipeline:
     """The shipped small model as a `KontextPipeline` (fp32): it edits the synthetic scenes of
     `kontext_core.tasks` at their own size (references keep their size: `resize="keep"`)."""
     from ..checkpoints.autoencoder import load_vae
@@ -73,10 +81,12 @@ def load_default_pipeline(*, device: torch.device | str = "cpu", folder: Path | 
     from ..pipeline import KontextPipeline
     from ..text import load_text_encoder
 
-    files = small_model_files(folder or WEIGHTS_DIR)
+    files = small_model_files(WEIGHTS_DIR if folder is None else folder)
     missing = [str(getattr(files, n)) for n in SmallModelFiles.__dataclass_fields__ if not getattr(files, n).exists()]
     if missing:
-        raise FileNotFoundError(f"the small model's files are missing: {', '.join(missing)}; reinstall the package")
+        # A missing shipped file means a broken install; a missing file in the caller's folder means a wrong folder.
+        remedy = "reinstall the package" if folder is None else "folder= must hold all six (see small_model_files)"
+        raise FileNotFoundError(f"the small model's files are missing: {', '.join(missing)}; {remedy}")
     pipeline = KontextPipeline(
         load_transformer(files.transformer, device=device, dtype=torch.float32),
         load_vae(files.vae, device=device, dtype=torch.float32),
