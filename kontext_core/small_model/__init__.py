@@ -75,7 +75,8 @@ def load_default_pipeline(
     *, device: torch.device | str = "cpu", folder: str | os.PathLike[str] | None = None
 ) -> KontextPipeline:
     """The shipped small model as a `KontextPipeline` (fp32): it edits the synthetic scenes of
-    `kontext_core.tasks` at their own size (references keep their size: `resize="keep"`)."""
+    `kontext_core.tasks` at their own size (references keep their size: `resize="keep"`). `folder` loads the
+    same six files (`small_model_files`) from another folder, such as a newly trained model's."""
     from ..checkpoints.autoencoder import load_vae
     from ..checkpoints.transformer import load_transformer
     from ..pipeline import KontextPipeline
