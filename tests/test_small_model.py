@@ -18,6 +18,7 @@ from kontext_core.model import Flux
 from kontext_core.quality import judge
 from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SMALL_VAE, SmallModelFiles, small_model_files
 from kontext_core.small_model.store_fp8 import MARKER
+from kontext_core.small_model.tokenizers import write_clip_tokenizer, write_t5_tokenizer
 from kontext_core.tasks import HELD_OUT_SEED, make_task, vocabulary
 from kontext_core.text import load_tokenizer
 
@@ -67,6 +68,15 @@ def test_a_folder_without_the_small_model_names_what_is_missing(tmp_path):
         with pytest.raises(FileNotFoundError, match="folder= must hold all six") as error:
             load_default_pipeline(folder=folder)
         assert str(tmp_path / "flux1-kontext-small.safetensors") in str(error.value)
+
+
+def test_the_shipped_tokenizers_are_what_the_trainer_writes_in_any_folder(tmp_path):
+    # train_flux rewrites them in its --out folder (the package's by default): that must leave them as shipped
+    for write, shipped in ((write_t5_tokenizer, FILES.t5_tokenizer), (write_clip_tokenizer, FILES.clip_tokenizer)):
+        written = write(tmp_path / "elsewhere" / shipped.name)
+        assert sorted(p.name for p in written.iterdir()) == sorted(p.name for p in shipped.iterdir())
+        for file in shipped.iterdir():
+            assert (written / file.name).read_bytes() == file.read_bytes(), file
 
 
 def test_tokenizers_know_every_task_word():

@@ -8,6 +8,7 @@ word stays in a few pieces, as with any BPE). Both load with the classes the rea
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -27,12 +28,15 @@ def corpus(count: int = 4000) -> list[str]:
 
 def write_t5_tokenizer(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    # Trained into memory: a model_prefix would be stored in the model, so the same tokenizer written to
+    # another folder would differ in bytes (and rewriting the shipped one would dirty the package).
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus()), model_prefix=str(folder / "spiece"), vocab_size=T5_VOCAB_SIZE,
+        sentence_iterator=iter(corpus()), model_writer=model, vocab_size=T5_VOCAB_SIZE,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, num_threads=1,
         normalization_rule_name="nmt_nfkc_cf", minloglevel=2,
     )  # fmt: skip
-    (folder / "spiece.vocab").unlink()
+    (folder / "spiece.model").write_bytes(model.getvalue())
     config = {"extra_ids": 0, "legacy": False, "model_max_length": SMALL_T5_LENGTH}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     return folder
