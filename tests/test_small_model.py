@@ -16,7 +16,7 @@ from kontext_core.__main__ import DEMO_SEED, main
 from kontext_core.checkpoints.inspect import describe
 from kontext_core.model import Flux
 from kontext_core.quality import judge
-from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SMALL_VAE, SmallModelFiles, small_model_files
+from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SMALL_VAE, small_model_files
 from kontext_core.small_model.store_fp8 import MARKER
 from kontext_core.small_model.tokenizers import write_clip_tokenizer, write_t5_tokenizer
 from kontext_core.tasks import HELD_OUT_SEED, make_task, vocabulary
@@ -56,8 +56,7 @@ def test_loaded_configs_are_the_trained_ones(pipe):
 
 
 def test_a_folder_of_small_model_files_loads_from_a_string_path(tmp_path):
-    for name in SmallModelFiles.__dataclass_fields__:
-        source = getattr(FILES, name)
+    for source in vars(FILES).values():
         (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / source.name)
     pipeline = load_default_pipeline(folder=str(tmp_path))  # a CLI argument or a config value is a str
     assert dataclasses.asdict(pipeline.transformer.params) == dataclasses.asdict(SMALL_FLUX)
@@ -65,7 +64,7 @@ def test_a_folder_of_small_model_files_loads_from_a_string_path(tmp_path):
 
 def test_a_folder_without_the_small_model_names_what_is_missing(tmp_path):
     for folder in (tmp_path, str(tmp_path)):  # the folder given is the one read, whatever its type: no fallback
-        with pytest.raises(FileNotFoundError, match="folder= must hold all six") as error:
+        with pytest.raises(FileNotFoundError, match="folder= must hold every file of small_model_files") as error:
             load_default_pipeline(folder=folder)
         assert str(tmp_path / "flux1-kontext-small.safetensors") in str(error.value)
 

@@ -38,6 +38,9 @@ class SmallModelFiles:
     t5_tokenizer: Path
     clip_tokenizer: Path
 
+    def missing(self) -> list[Path]:
+        return [path for path in vars(self).values() if not path.exists()]
+
 
 def small_model_files(folder: str | os.PathLike[str] = WEIGHTS_DIR) -> SmallModelFiles:
     folder = Path(folder)
@@ -67,8 +70,7 @@ SMALL_T5_LENGTH = 48
 
 
 def small_model_available(folder: str | os.PathLike[str] = WEIGHTS_DIR) -> bool:
-    files = small_model_files(folder)
-    return all(getattr(files, name).exists() for name in SmallModelFiles.__dataclass_fields__)
+    return not small_model_files(folder).missing()
 
 
 def load_default_pipeline(
@@ -83,11 +85,10 @@ def load_default_pipeline(
     from ..text import load_text_encoder
 
     files = small_model_files(WEIGHTS_DIR if folder is None else folder)
-    missing = [str(getattr(files, n)) for n in SmallModelFiles.__dataclass_fields__ if not getattr(files, n).exists()]
-    if missing:
+    if missing := files.missing():
         # A missing shipped file means a broken install; a missing file in the caller's folder means a wrong folder.
-        remedy = "reinstall the package" if folder is None else "folder= must hold all six (see small_model_files)"
-        raise FileNotFoundError(f"the small model's files are missing: {', '.join(missing)}; {remedy}")
+        remedy = "reinstall the package" if folder is None else "folder= must hold every file of small_model_files"
+        raise FileNotFoundError(f"the small model's files are missing: {', '.join(map(str, missing))}; {remedy}")
     pipeline = KontextPipeline(
         load_transformer(files.transformer, device=device, dtype=torch.float32),
         load_vae(files.vae, device=device, dtype=torch.float32),
