@@ -33,8 +33,9 @@ def trained(tmp_path_factory):
     vae, info = train_vae.train(steps=2, batch=2, lr=1e-3, tasks=3, seed=0, log_every=1)
     assert math.isfinite(info["final_mse"])
     train_vae.save(vae, small_model_files(out).vae, info)
+    # Half the shipped depth, as the shipped model started out (README's lineage): it also trains faster here.
     train_flux.main(["--vae", str(small_model_files(out).vae), "--tasks", "24", "--batch", "4", "--max-steps", "2",
-                     "--out", str(out)])  # fmt: skip
+                     "--blocks", f"{SMALL_FLUX.depth // 2},{SMALL_FLUX.depth_single_blocks // 2}", "--out", str(out)])  # fmt: skip
     return out
 
 
@@ -56,7 +57,8 @@ def test_deepened_run_saves_the_deeper_config(trained, tmp_path):
     train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--batch", "4", "--max-steps", "1",
                      "--resume", str(trained), "--deepen", "--out", str(tmp_path)])  # fmt: skip
     params = load_default_pipeline(folder=tmp_path).transformer.params
-    assert (params.depth, params.depth_single_blocks) == (2 * SMALL_FLUX.depth, 2 * SMALL_FLUX.depth_single_blocks)
+    assert load_default_pipeline(folder=trained).transformer.params.depth == SMALL_FLUX.depth // 2
+    assert params == SMALL_FLUX  # grown from half the depth to the shipped shape, as the shipped model was
 
 
 def _group(kinds: list[str], targets: torch.Tensor, references: list[torch.Tensor]) -> TaskGroup:
@@ -143,10 +145,33 @@ def test_first_task_prepares_the_later_seeds(trained):
 
 
 @pytest.mark.parametrize("args", [["--first-task", "-1"], ["--first-task", "999990", "--tasks", "20"]])
-def test_first_task_must_pick_training_seeds(args, capsys):
+def test_first_task_must_pick_training_seeds(args, capsys, tmp_path):
     with pytest.raises(SystemExit):
-        train_flux.main([*args, "--prepare-only"])
+        train_flux.main([*args, "--prepare-only", "--out", str(tmp_path)])
     assert "--first-task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--blocks", "2"], "two counts"),
+        (["--blocks", "2,0"], "at least 1"),
+        (["--blocks", "2,6", "--resume", "run"], "keeps its own"),
+        ([], "--out"),  # never the package's own weights folder by default
+    ],
+)
+def test_bad_training_options_are_refused_by_name(args, message, capsys, tmp_path):
+    out = [] if not args else ["--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        train_flux.main([*args, *out, "--prepare-only"])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_vae_training_needs_an_out_folder(capsys):
+    with pytest.raises(SystemExit):
+        train_vae.main(["--steps", "1"])
+    assert "--out" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -191,6 +191,19 @@ def parse_kind_weights(text: str) -> dict[str, float]:
     return weights
 
 
+def parse_blocks(text: str) -> tuple[int, int]:
+    """The `--blocks` text "2,6" as (2, 6): double-stream, then single-stream blocks."""
+    try:
+        double, single = (int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--blocks: expected two counts 'DOUBLE,SINGLE' such as 2,6, got {text!r}"
+        ) from None
+    if double < 1 or single < 1:
+        raise argparse.ArgumentTypeError(f"--blocks: both counts must be at least 1, got {text!r}")
+    return double, single
+
+
 def batches(groups: list[TaskGroup], batch: int, generator: torch.Generator,
             kind_weights: dict[str, float] | None = None) -> Iterator[tuple[TaskGroup, Tensor]]:  # fmt: skip
     """Endless batches of one task group; with `kind_weights`, tasks of a kind drawn that much more often."""
@@ -267,7 +280,8 @@ def train(args: argparse.Namespace) -> None:
     empty_clip = clip_tok([""], padding="max_length", max_length=CLIP_LENGTH, return_tensors="pt").input_ids.to(device)
 
     if args.resume is None:
-        student = Student(zero_init_outputs(Flux(SMALL_FLUX)), small_t5(len(t5_tok)),
+        shape = dataclasses.replace(SMALL_FLUX, depth=args.blocks[0], depth_single_blocks=args.blocks[1])
+        student = Student(zero_init_outputs(Flux(shape)), small_t5(len(t5_tok)),
                           small_clip(len(clip_tok), clip_tok.eos_token_id))  # fmt: skip
     else:
         student = resume(args.resume)
@@ -411,7 +425,14 @@ def main(argv: list[str] | None = None) -> None:
         help="double the resumed transformer's blocks (each "
         "followed by a copy that starts as the identity) before training on",
     )
-    parser.add_argument("--out", type=Path, default=small_model_files().vae.parent)
+    parser.add_argument(
+        "--blocks",
+        type=parse_blocks,
+        help="a new model's double- and single-stream block counts, e.g. 2,6 "
+        f"(default the shipped {SMALL_FLUX.depth},{SMALL_FLUX.depth_single_blocks}); a resumed model keeps its own",
+    )
+    # Required: a run saves every --save-every steps, and the package's own folder must never be the default.
+    parser.add_argument("--out", type=Path, required=True, help="the folder the trained files are saved in")
     parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1 ...")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering the tasks")
     parser.add_argument(
@@ -421,6 +442,9 @@ def main(argv: list[str] | None = None) -> None:
         help="keep the encoded tasks in the temp folder for the next run with the same VAE and task count",
     )
     args = parser.parse_args(argv)
+    if args.blocks is not None and args.resume is not None:
+        parser.error("--blocks sets the depth of a new model; a --resume'd one keeps its own (--deepen doubles it)")
+    args.blocks = args.blocks or (SMALL_FLUX.depth, SMALL_FLUX.depth_single_blocks)
     if args.tasks < 1:
         parser.error(f"--tasks must be at least 1, got {args.tasks}")
     try:  # checked here, not when the first chunk renders minutes later

@@ -1,6 +1,6 @@
 """Training the small VAE: reconstruction of the synthetic scenes through a 16-channel latent.
 
-    python -m kontext_core.small_model.train_vae --steps 2400 --out kontext_core/small_model/weights
+    python -m kontext_core.small_model.train_vae --steps 2600 --out run/
 
 The latent keeps FLUX's convention: the model-space latent `(mean − shift) · scale` with FLUX's constants is
 pushed toward zero mean and unit variance per channel, so the flow's unit noise fits it as it fits the real
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--tasks", type=int, default=6000, help="training tasks whose images form the pool")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=small_model_files().vae.parent)
+    # Required: the shipped transformer was trained on the shipped VAE's latents; no run may overwrite it unasked.
+    parser.add_argument("--out", type=Path, required=True, help="the folder ae-small.safetensors is saved in")
     parser.add_argument("--init", type=Path, help="a trained VAE whose decoder to fine-tune (encoder frozen)")
     args = parser.parse_args(argv)
     vae, info = train(args.steps, args.batch, args.lr, args.tasks, args.seed, init=args.init)
