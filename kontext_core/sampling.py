@@ -27,7 +27,12 @@ def latent_from_model(z: Tensor) -> Tensor:
 
 
 def get_noise(
-    batch: int, height: int, width: int, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    batch: int,
+    height: int,
+    width: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """BFL's seeded noise for an image of height×width pixels: drawn on a CPU generator, then moved."""
     return torch.randn(
@@ -106,9 +111,7 @@ def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
 
 
-def get_lin_function(
-    x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15
-) -> Callable[[float], float]:
+def get_lin_function(x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> Callable[[float], float]:
     m = (y2 - y1) / (x2 - x1)
     b = y1 - m * x1
     return lambda x: m * x + b
@@ -155,6 +158,18 @@ def _batched(x: Tensor, batch: int) -> Tensor:
 
 
 @torch.no_grad()
+def _check_text_widths(model: Flux, name: str, txt: Tensor, y: Tensor) -> None:
+    """A clear error where the matrix products would fail: text encoders of another model than the transformer
+    (the built-in small model's files mixed with real FLUX ones, say) encode to another width."""
+    p = model.params
+    if txt.shape[-1] != p.context_in_dim or y.shape[-1] != p.vec_in_dim:
+        raise ValueError(
+            f"{name}: the text encoders give T5 features {txt.shape[-1]} wide and a CLIP vector {y.shape[-1]} wide, "
+            f"but this transformer takes {p.context_in_dim} and {p.vec_in_dim}: the text encoders and the diffusion "
+            "model are from different models (e.g. the built-in small model's files mixed with real FLUX ones)"
+        )
+
+
 def sample(
     model: Flux,
     noise: Tensor,
@@ -181,6 +196,9 @@ def sample(
     """
     if noise.ndim != 4:
         raise ValueError(f"noise must be B×16×h×w, got shape {tuple(noise.shape)}")
+    _check_text_widths(model, "txt/y", txt, y)
+    if negative is not None:
+        _check_text_widths(model, "negative", *negative)
     batch, _, lat_h, lat_w = noise.shape
     device, dtype = noise.device, model.compute_dtype
     use_cfg = negative is not None and true_cfg_scale != 1.0
