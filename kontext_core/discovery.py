@@ -33,7 +33,17 @@ KNOWN_FILES = {
         ],
     ),
     "clip": ("text_encoders", ["clip_l.safetensors", "clip_l*.safetensors"]),
-    "vae": ("vae", ["ae.safetensors", "flux_vae.safetensors", "*ae*.safetensors"]),
+    # Not "*ae*", which takes any "*vae*": the folder holds other models' VAEs (sdxl_vae), unusable for FLUX.
+    "vae": (
+        "vae",
+        [
+            "ae.safetensors",
+            "flux_vae.safetensors",
+            "ae*.safetensors",
+            "*flux*ae*.safetensors",
+            "*kontext*ae*.safetensors",
+        ],
+    ),
 }
 ROLES = tuple(KNOWN_FILES)
 

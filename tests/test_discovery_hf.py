@@ -15,6 +15,7 @@ from kontext_core.discovery import (
     KONTEXT_REPO,
     TEXT_ENCODERS_REPO,
     any_model_configured,
+    find_in_models_folder,
     hf_cache_dir,
     hf_snapshots,
     resolve_model_files,
@@ -188,3 +189,20 @@ def test_any_model_configured(tmp_path, monkeypatch):
     assert any_model_configured(hf_cache=cache)
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # $HF_HOME/hub is that same cache
     assert any_model_configured()
+
+
+@pytest.mark.parametrize(
+    ("names", "found"),
+    [
+        (["sdxl_vae.safetensors"], None),  # another model's VAE is not taken for FLUX's
+        (["sdxl_vae.safetensors", "flux1_ae_bf16.safetensors"], "flux1_ae_bf16.safetensors"),
+        (["ae.safetensors", "ae_fp16.safetensors"], "ae.safetensors"),
+    ],
+)
+def test_only_flux_vae_names_are_taken_from_the_vae_folder(tmp_path, names, found):
+    vae = tmp_path / "models" / "vae"
+    vae.mkdir(parents=True)
+    for name in names:
+        (vae / name).write_bytes(b"x")
+    result = find_in_models_folder(tmp_path / "models", "vae")
+    assert result == (vae / found if found else None)
