@@ -1,6 +1,6 @@
 """Quality of the shipped small model on held-out synthetic tasks, judged against the rendered truth.
 
-    python -m benchmarks.quality --per-kind 25 --json quality.json          # the tables in RESULTS.md
+    python -m benchmarks.quality --json quality.json                        # the tables in RESULTS.md (20 per kind)
     python -m benchmarks.quality --per-kind 3 --drift-scenes 1 --variants exact   # a quick look
 
 Held-out tasks are seeds from `tasks.HELD_OUT_SEED` up (never trained on; `--first-seed 0` judges training tasks
@@ -153,7 +153,7 @@ def drift(pipe: KontextPipeline, seed: int, method: str, steps: int) -> list[dic
     return rows
 
 
-def compare_variant(pipe_exact: KontextPipeline, exact_outputs, tasks, make: Callable[[], KontextPipeline], **opts):
+def compare_variant(exact_outputs, tasks, make: Callable[[], KontextPipeline], **opts):
     pipe = make()
     table, outputs = evaluate(pipe, tasks, **opts)
     close = [psnr(a, b) for a, b in zip(outputs, exact_outputs)]
@@ -215,20 +215,33 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+VARIANTS = ("exact", "vae", "fp8", "fast2", "fast4", "guidance1")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-kind", type=int, default=25, help="held-out tasks per kind")
+    parser.add_argument("--per-kind", type=int, default=20, help="held-out tasks per kind")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--drift-scenes", type=int, default=5)
-    parser.add_argument("--variants", default="exact,vae,fp8,fast2,fast4,guidance1")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="what to measure beside the exact path (which always runs), comma-separated")  # fmt: skip
     parser.add_argument("--weights", type=Path, default=small_model_files().vae.parent)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--first-seed", type=int, default=HELD_OUT_SEED,
                         help=f"first task seed; below {HELD_OUT_SEED:,} the tasks are training tasks (the gap to "
                         "held-out ones measures overfitting); drift always runs on held-out scenes")  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.first_seed < 0:
         parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.per_kind < 1:
+        parser.error(f"--per-kind must be at least 1, got {args.per_kind}")
+    if args.drift_scenes < 0:
+        parser.error(f"--drift-scenes must be >= 0, got {args.drift_scenes}")
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; expected names from {', '.join(VARIANTS)}")
     torch.set_grad_enabled(False)
     variants = args.variants.split(",")
     started = time.time()
@@ -255,16 +268,16 @@ def main() -> None:
             fp8_pipe.default_resize = pipe.default_resize
             return fp8_pipe
 
-        report["fp8_weights"] = compare_variant(pipe, exact_outputs, tasks, fp8, steps=args.steps)
+        report["fp8_weights"] = compare_variant(exact_outputs, tasks, fp8, steps=args.steps)
         print("fp8", report["fp8_weights"], flush=True)
     for k in (2, 4):
         if f"fast{k}" in variants:
             report[f"fast_k{k}"] = compare_variant(
-                pipe, exact_outputs, tasks, lambda: pipe, steps=args.steps, reference_cache_every=k
+                exact_outputs, tasks, lambda: pipe, steps=args.steps, reference_cache_every=k
             )
             print(f"fast{k}", report[f"fast_k{k}"], flush=True)
     if "guidance1" in variants:
-        report["guidance_1"] = compare_variant(pipe, exact_outputs, tasks, lambda: pipe, steps=args.steps, guidance=1.0)
+        report["guidance_1"] = compare_variant(exact_outputs, tasks, lambda: pipe, steps=args.steps, guidance=1.0)
         print("guidance 1", report["guidance_1"], flush=True)
     report["drift"] = {}
     for method in ("plain", "recomposite", "latent"):

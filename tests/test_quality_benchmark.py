@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from _flux_files import bfl_file
 from tiny_models import tiny_flux_model
 
-from benchmarks.quality import benchmark_tasks, stored_in_fp8, tabulate, vae_round_trips
-from kontext_core.small_model import load_default_pipeline, small_model_available
+from benchmarks import quality
+from benchmarks.quality import (
+    benchmark_tasks,
+    compare_variant,
+    drift,
+    evaluate,
+    recomposite,
+    stored_in_fp8,
+    tabulate,
+    vae_round_trips,
+)
+from kontext_core.small_model import load_default_pipeline
 from kontext_core.small_model.store_fp8 import store_fp8
 from kontext_core.tasks import HELD_OUT_SEED, KINDS, make_task
 
@@ -45,7 +57,6 @@ def test_tabulate_needs_one_output_per_task():
         tabulate(TASKS, [TASKS[0].target])
 
 
-@pytest.mark.skipif(not small_model_available(), reason="the small model's weights are not in the package")
 def test_vae_round_trip_is_the_truth_decoded_at_its_size():
     pipe = load_default_pipeline()
     tasks = TASKS[:2]
@@ -62,3 +73,50 @@ def test_fp8_storage_is_read_from_the_header(tmp_path):
     store_fp8(fp16, tmp_path / "fp8.safetensors")
     assert not stored_in_fp8(fp16)
     assert stored_in_fp8(tmp_path / "fp8.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--per-kind", "0"], "--per-kind"),
+        (["--steps", "0"], "--steps"),
+        (["--drift-scenes", "-1"], "--drift-scenes"),
+        (["--variants", "exact,fast_k2"], "unknown fast_k2"),  # the report's key, not the option's name
+    ],
+)
+def test_bad_benchmark_options_are_refused_by_name(args, message, capsys):
+    with pytest.raises(SystemExit):
+        quality.main(args)
+    assert message in capsys.readouterr().err
+
+
+def test_recomposite_takes_only_the_visibly_changed_pixels():
+    rng = np.random.default_rng(0)
+    before = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    after = before.copy()
+    after[10:14, 20:24] += 128  # a visible edit: every channel moves by 128 (mod 256)
+    faint = np.clip(after.astype(np.int16) + rng.integers(-3, 4, after.shape), 0, 255).astype(np.uint8)  # drift
+    out = np.asarray(recomposite(Image.fromarray(before), Image.fromarray(faint)))
+    d = quality.RECOMPOSITE_DILATION
+    edited = np.zeros((32, 32), dtype=bool)
+    edited[10 - d : 14 + d, 20 - d : 24 + d] = True
+    assert (out[~edited] == before[~edited]).all()  # the faint change everywhere else is undone
+    assert (out[10:14, 20:24] == faint[10:14, 20:24]).all()  # the edit itself is kept
+
+
+def test_a_variant_that_changes_nothing_reproduces_the_exact_outputs():
+    pipe, tasks = load_default_pipeline(), TASKS[:2]
+    _, exact = evaluate(pipe, tasks, steps=2)
+    row = compare_variant(exact, tasks, lambda: pipe, steps=2)
+    assert row["identical_outputs"] == 2 and math.isinf(row["psnr_to_exact_mean_db"])
+    changed = compare_variant(exact, tasks, lambda: pipe, steps=2, guidance=1.0)
+    assert changed["identical_outputs"] < 2 and math.isfinite(changed["psnr_to_exact_min_db"])
+
+
+def test_recompositing_never_drifts_more_than_the_plain_chain_in_its_first_round():
+    pipe = load_default_pipeline()
+    plain, recomposited = (drift(pipe, HELD_OUT_SEED, method, steps=2) for method in ("plain", "recomposite"))
+    assert len(plain) == len(recomposited) == quality.DRIFT_ROUNDS
+    # same seed, same first output; recompositing only puts original pixels back where the edit did not reach
+    first = "psnr_unedited_vs_original_db"
+    assert recomposited[0][first] >= plain[0][first]
