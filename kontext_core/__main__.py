@@ -115,8 +115,12 @@ def _wants_small_model(args: argparse.Namespace) -> bool:
     files = {"transformer": args.transformer, "vae": args.vae, "t5": args.t5, "clip": args.clip}
     tokenizers = (args.t5_tokenizer, args.clip_tokenizer)
     if args.small_model:
-        if any(files.values()) or any(tokenizers):
-            raise SystemExit("--small-model cannot be combined with model file options")
+        real_only = {"--comfyui": args.comfyui, "--t5-max-length": args.t5_max_length,
+                     "--dtype": args.dtype != "auto"}  # fmt: skip
+        given = [name for name, value in real_only.items() if value]
+        if any(files.values()) or any(tokenizers) or given:
+            raise SystemExit(f"--small-model cannot be combined with model file options ({', '.join(given) or 'paths'}); "
+                             "the built-in model has its own files and runs in fp32")  # fmt: skip
         return True
     return not any(tokenizers) and not any_model_configured(**files, comfyui_root=args.comfyui)
 
@@ -191,6 +195,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as e:  # ValueError includes CheckpointError
+        # a missing file or a bad input (a seed, a size, a file of the wrong kind): its message, not a traceback
+        print(f"python -m kontext_core {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from .checkpoints.inspect import describe
 

@@ -60,7 +60,22 @@ def test_edit_and_generate_from_a_comfyui_folder(comfyui, tmp_path, capsys):
     assert "2/2" in capsys.readouterr().err  # the terminal progress bar reached the last step
 
 
-def test_missing_files_are_named(tmp_path, monkeypatch):
+def test_missing_files_are_named(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("COMFYUI_ROOT", raising=False)
-    with pytest.raises(FileNotFoundError, match="--transformer .* --vae"):
-        main(["generate", "--prompt", "x", "--out", str(tmp_path / "a.png"), "--comfyui", str(tmp_path)])
+    assert main(["generate", "--prompt", "x", "--out", str(tmp_path / "a.png"), "--comfyui", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "generate: error: model files not found" in err and "--transformer" in err and "--vae" in err
+    assert not any(tmp_path.iterdir())  # no half-written output
+
+
+def test_bad_inputs_end_in_their_message(tmp_path, capsys):
+    assert main(["demo", "--seed", "-1", "--out", str(tmp_path)]) == 2
+    assert "demo: error: seed must be a non-negative integer, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra", [["--comfyui", "/tmp"], ["--t5-max-length", "256"], ["--dtype", "bf16"], ["--vae", "ae.safetensors"]]
+)
+def test_small_model_refuses_options_it_would_ignore(extra, tmp_path):
+    with pytest.raises(SystemExit, match="--small-model cannot be combined"):
+        main(["generate", "--small-model", *extra, "--prompt", "x", "--out", str(tmp_path / "a.png")])
