@@ -69,10 +69,6 @@ SMALL_FLUX = FluxParams(
 SMALL_T5_LENGTH = 48
 
 
-def small_model_available(folder: str | os.PathLike[str] = WEIGHTS_DIR) -> bool:
-    return not small_model_files(folder).missing()
-
-
 def load_default_pipeline(
     *, device: torch.device | str = "cpu", folder: str | os.PathLike[str] | None = None
 ) -> KontextPipeline:
