@@ -27,12 +27,7 @@ def latent_from_model(z: Tensor) -> Tensor:
 
 
 def get_noise(
-    batch: int,
-    height: int,
-    width: int,
-    seed: int,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    batch: int, height: int, width: int, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """BFL's seeded noise for an image of height×width pixels: drawn on a CPU generator, then moved."""
     return torch.randn(
@@ -111,7 +106,9 @@ def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
 
 
-def get_lin_function(x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> Callable[[float], float]:
+def get_lin_function(
+    x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15
+) -> Callable[[float], float]:
     m = (y2 - y1) / (x2 - x1)
     b = y1 - m * x1
     return lambda x: m * x + b
@@ -157,7 +154,6 @@ def _batched(x: Tensor, batch: int) -> Tensor:
     return x.expand(batch, *x.shape[1:])
 
 
-@torch.no_grad()
 def _check_text_widths(model: Flux, name: str, txt: Tensor, y: Tensor) -> None:
     """A clear error where the matrix products would fail: text encoders of another model than the transformer
     (the built-in small model's files mixed with real FLUX ones, say) encode to another width."""
@@ -170,6 +166,7 @@ def _check_text_widths(model: Flux, name: str, txt: Tensor, y: Tensor) -> None:
         )
 
 
+@torch.no_grad()
 def sample(
     model: Flux,
     noise: Tensor,

@@ -242,3 +242,10 @@ def test_text_of_another_model_is_refused_by_name():
             sample(model, noise, *bad, steps=1)
     with pytest.raises(ValueError, match=f"negative: .*{2 * TINY_FLUX.context_in_dim} wide"):
         sample(model, noise, txt, y, steps=1, negative=(wide_txt, y), true_cfg_scale=2.0)
+
+
+def test_sampling_builds_no_autograd_graph():
+    # called with grad enabled, as a library user would: no graph is kept over the steps (memory)
+    model = tiny_flux_model(seed=5)
+    noise, txt, y, refs = _inputs()
+    assert not sample(model, noise, txt, y, references=refs, steps=2).requires_grad
