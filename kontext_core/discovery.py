@@ -13,6 +13,7 @@ rule huggingface_hub follows; nothing here imports it or touches the network.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,8 +152,10 @@ def find_in_models_folder(models_dir: Path, role: str) -> Path | None:
     if sub == "text_encoders":
         folders.append(models_dir / "clip")
     for folder in folders:
+        # ComfyUI lists subfolders too (vae/FLUX1/ae.safetensors); names match whatever their case (Flux_vae)
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors")) if folder.is_dir() else []
         for pattern in patterns:
-            found = sorted(folder.glob(pattern)) if folder.is_dir() else []
+            found = [f for f in files if fnmatch.fnmatchcase(f.name.lower(), pattern)]
             if found:
                 return found[0]
     return None

@@ -197,12 +197,16 @@ def test_any_model_configured(tmp_path, monkeypatch):
         (["sdxl_vae.safetensors"], None),  # another model's VAE is not taken for FLUX's
         (["sdxl_vae.safetensors", "flux1_ae_bf16.safetensors"], "flux1_ae_bf16.safetensors"),
         (["ae.safetensors", "ae_fp16.safetensors"], "ae.safetensors"),
+        (["sdxl_vae.safetensors", "FLUX1_vae.safetensors"], "FLUX1_vae.safetensors"),  # any case
+        (["sdxl_vae.safetensors", "FLUX1/ae.safetensors"], "FLUX1/ae.safetensors"),  # a subfolder, as ComfyUI lists
+        (["FLUX1/ae.safetensors", "ae.safetensors"], "ae.safetensors"),  # the same name: the top level first
     ],
 )
 def test_only_flux_vae_names_are_taken_from_the_vae_folder(tmp_path, names, found):
     vae = tmp_path / "models" / "vae"
     vae.mkdir(parents=True)
     for name in names:
+        (vae / name).parent.mkdir(exist_ok=True)
         (vae / name).write_bytes(b"x")
     result = find_in_models_folder(tmp_path / "models", "vae")
     assert result == (vae / found if found else None)
