@@ -115,12 +115,14 @@ def _wants_small_model(args: argparse.Namespace) -> bool:
     files = {"transformer": args.transformer, "vae": args.vae, "t5": args.t5, "clip": args.clip}
     tokenizers = (args.t5_tokenizer, args.clip_tokenizer)
     if args.small_model:
-        real_only = {"--comfyui": args.comfyui, "--t5-max-length": args.t5_max_length,
-                     "--dtype": args.dtype != "auto"}  # fmt: skip
-        given = [name for name, value in real_only.items() if value]
-        if any(files.values()) or any(tokenizers) or given:
-            raise SystemExit(f"--small-model cannot be combined with model file options ({', '.join(given) or 'paths'}); "
-                             "the built-in model has its own files and runs in fp32")  # fmt: skip
+        real_only = {f"--{role}": path for role, path in files.items()} | {
+            "--t5-tokenizer": args.t5_tokenizer, "--clip-tokenizer": args.clip_tokenizer, "--comfyui": args.comfyui,
+            "--t5-max-length": args.t5_max_length, "--dtype": None if args.dtype == "auto" else args.dtype,
+        }  # fmt: skip
+        given = [name for name, value in real_only.items() if value is not None]
+        if given:
+            raise SystemExit(f"--small-model cannot be combined with {', '.join(given)}: options the built-in "
+                             "model does not use (it has its own files and runs in fp32)")  # fmt: skip
         return True
     return not any(tokenizers) and not any_model_configured(**files, comfyui_root=args.comfyui)
 

@@ -74,8 +74,15 @@ def test_bad_inputs_end_in_their_message(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "extra", [["--comfyui", "/tmp"], ["--t5-max-length", "256"], ["--dtype", "bf16"], ["--vae", "ae.safetensors"]]
+    "extra",
+    [
+        ["--comfyui", "/tmp"],
+        ["--t5-max-length", "0"],
+        ["--dtype", "bf16"],
+        ["--vae", "ae.safetensors", "--dtype", "fp32"],
+    ],
 )
 def test_small_model_refuses_options_it_would_ignore(extra, tmp_path):
-    with pytest.raises(SystemExit, match="--small-model cannot be combined"):
+    named = [option for option in extra if option.startswith("--")]
+    with pytest.raises(SystemExit, match=f"--small-model cannot be combined with {', '.join(named)}: "):
         main(["generate", "--small-model", *extra, "--prompt", "x", "--out", str(tmp_path / "a.png")])
