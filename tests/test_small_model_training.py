@@ -154,7 +154,7 @@ def test_first_task_must_pick_training_seeds(args, capsys, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--blocks", "2"], "two counts"),
+        (["--blocks", "2"], "argument --blocks: expected two counts"),
         (["--blocks", "2,0"], "at least 1"),
         (["--blocks", "2,6", "--resume", "run"], "keeps its own"),
         ([], "--out"),  # never the package's own weights folder by default

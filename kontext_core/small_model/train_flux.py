@@ -196,11 +196,9 @@ def parse_blocks(text: str) -> tuple[int, int]:
     try:
         double, single = (int(n) for n in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--blocks: expected two counts 'DOUBLE,SINGLE' such as 2,6, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected two counts 'DOUBLE,SINGLE' such as 2,6, got {text!r}") from None
     if double < 1 or single < 1:
-        raise argparse.ArgumentTypeError(f"--blocks: both counts must be at least 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"both counts must be at least 1, got {text!r}")
     return double, single
 
 
