@@ -78,9 +78,9 @@ def test_fp8_storage_is_read_from_the_header(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--per-kind", "0"], "--per-kind"),
-        (["--steps", "0"], "--steps"),
-        (["--drift-scenes", "-1"], "--drift-scenes"),
+        (["--per-kind", "0"], "--per-kind must be at least 1, got 0"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--drift-scenes", "-1"], "--drift-scenes must be >= 0, got -1"),
         (["--variants", "exact,fast_k2"], "unknown fast_k2"),  # the report's key, not the option's name
     ],
 )

@@ -157,7 +157,7 @@ def test_first_task_must_pick_training_seeds(args, capsys, tmp_path):
         (["--blocks", "2"], "argument --blocks: expected two counts"),
         (["--blocks", "2,0"], "at least 1"),
         (["--blocks", "2,6", "--resume", "run"], "keeps its own"),
-        ([], "--out"),  # never the package's own weights folder by default
+        ([], "arguments are required: --out"),  # never the package's own weights folder by default
     ],
 )
 def test_bad_training_options_are_refused_by_name(args, message, capsys, tmp_path):
@@ -171,7 +171,7 @@ def test_bad_training_options_are_refused_by_name(args, message, capsys, tmp_pat
 def test_vae_training_needs_an_out_folder(capsys):
     with pytest.raises(SystemExit):
         train_vae.main(["--steps", "1"])
-    assert "--out" in capsys.readouterr().err
+    assert "arguments are required: --out" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
