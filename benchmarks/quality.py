@@ -239,11 +239,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--per-kind must be at least 1, got {args.per_kind}")
     if args.drift_scenes < 0:
         parser.error(f"--drift-scenes must be >= 0, got {args.drift_scenes}")
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown:
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; expected names from {', '.join(VARIANTS)}")
     torch.set_grad_enabled(False)
-    variants = args.variants.split(",")
     started = time.time()
     pipe = load_default_pipeline(folder=args.weights)
     tasks = benchmark_tasks(args.per_kind, args.first_seed)

@@ -7,7 +7,8 @@ So a recolour must show the new colour on the object and keep the background aro
 the object at the new place and background at the old one, and copying the input scores 0 on the pixels
 that had to change. Pixels blended on an antialiased edge of the input or the truth are not counted, and
 neither are groups under `MIN_PART_PIXELS`. Restyles change the whole image rather than objects (grey or
-inverted colours, outlines, blocks), so they are judged by PSNR to the truth instead. Preservation (PSNR outside `edit_mask`) is reported, not part of success.
+inverted colours, outlines, blocks), so they are judged by PSNR to the truth instead. Preservation (PSNR
+outside `edit_mask`) is reported, not part of success.
 """
 
 from __future__ import annotations

@@ -278,7 +278,8 @@ def train(args: argparse.Namespace) -> None:
     empty_clip = clip_tok([""], padding="max_length", max_length=CLIP_LENGTH, return_tensors="pt").input_ids.to(device)
 
     if args.resume is None:
-        shape = dataclasses.replace(SMALL_FLUX, depth=args.blocks[0], depth_single_blocks=args.blocks[1])
+        double, single = args.blocks or (SMALL_FLUX.depth, SMALL_FLUX.depth_single_blocks)
+        shape = dataclasses.replace(SMALL_FLUX, depth=double, depth_single_blocks=single)
         student = Student(zero_init_outputs(Flux(shape)), small_t5(len(t5_tok)),
                           small_clip(len(clip_tok), clip_tok.eos_token_id))  # fmt: skip
     else:
@@ -442,7 +443,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.blocks is not None and args.resume is not None:
         parser.error("--blocks sets the depth of a new model; a --resume'd one keeps its own (--deepen doubles it)")
-    args.blocks = args.blocks or (SMALL_FLUX.depth, SMALL_FLUX.depth_single_blocks)
     if args.tasks < 1:
         parser.error(f"--tasks must be at least 1, got {args.tasks}")
     try:  # checked here, not when the first chunk renders minutes later
