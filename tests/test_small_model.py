@@ -70,7 +70,7 @@ def test_a_folder_without_the_small_model_names_what_is_missing(tmp_path):
 
 
 def test_the_shipped_tokenizers_are_what_the_trainer_writes_in_any_folder(tmp_path):
-    # train_flux rewrites them in its --out folder (the package's by default): that must leave them as shipped
+    # train_flux writes them into its --out folder: a run on the package's own folder must leave them as shipped
     for write, shipped in ((write_t5_tokenizer, FILES.t5_tokenizer), (write_clip_tokenizer, FILES.clip_tokenizer)):
         written = write(tmp_path / "elsewhere" / shipped.name)
         assert sorted(p.name for p in written.iterdir()) == sorted(p.name for p in shipped.iterdir())
