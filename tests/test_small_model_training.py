@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -25,6 +26,15 @@ def test_training_never_sees_held_out_seeds():
         list(training_tasks(HELD_OUT_SEED - 2, 3))
     pool = image_pool(0, 4)
     assert sum(len(images) for images in pool.values()) == sum(len(make_task(s).images) + 1 for s in range(4))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def temp_folder(tmp_path_factory):
+    """The runs here cache their encoded tasks in a folder of their own, not in the machine's temp folder."""
+    folder = tmp_path_factory.mktemp("temp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +152,29 @@ def test_first_task_prepares_the_later_seeds(trained):
         torch.testing.assert_close(group.targets, whole.targets[-n:], rtol=1e-5, atol=1e-5)
         for r, q in zip(group.references, whole.references, strict=True):
             torch.testing.assert_close(r, q[-n:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_reads_the_tasks_an_earlier_run_encoded(trained, temp_folder, tmp_path, capsys):
+    vae = small_model_files(trained).vae
+    cache = train_flux.prepared_cache(vae, 0, 24)
+    assert cache.parent == temp_folder and cache.exists()  # written by the run of `trained`
+    assert [p.name for p in temp_folder.iterdir() if p.suffix == ".partial"] == []
+    train_flux.main(["--vae", str(vae), "--tasks", "24", "--prepare-only", "--out", str(tmp_path)])
+    assert f"(read from {cache})" in capsys.readouterr().out
+    train_flux.main(["--vae", str(vae), "--tasks", "24", "--prepare-only", "--no-cache", "--out", str(tmp_path)])
+    assert "(encoded)" in capsys.readouterr().out
+
+
+def test_the_task_cache_is_named_by_all_the_tasks_are_made_of(trained, tmp_path, monkeypatch):
+    vae = small_model_files(trained).vae
+    name = train_flux.prepared_cache(vae, 0, 24)
+    assert train_flux.prepared_cache(vae, 0, 24) == name
+    assert train_flux.prepared_cache(vae, 24, 24) != name and train_flux.prepared_cache(vae, 0, 25) != name
+    other_weights = tmp_path / "ae.safetensors"
+    other_weights.write_bytes(vae.read_bytes() + b" ")  # same mtime would not matter: the bytes are hashed
+    assert train_flux.prepared_cache(other_weights, 0, 24) != name
+    monkeypatch.setattr(train_flux, "SMALL_T5_LENGTH", train_flux.SMALL_T5_LENGTH + 1)  # tokenized differently
+    assert train_flux.prepared_cache(vae, 0, 24) != name
 
 
 @pytest.mark.parametrize(

@@ -27,9 +27,12 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import inspect
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import tempfile
 import time
@@ -128,6 +131,25 @@ def render_tasks(seeds: range) -> list[tuple[str, str, list[np.ndarray]]]:
     come back from the workers by pickling (tensors would go through shared-memory handles, one per image)."""
     return [(task.kind, task.instruction, [to_uint8(image).numpy() for image in (task.target, *task.images)])
             for task in training_tasks(seeds.start, len(seeds))]  # fmt: skip
+
+
+# What encoded tasks are made of besides their seeds and the VAE's weights: the code that renders, tokenizes and
+# encodes them (package-relative paths).
+PREPARED_FROM = ("tasks.py", "tasks_render.py", "autoencoder.py", "small_model/data.py", "small_model/tokenizers.py")
+
+
+def prepared_cache(vae: Path, first: int, count: int) -> Path:
+    """Where `prepare`'s tasks are kept for the next run (encoding them takes minutes): in the temp folder, named
+    by their seeds and a hash of all they are made from, so a changed generator, tokenizer or VAE never reads a
+    stale file."""
+    digest = hashlib.sha256(vae.read_bytes())
+    package = Path(__file__).resolve().parents[1]
+    for name in PREPARED_FROM:
+        digest.update((package / name).read_bytes())
+    for function in (render_tasks, prepare):
+        digest.update(inspect.getsource(function).encode())
+    digest.update(f"{SMALL_T5_LENGTH} {CLIP_LENGTH}".encode())
+    return Path(tempfile.gettempdir()) / f"kontext-small-prepared-{first}+{count}-{digest.hexdigest()[:16]}.pt"
 
 
 @torch.no_grad()
@@ -257,21 +279,23 @@ def train(args: argparse.Namespace) -> None:
     t5_tok = load_tokenizer(write_t5_tokenizer(files.t5_tokenizer), "t5")
     clip_tok = load_tokenizer(write_clip_tokenizer(files.clip_tokenizer), "clip")
     start = time.time()
-    # Encoding the tasks' images takes minutes; a cache (keyed by the VAE file and the tasks' seeds) saves it
-    # for a resumed run.
-    seeds = f"{args.tasks}" if args.first_task == 0 else f"{args.first_task}+{args.tasks}"
-    cache = Path(tempfile.gettempdir()) / f"kontext-small-prepared-v3-{seeds}-{args.vae.stat().st_mtime_ns}.pt"
-    if args.cache and cache.exists():
+    cache = prepared_cache(args.vae, args.first_task, args.tasks) if args.cache else None
+    if cache is not None and cache.exists():
         groups = [TaskGroup(**g) for g in torch.load(cache)]
+        origin = f"read from {cache}"
     else:
         groups = prepare(args.vae, args.tasks, t5_tok, clip_tok, device, args.workers, args.first_task)
-        if args.cache:
-            torch.save([dataclasses.asdict(g) for g in groups], cache)
-    if args.prepare_only:
-        print(f"prepared data cached in {cache}")
-        return
-    print(f"prepared {args.tasks} tasks from seed {args.first_task} in {len(groups)} shape groups, "
+        origin = "encoded"
+        if cache is not None:
+            # written aside and renamed: an interrupted save must not leave a truncated cache for the next run
+            partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+            torch.save([dataclasses.asdict(g) for g in groups], partial)
+            partial.replace(cache)
+            origin += f", cached in {cache}"
+    print(f"prepared {args.tasks} tasks from seed {args.first_task} in {len(groups)} shape groups ({origin}), "
           f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
+    if args.prepare_only:
+        return
     noise_generator = torch.Generator(device).manual_seed(args.seed)  # noise, t, guidance, prompt dropout
     groups = [TaskGroup(**{k: _to(v, device) for k, v in dataclasses.asdict(g).items()}) for g in groups]
     empty_t5 = t5_tok([""], padding="max_length", max_length=SMALL_T5_LENGTH, return_tensors="pt").input_ids.to(device)
@@ -438,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
         "--cache",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="keep the encoded tasks in the temp folder for the next run with the same VAE and task count",
+        help="keep the encoded tasks in the temp folder for the next run on the same tasks, VAE and code",
     )
     args = parser.parse_args(argv)
     if args.blocks is not None and args.resume is not None:
