@@ -50,6 +50,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kontext_core", description=__doc__)
+    parser.add_argument("--traceback", action="store_true",
+                        help="on a bad input or a missing file, raise the error with its traceback (for a bug report) "
+                        "instead of printing its message")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     edit = sub.add_parser("edit", help="edit one or more reference images following a prompt")
@@ -200,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (FileNotFoundError, ValueError) as e:  # ValueError includes CheckpointError
-        # a missing file or a bad input (a seed, a size, a file of the wrong kind): its message, not a traceback
+        # a missing file or a bad input (a seed, a size, a file of the wrong kind): its message, not a traceback,
+        # unless asked for, since a genuine bug raising ValueError would look the same
+        if args.traceback:
+            raise
         print(f"python -m kontext_core {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -73,6 +73,11 @@ def test_bad_inputs_end_in_their_message(tmp_path, capsys):
     assert "demo: error: seed must be a non-negative integer, got -1" in capsys.readouterr().err
 
 
+def test_traceback_raises_the_error_for_a_bug_report(tmp_path):
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        main(["--traceback", "demo", "--seed", "-1", "--out", str(tmp_path)])
+
+
 @pytest.mark.parametrize(
     "extra",
     [
