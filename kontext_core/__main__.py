@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .quant import WEIGHT_DTYPES
 from .tasks import HELD_OUT_SEED, KINDS, make_task
 
 DEMO_SEED = HELD_OUT_SEED  # the first held-out task: a recolour of a held-out (colour, shape, place)
@@ -34,6 +35,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="use the built-in small model (synthetic scenes of shapes) even if real files are found")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=list(DTYPES), default="auto", help="compute precision (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="default",
+                   help="transformer weights in memory: default keeps the file's (an fp8 file stays fp8); "
+                   "an fp8 type casts a 16-bit file's block weights to it, halving their memory")
     g.add_argument("--attention", default="auto", help="attention kernel: auto, sdpa, flash, sage")
 
 
@@ -121,6 +125,7 @@ def _wants_small_model(args: argparse.Namespace) -> bool:
         real_only = {f"--{role}": path for role, path in files.items()} | {
             "--t5-tokenizer": args.t5_tokenizer, "--clip-tokenizer": args.clip_tokenizer, "--comfyui": args.comfyui,
             "--t5-max-length": args.t5_max_length, "--dtype": None if args.dtype == "auto" else args.dtype,
+            "--weight-dtype": None if args.weight_dtype == "default" else args.weight_dtype,
         }  # fmt: skip
         given = [name for name, value in real_only.items() if value is not None]
         if given:
@@ -132,6 +137,7 @@ def _wants_small_model(args: argparse.Namespace) -> bool:
 
 def load_pipeline(args: argparse.Namespace, small: bool):
     from . import load_text_encoder, load_transformer, load_vae
+    from .checkpoints import stored_fp8_dtype
     from .discovery import resolve_model_files
     from .math import set_attention_backend
     from .pipeline import KontextPipeline
@@ -149,7 +155,9 @@ def load_pipeline(args: argparse.Namespace, small: bool):
     if dtype is None:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     print(f"transformer: {files.transformer}\nvae: {files.vae}\nt5: {files.t5}\nclip: {files.clip}", file=sys.stderr)
-    transformer = load_transformer(files.transformer, device=args.device, dtype=dtype)
+    # the default keeps an fp8 file's weights fp8: a float compute dtype alone would dequantize them
+    weight_dtype = WEIGHT_DTYPES[args.weight_dtype] or stored_fp8_dtype(files.transformer)
+    transformer = load_transformer(files.transformer, device=args.device, dtype=dtype, weight_dtype=weight_dtype)
     vae = load_vae(files.vae, device=args.device, dtype=dtype)
     text = load_text_encoder(
         t5=files.t5, clip=files.clip, t5_tokenizer=args.t5_tokenizer or files.t5_tokenizer,

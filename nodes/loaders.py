@@ -6,6 +6,8 @@ import torch
 
 import kontext_core
 from kontext_core import math as kmath
+from kontext_core.checkpoints import stored_fp8_dtype
+from kontext_core.quant import WEIGHT_DTYPES
 from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
 from ._comfy import (
@@ -21,7 +23,6 @@ from ._comfy import (
 )
 
 CATEGORY = "Kontext Core/loaders"
-WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 T5_LENGTHS = ("auto", "512", "256")  # auto: the tokenizer's own (512 for T5-XXL, 48 for the small model)
 
@@ -82,7 +83,9 @@ class KontextCoreModelLoader(KontextNode):
         weights = WEIGHT_DTYPES[weight_dtype]
 
         def load():
-            options = {"weight_dtype": weights} if weights is not None else {}
+            # 'default' keeps an fp8 file's weights fp8: a float compute dtype alone would dequantize them
+            fp8 = weights or stored_fp8_dtype(path)
+            options = {"weight_dtype": fp8} if fp8 is not None else {}
             return kontext_core.load_transformer(path, device=device, dtype=dtype, **options)
 
         return (cls._slot.get(path, (weight_dtype, dtype, str(device)), load),)

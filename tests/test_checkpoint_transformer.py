@@ -20,6 +20,7 @@ from _flux_files import (
 from tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core import load_transformer
+from kontext_core.checkpoints import stored_fp8_dtype
 from kontext_core.checkpoints.flux_diffusers import diffusers_recipes, recipe_shape
 from kontext_core.checkpoints.transformer import diffusers_to_bfl, flux_params_from_tensors
 from kontext_core.config import FluxParams
@@ -94,7 +95,8 @@ def test_scaled_fp8_matches_dequantized_reference(reference, tmp_path, form):
     assert full.double_blocks[0].img_attn.qkv.weight.dtype == torch.float32
     assert max_rel(full(*flux_inputs(model.params)), twin_out) <= 1e-5
 
-    kept = load_transformer(path, dtype=torch.float32, weight_dtype=torch.float8_e4m3fn)  # stays fp8
+    assert stored_fp8_dtype(path) == torch.float8_e4m3fn
+    kept = load_transformer(path, dtype=torch.float32, weight_dtype=stored_fp8_dtype(path))  # stays fp8
     qkv = kept.double_blocks[0].img_attn.qkv
     assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == torch.float8_e4m3fn
     assert max_rel(kept(*flux_inputs(model.params)), twin_out) <= 1e-5
@@ -112,6 +114,7 @@ def test_scaled_fp8_matches_dequantized_reference(reference, tmp_path, form):
 def test_plain_fp8_stays_fp8_by_default(reference, tmp_path, fp8):
     model, expected = reference
     path, dequantized = plain_fp8_file(model, tmp_path / "fp8.safetensors", fp8)
+    assert stored_fp8_dtype(path) == fp8
     kept = load_transformer(path)  # dtype=None: keep the file's precision
     assert kept.double_blocks[0].img_mlp[0].weight.dtype == fp8
     assert kept.img_in.weight.dtype == torch.bfloat16  # the rest follows the compute dtype
@@ -130,6 +133,7 @@ def test_plain_fp8_stays_fp8_by_default(reference, tmp_path, fp8):
 def test_weight_dtype_fp8_casts_a_full_precision_file(reference, tmp_path):
     model, expected = reference
     path = bfl_file(model, tmp_path / "flux.safetensors")
+    assert stored_fp8_dtype(path) is None
     loaded = load_transformer(path, dtype=torch.float32, weight_dtype=torch.float8_e4m3fn)
     assert loaded.single_blocks[0].linear2.weight.dtype == torch.float8_e4m3fn
     assert loaded.txt_in.weight.dtype == torch.float32  # outside the blocks: full precision, as ComfyUI

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 from text_fixtures import save_models, text_widths
+from _flux_files import plain_fp8_file
 from tiny_models import TINY_FLUX, randomize_
 
-from kontext_core.__main__ import main
+from kontext_core import load_transformer
+from kontext_core.__main__ import build_parser, load_pipeline, main
 from kontext_core.autoencoder import AutoEncoder
 from kontext_core.config import AutoEncoderParams, FluxParams
 from kontext_core.model import Flux
+from kontext_core.quant import Fp8Linear
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +62,16 @@ def test_edit_and_generate_from_a_comfyui_folder(comfyui, tmp_path, capsys):
     assert main(["generate", "--width", "64", "--height", "32", "--num-images", "2", *args[:-1], str(gen)]) == 0
     assert Image.open(tmp_path / "gen_1.png").size == (64, 32) and (tmp_path / "gen_2.png").is_file()
     assert "2/2" in capsys.readouterr().err  # the terminal progress bar reached the last step
+
+
+@pytest.mark.parametrize(("weight_dtype", "kept"), [("default", torch.float8_e5m2), ("fp8_e4m3fn", torch.float8_e5m2)])
+def test_an_fp8_file_stays_fp8(comfyui, tmp_path, weight_dtype, kept):
+    bf16 = load_transformer(comfyui / "models" / "diffusion_models" / "flux1-kontext-dev.safetensors")
+    path, _ = plain_fp8_file(bf16, tmp_path / "fp8.safetensors", torch.float8_e5m2)
+    args = build_parser().parse_args(["generate", "--comfyui", str(comfyui), "--transformer", str(path),
+                                      "--dtype", "fp32", "--weight-dtype", weight_dtype, "--prompt", "x", "--out", "o.png"])  # fmt: skip
+    qkv = load_pipeline(args, small=False).transformer.double_blocks[0].img_attn.qkv
+    assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == kept  # the file's fp8 is never re-cast
 
 
 def test_missing_files_are_named(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,7 @@ from _node_helpers import ROOT, TinyTextEncoder, TinyVAE, load_pack, random_imag
 from tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core import sampling
+from kontext_core.quant import Fp8Linear
 from kontext_core.small_model import BUILTIN_PREFIX, small_model_files
 from kontext_core.styles import STYLE_PRESETS, apply_style
 
@@ -324,6 +325,7 @@ def test_model_loader_caches_and_switches(monkeypatch, tmp_path):
         return types.SimpleNamespace(path=path)
 
     monkeypatch.setitem(vars(loaders.kontext_core), "load_transformer", fake_load)
+    monkeypatch.setattr(loaders, "stored_fp8_dtype", lambda path: None)  # the files here are stand-ins
     monkeypatch.setattr(loaders.KontextCoreModelLoader, "_slot", _comfy.ModelSlot())
     args = dict(weight_dtype="default", compute_dtype="auto", attention="auto")
     first = run("KontextCoreModelLoader", model_name="a.safetensors", **args)[0]
@@ -335,6 +337,18 @@ def test_model_loader_caches_and_switches(monkeypatch, tmp_path):
     assert loaders.KontextCoreModelLoader._slot.value.path.endswith("b.safetensors")
     with pytest.raises(ValueError, match="'attention'"):
         run("KontextCoreModelLoader", model_name="a.safetensors", **args | {"attention": "flash"})
+
+
+def test_model_loader_keeps_an_fp8_file_fp8_by_default(monkeypatch):
+    loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]
+    monkeypatch.setattr(loaders, "torch_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(loaders.KontextCoreModelLoader, "_slot", _comfy.ModelSlot())
+    builtin = f"{BUILTIN_PREFIX}flux1-kontext-small.safetensors"  # the shipped scaled-fp8 file
+    model = run("KontextCoreModelLoader", model_name=builtin, weight_dtype="default", compute_dtype="fp32",
+                attention="auto")[0]  # fmt: skip
+    qkv = model.double_blocks[0].img_attn.qkv
+    assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == torch.float8_e4m3fn
+    assert model.compute_dtype == torch.float32
 
 
 # ---------------------------------------------------------------- safety

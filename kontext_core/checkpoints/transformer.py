@@ -263,6 +263,18 @@ def _check_device(
         )  # fmt: skip
 
 
+def stored_fp8_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The fp8 type a transformer file stores its Linear weights in (e4m3 first where it has both), None for a
+    16/32-bit file; read from the header. As `load_transformer`'s `weight_dtype` it keeps an fp8 file fp8
+    whatever the compute `dtype`, as ComfyUI's default weight dtype does."""
+    layout = read_layout(Path(path))
+    try:
+        stored = {layout.dtype(k) for k, shape in layout.shapes.items() if k.endswith(".weight") and len(shape) == 2}
+    finally:
+        layout.source.close()
+    return next((fp8 for fp8 in FP8_DTYPES if fp8 in stored), None)
+
+
 def load_transformer(
     path: str | os.PathLike,
     *,
