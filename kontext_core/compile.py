@@ -12,7 +12,6 @@ compiled code instead of recompiling (measured: none on a new text and image len
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -102,7 +101,10 @@ class CudaGraphForward:
 
     def _capture(self, args: tuple[Tensor | None, ...]):
         static_in = [None if a is None else a.detach().clone() for a in args]
-        run: Callable[[], Tensor] = lambda: self.model(*static_in)
+
+        def run() -> Tensor:
+            return self.model(*static_in)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():

@@ -26,6 +26,9 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+# ComfyUI's scaled-fp8 files (transformer and text encoders): a marker key and a float32 scale per fp8 weight.
+SCALED_FP8_MARKERS = ("scaled_fp8",)
+WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 
 
 class CheckpointError(ValueError):

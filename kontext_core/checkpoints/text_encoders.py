@@ -19,7 +19,10 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from ..quant import FP8_DTYPES
 from .safetensors_io import (
+    SCALED_FP8_MARKERS,
+    WEIGHT_SCALE_SUFFIXES,
     CheckpointError,
     TensorSource,
     assign_tensors,
@@ -28,12 +31,9 @@ from .safetensors_io import (
     read_config_json,
 )
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # ComfyUI's full checkpoints keep the text encoders beside the other models under these prefixes.
 T5_PREFIXES = ("text_encoders.t5xxl.transformer.",)
 CLIP_PREFIXES = ("text_encoders.clip_l.transformer.",)
-QUANT_MARKERS = ("scaled_fp8",)
-WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 # Input scales and per-layer format tags only matter to fp8 matmuls; the weights are dequantized here.
 QUANT_EXTRA_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 # FLUX uses CLIP's pooled output before the projection, and only the text tower of a full CLIP model.
@@ -59,7 +59,7 @@ class _FileTensors:
         self.scales: dict[str, str] = {}  # file weight key -> file key of its scale
         for local in self.all_keys:
             full = prefix + local
-            if local in QUANT_MARKERS or local.endswith(QUANT_EXTRA_SUFFIXES):
+            if local in SCALED_FP8_MARKERS or local.endswith(QUANT_EXTRA_SUFFIXES):
                 continue
             if local.endswith(WEIGHT_SCALE_SUFFIXES):
                 self.scales[prefix + local.rsplit(".", 1)[0] + ".weight"] = full

@@ -24,6 +24,8 @@ from ..model import Flux
 from ..quant import FP8_DTYPES, enable_fp8_matmul, fp8_matmul_supported, use_fp8_linears
 from .flux_diffusers import Recipe, diffusers_recipes, diffusers_to_bfl, is_diffusers_flux, recipe_shape, unused_keys
 from .safetensors_io import (
+    SCALED_FP8_MARKERS,
+    WEIGHT_SCALE_SUFFIXES,
     CheckpointError,
     TensorSource,
     assign_tensors,
@@ -33,13 +35,11 @@ from .safetensors_io import (
     read_config_json,
 )
 
-__all__ = ["diffusers_to_bfl", "flux_params_from_tensors", "load_transformer", "wrong_architecture"]
+__all__ = ["diffusers_to_bfl", "flux_params_from_tensors", "load_transformer", "stored_fp8_dtype", "wrong_architecture"]
 
 FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
-WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 # activation scales only tune ComfyUI's own fp8 matmul; our `_scaled_mm` path scales activations per call
 INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
-MARKER_KEYS = ("scaled_fp8",)
 BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
 
 
@@ -187,7 +187,7 @@ def read_layout(path: Path) -> FluxLayout:
     # a full ComfyUI checkpoint also holds the VAE and text encoders: take the diffusion model only
     local = {k[len(prefix) :]: k for k in all_keys if k.startswith(prefix)}
     formats = _quant_formats(path, source, local, prefix)
-    ignored = MARKER_KEYS + INPUT_SCALE_SUFFIXES + (".comfy_quant",)
+    ignored = SCALED_FP8_MARKERS + INPUT_SCALE_SUFFIXES + (".comfy_quant",)
     weights = {
         k: full for k, full in local.items() if not k.endswith(WEIGHT_SCALE_SUFFIXES + ignored) and k not in ignored
     }

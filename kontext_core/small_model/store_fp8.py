@@ -21,10 +21,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoints.transformer import MARKER_KEYS, is_block_linear_weight
+from ..checkpoints.safetensors_io import SCALED_FP8_MARKERS
+from ..checkpoints.transformer import is_block_linear_weight
 from ..quant import FP8_DTYPES, quantize_fp8
 
-MARKER = MARKER_KEYS[0]
+MARKER = SCALED_FP8_MARKERS[0]
 
 
 def store_fp8(source: Path, target: Path) -> None:
