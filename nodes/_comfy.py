@@ -337,6 +337,12 @@ def output_directory() -> str:
     return folder_paths.get_output_directory()
 
 
+def metadata_disabled() -> bool:
+    """ComfyUI's --disable-metadata: saved images then carry no prompt or workflow, as core SaveImage's."""
+    cli_args = comfy_module("comfy.cli_args")
+    return cli_args is not None and bool(getattr(cli_args.args, "disable_metadata", False))
+
+
 def user_directory() -> str | None:
     folder_paths = comfy_module("folder_paths")
     return folder_paths.get_user_directory() if folder_paths is not None else None

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kontext_core import provenance
+from kontext_core.small_model import BUILTIN_PREFIX
+
 from . import _comfy
 from ._comfy import Input, KontextNode, NodeResult, image_input
 
 CATEGORY = "Kontext Core/image"
-# the engine's names, so the command line and the node sign with the same settings
-CERT_ENV, KEY_ENV = "KONTEXT_C2PA_CERT_CHAIN", "KONTEXT_C2PA_PRIVATE_KEY"
 
 
 def _inside(root: str, relative: str, input_name: str) -> str:
@@ -45,26 +46,48 @@ def save_paths(output_dir: str, prefix: str, count: int) -> tuple[str, list[str]
     ]
 
 
-def signing_files(c2pa_cert: str, c2pa_key: str) -> tuple[str, str] | None:
-    """Certificate and key for C2PA: the node's paths (inside ComfyUI's user folder), else the
-    KONTEXT_C2PA_CERT / KONTEXT_C2PA_KEY environment variables, else None (no signature)."""
+def signing_config(c2pa_cert: str, c2pa_key: str) -> provenance.SigningConfig | None:
+    """Certificate and key for C2PA: the node's paths (inside ComfyUI's user folder), else the engine's
+    environment variables (`provenance.SigningConfig.from_env`), else None (no signature)."""
     if bool(c2pa_cert) != bool(c2pa_key):
         raise ValueError("inputs 'c2pa_cert' and 'c2pa_key' must be given together")
     if c2pa_cert:
         user = _comfy.user_directory()
         if user is None:
             raise ValueError("inputs 'c2pa_cert'/'c2pa_key' are resolved in ComfyUI's user folder, unknown here")
-        files = _inside(user, c2pa_cert, "c2pa_cert"), _inside(user, c2pa_key, "c2pa_key")
-    elif os.environ.get(CERT_ENV) or os.environ.get(KEY_ENV):
-        if not (os.environ.get(CERT_ENV) and os.environ.get(KEY_ENV)):
-            raise ValueError(f"set both {CERT_ENV} and {KEY_ENV} to sign, or neither")
-        files = os.environ[CERT_ENV], os.environ[KEY_ENV]
+        config = provenance.SigningConfig(Path(_inside(user, c2pa_cert, "c2pa_cert")),
+                                          Path(_inside(user, c2pa_key, "c2pa_key")))  # fmt: skip
+        origins = ("input 'c2pa_cert'", "input 'c2pa_key'")
     else:
-        return None
-    for name, path in zip(("c2pa_cert", "c2pa_key"), files):
-        if not os.path.isfile(path):
-            raise ValueError(f"input '{name}': {path} is not a file")
-    return files
+        try:
+            config = provenance.SigningConfig.from_env()
+        except provenance.ProvenanceError as e:
+            raise ValueError(str(e)) from None
+        if config is None:
+            return None
+        origins = (f"environment variable {provenance.CERT_ENV}", f"environment variable {provenance.KEY_ENV}")
+    for origin, path in zip(origins, (config.cert_chain, config.private_key)):
+        if not path.is_file():
+            raise ValueError(f"{origin}: {path} is not a file")
+    return config
+
+
+def model_label(prompt) -> str:
+    """The model the saved images' metadata names: the file of the one Kontext Model Loader in the queued graph
+    (ComfyUI's hidden `prompt`); with none or several, only the family, since naming one the images may not
+    come from would be a false record."""
+    names = {
+        node["inputs"]["model_name"]
+        for node in (prompt.values() if isinstance(prompt, dict) else ())
+        if isinstance(node, dict) and node.get("class_type") == "KontextCoreModelLoader"
+        and isinstance(node.get("inputs"), dict) and isinstance(node["inputs"].get("model_name"), str)
+    }  # fmt: skip
+    if len(names) != 1:
+        return "FLUX.1 Kontext"
+    name = names.pop()
+    if name.startswith(BUILTIN_PREFIX):
+        return f"Kontext Core's built-in small model ({name.removeprefix(BUILTIN_PREFIX)})"
+    return f"FLUX.1 Kontext ({os.path.basename(name)})"
 
 
 class KontextCoreSaveImage(KontextNode):
@@ -93,20 +116,20 @@ class KontextCoreSaveImage(KontextNode):
     def run(cls, images, filename_prefix: str, c2pa_cert: str = "", c2pa_key: str = "", source_image=None,
             prompt=None, extra_pnginfo=None):  # fmt: skip
         images = image_input(cls, "images", images)
-        signer = signing_files(c2pa_cert.strip(), c2pa_key.strip())
+        signing = signing_config(c2pa_cert.strip(), c2pa_key.strip())
         sources = [_to_pil(s) for s in image_input(cls, "source_image", source_image)] if source_image is not None else []
+        model = model_label(prompt)
+        if _comfy.metadata_disabled():  # the user's privacy choice; the AI disclosure and C2PA stay
+            prompt, extra_pnginfo = None, None
         extra = dict(extra_pnginfo or {})
         workflow = extra.pop("workflow", None)
         output_dir = _comfy.output_directory()
         subfolder, names = save_paths(output_dir, filename_prefix, images.shape[0])
-        from kontext_core import provenance
-
-        signing = provenance.SigningConfig(*map(Path, signer)) if signer else None
         saved = []
         for image, name in zip(images, names):
             path = os.path.join(output_dir, subfolder, name)
             provenance.save_png(
-                _to_pil(image), path, prompt=prompt, workflow=workflow, inputs=sources, signing=signing,
+                _to_pil(image), path, prompt=prompt, workflow=workflow, model=model, inputs=sources, signing=signing,
                 extra_text={k: json.dumps(v) for k, v in extra.items()},
             )  # fmt: skip
             saved.append({"filename": name, "subfolder": subfolder, "type": "output"})

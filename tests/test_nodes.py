@@ -13,7 +13,7 @@ import torch
 from _node_helpers import ROOT, TinyTextEncoder, TinyVAE, load_pack, random_image
 from tiny_models import TINY_FLUX, tiny_flux_model
 
-from kontext_core import sampling
+from kontext_core import provenance, sampling
 from kontext_core.quant import Fp8Linear
 from kontext_core.small_model import BUILTIN_PREFIX, small_model_files
 from kontext_core.styles import STYLE_PRESETS, apply_style
@@ -56,6 +56,31 @@ def test_every_node_is_prefixed_documented_and_tooltipped():
         assert all(spec.tooltip for spec in node.INPUTS), node_id
         assert all(out.tooltip for out in node.OUTPUTS), node_id
         assert (ROOT / "web" / "docs" / f"{node_id}.md").is_file(), node_id
+
+
+def _doc_input_row(spec) -> str:
+    name = f"`{spec.name}`" + (" (optional)" if spec.optional else "")
+    if spec.type == "COMBO":
+        kind = "choice of files" if callable(spec.options) else " / ".join(spec.choices())
+    elif spec.min is not None and spec.max is not None:
+        kind = f"{spec.type} ({spec.min} – {spec.max})"
+    else:
+        kind = spec.type
+    default = "" if spec.default is None else f"`{spec.default!r}`"
+    return f"| {name} | {kind} | {default} | {spec.tooltip} |"
+
+
+def test_node_docs_list_what_the_nodes_have():
+    """web/docs (the editor's node help) tables: each input's and output's row as the node defines it."""
+    for node_id, node in BY_ID.items():
+        text = (ROOT / "web" / "docs" / f"{node_id}.md").read_text()
+        inputs, _, outputs = text.partition("## Outputs")
+        assert [line for line in inputs.splitlines() if line.startswith("| `")] == [
+            _doc_input_row(spec) for spec in node.INPUTS
+        ], node_id
+        assert [line for line in outputs.splitlines() if line.startswith("| `")] == [
+            f"| `{out.name}` | {out.type} | {out.tooltip} |" for out in node.OUTPUTS
+        ], node_id
 
 
 def test_design_input_names():
@@ -416,22 +441,47 @@ def test_save_paths_number_like_comfyui(tmp_path):
             save.save_paths(str(tmp_path), bad, 1)
 
 
-def test_signing_files_from_inputs_or_env(monkeypatch, tmp_path):
+def test_signing_config_from_inputs_or_env(monkeypatch, tmp_path):
     save = sys.modules[f"{pack.__name__}.nodes.save"]
-    monkeypatch.delenv(save.CERT_ENV, raising=False)
-    monkeypatch.delenv(save.KEY_ENV, raising=False)
-    assert save.signing_files("", "") is None
+    monkeypatch.delenv(provenance.CERT_ENV, raising=False)
+    monkeypatch.delenv(provenance.KEY_ENV, raising=False)
+    assert save.signing_config("", "") is None
     (tmp_path / "c.pem").write_text("c")
     (tmp_path / "k.pem").write_text("k")
     monkeypatch.setattr(_comfy, "user_directory", lambda: str(tmp_path))
-    assert save.signing_files("c.pem", "k.pem") == (str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    assert save.signing_config("c.pem", "k.pem") == provenance.SigningConfig(tmp_path / "c.pem", tmp_path / "k.pem")
     with pytest.raises(ValueError, match="'c2pa_cert'"):
-        save.signing_files("../c.pem", "k.pem")
+        save.signing_config("../c.pem", "k.pem")
     with pytest.raises(ValueError, match="together"):
-        save.signing_files("c.pem", "")
-    monkeypatch.setenv(save.CERT_ENV, str(tmp_path / "c.pem"))
-    with pytest.raises(ValueError, match=save.KEY_ENV):
-        save.signing_files("", "")
+        save.signing_config("c.pem", "")
+    with pytest.raises(ValueError, match="input 'c2pa_key': .*missing.pem is not a file"):
+        save.signing_config("c.pem", "missing.pem")
+    monkeypatch.setenv(provenance.CERT_ENV, str(tmp_path / "c.pem"))
+    with pytest.raises(ValueError, match=provenance.KEY_ENV):
+        save.signing_config("", "")
+    monkeypatch.setenv(provenance.KEY_ENV, str(tmp_path / "gone.pem"))  # an error names where the path came from
+    with pytest.raises(ValueError, match=f"environment variable {provenance.KEY_ENV}: .*gone.pem is not a file"):
+        save.signing_config("", "")
+    monkeypatch.setenv(provenance.KEY_ENV, str(tmp_path / "k.pem"))
+    assert save.signing_config("", "") == provenance.SigningConfig(tmp_path / "c.pem", tmp_path / "k.pem")
+
+
+@pytest.mark.parametrize(
+    ("loaders", "label"),
+    [
+        ([f"{BUILTIN_PREFIX}flux1-kontext-small.safetensors"], "Kontext Core's built-in small model (flux1-kontext-small.safetensors)"),
+        (["sub/flux1-dev-kontext_fp8_scaled.safetensors"] * 2, "FLUX.1 Kontext (flux1-dev-kontext_fp8_scaled.safetensors)"),
+        (["a.safetensors", "b.safetensors"], "FLUX.1 Kontext"),  # which one made the image is not known here
+        ([], "FLUX.1 Kontext"),
+    ],
+)  # fmt: skip
+def test_saved_images_name_the_model_of_the_graph(loaders, label):
+    save = sys.modules[f"{pack.__name__}.nodes.save"]
+    prompt = {str(i): {"class_type": "KontextCoreModelLoader", "inputs": {"model_name": name}}
+              for i, name in enumerate(loaders)}  # fmt: skip
+    prompt["9"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "other.safetensors"}}
+    assert save.model_label(prompt) == label
+    assert save.model_label(None) == "FLUX.1 Kontext"  # run outside a queued graph
 
 
 # ---------------------------------------------------------------- the graph equals the engine's pipeline

@@ -11,6 +11,8 @@ import torch
 from _node_helpers import load_pack
 from PIL import Image
 
+from kontext_core import provenance
+
 pack = load_pack()
 _comfy = sys.modules[f"{pack.__name__}.nodes._comfy"]
 save = sys.modules[f"{pack.__name__}.nodes.save"]
@@ -18,8 +20,8 @@ save = sys.modules[f"{pack.__name__}.nodes.save"]
 
 def test_saves_workflow_and_disclosure(monkeypatch, tmp_path):
     monkeypatch.setattr(_comfy, "output_directory", lambda: str(tmp_path))
-    monkeypatch.delenv(save.CERT_ENV, raising=False)
-    monkeypatch.delenv(save.KEY_ENV, raising=False)
+    monkeypatch.delenv(provenance.CERT_ENV, raising=False)
+    monkeypatch.delenv(provenance.KEY_ENV, raising=False)
     images = torch.rand(2, 32, 48, 3, generator=torch.Generator().manual_seed(0))
     result = save.KontextCoreSaveImage.run(
         images, "kontext/test", prompt={"1": {"class_type": "X", "inputs": {}}},
@@ -31,19 +33,31 @@ def test_saves_workflow_and_disclosure(monkeypatch, tmp_path):
     assert json.loads(png.text["prompt"]) == {"1": {"class_type": "X", "inputs": {}}}
     assert json.loads(png.text["workflow"]) == {"nodes": []}
     assert json.loads(png.text["note"]) == "hi"
+    assert png.text["model"] == "FLUX.1 Kontext"  # no Kontext Model Loader in this graph: the family only
     assert "trainedAlgorithmicMedia" in png.info.get("XML:com.adobe.xmp", "")
     pixels = torch.from_numpy(np.array(png)).float() / 255
     assert (pixels - images[0]).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit rounding only
 
 
+def test_disable_metadata_leaves_out_prompt_and_workflow(monkeypatch, tmp_path):
+    monkeypatch.setattr(_comfy, "output_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(_comfy, "metadata_disabled", lambda: True)  # ComfyUI started with --disable-metadata
+    monkeypatch.delenv(provenance.CERT_ENV, raising=False)
+    monkeypatch.delenv(provenance.KEY_ENV, raising=False)
+    prompt = {"1": {"class_type": "KontextCoreModelLoader", "inputs": {"model_name": "kontext.safetensors"}}}
+    save.KontextCoreSaveImage.run(torch.rand(1, 16, 16, 3), "private", prompt=prompt,
+                                  extra_pnginfo={"workflow": {"nodes": []}, "note": "hi"})  # fmt: skip
+    png = Image.open(tmp_path / "private_00001_.png")
+    assert not {"prompt", "workflow", "note"} & set(png.text)
+    assert png.text["ai_generated"] == "true" and png.text["model"] == "FLUX.1 Kontext (kontext.safetensors)"
+
+
 def test_signed_edit_records_its_source(monkeypatch, tmp_path):
     pytest.importorskip("c2pa")
-    from kontext_core import provenance
-
     certs = provenance.make_test_certificates(tmp_path / "certs")
     monkeypatch.setattr(_comfy, "output_directory", lambda: str(tmp_path / "out"))
-    monkeypatch.setenv(save.CERT_ENV, str(certs.cert_chain))
-    monkeypatch.setenv(save.KEY_ENV, str(certs.private_key))
+    monkeypatch.setenv(provenance.CERT_ENV, str(certs.cert_chain))
+    monkeypatch.setenv(provenance.KEY_ENV, str(certs.private_key))
     images = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
     source = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(2))
     save.KontextCoreSaveImage.run(images, "edit", source_image=source)
