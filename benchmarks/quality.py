@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from kontext_core.checkpoints.transformer import load_transformer, read_layout
+from kontext_core.files import written_whole
 from kontext_core.pipeline import KontextPipeline
 from kontext_core.quality import judge, psnr
 from kontext_core.quant import FP8_DTYPES
@@ -41,6 +42,7 @@ from kontext_core.tasks import HELD_OUT_SEED, KINDS, EditTask, make_task
 from kontext_core.tasks_render import Scene, Shape, coverage, render
 
 DRIFT_ROUNDS = 10
+DRIFT_METHODS = ("plain", "recomposite", "latent")  # without drift control, then the two controls
 # A pixel counts as changed by an edit when a channel moves more than this (8-bit), before dilation.
 RECOMPOSITE_THRESHOLD = 40
 RECOMPOSITE_DILATION = 2
@@ -127,6 +129,8 @@ def drift(pipe: KontextPipeline, seed: int, method: str, steps: int) -> list[dic
     """Ten chained recolours of one object (there and back), each round editing the previous output.
     method: "plain" (decode, re-encode), "recomposite" (plain + keep unchanged pixels), "latent" (chain the
     latent: no VAE round trip between rounds)."""
+    if method not in DRIFT_METHODS:
+        raise ValueError(f"method must be one of {DRIFT_METHODS}, got {method!r}")
     start = make_task(seed, "recolor")
     scene, shape = start.scenes[0], start.focus[0]
     colours = (start.focus[1].colour, shape.colour)
@@ -231,8 +235,10 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"first task seed; below {HELD_OUT_SEED:,} the tasks are training tasks (the gap to "
                         "held-out ones measures overfitting); drift always runs on held-out scenes")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.first_seed < 0:
-        parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
+    last_seed = args.first_seed + args.per_kind * len(KINDS) - 1
+    if args.first_seed < 0 or args.first_seed < HELD_OUT_SEED <= last_seed:
+        parser.error(f"--first-seed {args.first_seed} with --per-kind {args.per_kind} judges seeds up to {last_seed:,}: "
+                     f"expected all of them below {HELD_OUT_SEED:,} (training tasks) or none, and none negative")  # fmt: skip
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.per_kind < 1:
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         report["guidance_1"] = compare_variant(exact_outputs, tasks, lambda: pipe, steps=args.steps, guidance=1.0)
         print("guidance 1", report["guidance_1"], flush=True)
     report["drift"] = {}
-    for method in ("plain", "recomposite", "latent"):
+    for method in DRIFT_METHODS:
         curves = [drift(pipe, HELD_OUT_SEED + 7 * i, method, args.steps) for i in range(args.drift_scenes)]
         if not curves:
             break
@@ -292,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         print(method, [row["psnr_unedited_vs_original_db"] for row in report["drift"][method]], flush=True)
     report["seconds"] = round(time.time() - started)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        with written_whole(args.json) as partial:
+            partial.write_text(json.dumps(report, indent=1))
     print(markdown(report))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .files import written_whole
 from .quant import WEIGHT_DTYPES
 from .tasks import HELD_OUT_SEED, KINDS, make_task
 
@@ -173,9 +174,8 @@ def _save(images, out: str) -> list[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     paths = [target] if len(images) == 1 else [target.with_name(f"{target.stem}_{i + 1}{target.suffix}") for i in range(len(images))]
     for image, path in zip(images, paths):
-        tmp = path.with_name(path.name + ".part")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)  # never leave a half-written image behind
+        with written_whole(path) as partial:
+            image.save(partial, format="PNG")
     return paths
 
 

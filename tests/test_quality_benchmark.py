@@ -82,6 +82,8 @@ def test_fp8_storage_is_read_from_the_header(tmp_path):
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--drift-scenes", "-1"], "--drift-scenes must be >= 0, got -1"),
         (["--variants", "exact,fast_k2"], "unknown fast_k2"),  # the report's key, not the option's name
+        (["--first-seed", "999990"], "judges seeds up to 1,000,149: expected all of them below 1,000,000"),
+        (["--first-seed", "-1"], "none negative"),
     ],
 )
 def test_bad_benchmark_options_are_refused_by_name(args, message, capsys):
@@ -120,3 +122,5 @@ def test_recompositing_never_drifts_more_than_the_plain_chain_in_its_first_round
     # same seed, same first output; recompositing only puts original pixels back where the edit did not reach
     first = "psnr_unedited_vs_original_db"
     assert recomposited[0][first] >= plain[0][first]
+    with pytest.raises(ValueError, match="method must be one of"):
+        drift(pipe, HELD_OUT_SEED, "Latent", steps=2)  # never silently the plain chain

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import tempfile
 
 import pytest
@@ -50,7 +49,6 @@ def trained(tmp_path_factory):
 
 
 def test_distillation_and_kind_weights_run(trained, tmp_path):
-    shutil.copy(small_model_files(trained).vae, small_model_files(tmp_path).vae)
     train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--batch", "4", "--max-steps", "2",
                      "--resume", str(trained), "--minutes", "5", "--distill-minutes", "5",
                      "--kind-weights", "move=3,restyle=0", "--out", str(tmp_path)])  # fmt: skip
@@ -63,7 +61,6 @@ def test_distillation_and_kind_weights_run(trained, tmp_path):
 
 
 def test_deepened_run_saves_the_deeper_config(trained, tmp_path):
-    shutil.copy(small_model_files(trained).vae, small_model_files(tmp_path).vae)
     train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--batch", "4", "--max-steps", "1",
                      "--resume", str(trained), "--deepen", "--out", str(tmp_path)])  # fmt: skip
     params = load_default_pipeline(folder=tmp_path).transformer.params
@@ -196,6 +193,11 @@ def test_first_task_must_pick_training_seeds(args, message, capsys, tmp_path):
         (["--blocks", "2"], "argument --blocks: expected two counts"),
         (["--blocks", "2,0"], "at least 1"),
         (["--blocks", "2,6", "--resume", "run"], "keeps its own"),
+        (["--save-every", "0"], "--save-every must be at least 1, got 0"),  # was a ZeroDivisionError after encoding
+        (["--batch", "0"], "--batch must be at least 1, got 0"),
+        (["--lr", "0"], "--lr must be positive, got 0.0"),
+        (["--minutes", "10", "--distill-minutes", "11"], "--distill-minutes must lie in [0, --minutes 10.0], got 11.0"),
+        (["--distill-minutes", "-1"], "--distill-minutes must lie in"),
         ([], "arguments are required: --out"),  # never the package's own weights folder by default
     ],
 )
@@ -213,9 +215,20 @@ def test_vae_training_needs_an_out_folder(capsys):
     assert "arguments are required: --out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--steps", "0"], "--steps must be at least 1, got 0"), (["--tasks", "0"], "--tasks must be at least 1, got 0"),
+     (["--lr", "-1"], "--lr must be positive, got -1.0")],
+)  # fmt: skip
+def test_bad_vae_training_options_are_refused_by_name(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        train_vae.main([*args, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_runs_on_the_gpu(trained, tmp_path):
-    shutil.copy(small_model_files(trained).vae, small_model_files(tmp_path).vae)
     train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--batch", "4", "--max-steps", "2",
                      "--resume", str(trained), "--device", "cuda", "--no-cache", "--minutes", "5",
                      "--distill-minutes", "5", "--out", str(tmp_path)])  # fmt: skip

@@ -17,8 +17,8 @@ from ..tasks import HELD_OUT_SEED, EditTask, make_task
 
 def check_training_seeds(first: int, count: int) -> None:
     """Raises unless seeds `first` .. `first + count` - 1 are all training seeds (none held out)."""
-    if first < 0 or first + count > HELD_OUT_SEED:
-        raise ValueError(f"training seeds must lie in [0, {HELD_OUT_SEED}), got {first}..{first + count}")
+    if first < 0 or count < 0 or first + count > HELD_OUT_SEED:
+        raise ValueError(f"training seeds must lie in [0, {HELD_OUT_SEED}), got {first}..{first + count - 1}")
 
 
 def training_tasks(first: int, count: int) -> Iterator[EditTask]:

@@ -14,7 +14,6 @@ resuming from fp8 would lose the weights' low bits.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoints.safetensors_io import SCALED_FP8_MARKERS
+from ..files import written_whole
 from ..checkpoints.transformer import is_block_linear_weight
 from ..quant import FP8_DTYPES, quantize_fp8
 
@@ -50,12 +50,8 @@ def store_fp8(source: Path, target: Path) -> None:
         else:
             stored[key] = tensor
     stored[MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    partial = target.with_name(target.name + ".partial")
-    try:
+    with written_whole(target) as partial:
         save_file(stored, partial, metadata=metadata)
-        os.replace(partial, target)  # never a half-written file at `target`
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

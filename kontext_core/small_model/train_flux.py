@@ -32,7 +32,6 @@ import inspect
 import json
 import math
 import multiprocessing
-import os
 import shutil
 import tempfile
 import time
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from ..checkpoints.autoencoder import load_vae
+from ..files import written_whole
 from ..layers import DoubleStreamBlock, SingleStreamBlock
 from ..model import Flux
 from ..sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
@@ -135,7 +135,8 @@ def render_tasks(seeds: range) -> list[tuple[str, str, list[np.ndarray]]]:
 
 # What encoded tasks are made of besides their seeds and the VAE's weights: the code that renders, tokenizes and
 # encodes them (package-relative paths).
-PREPARED_FROM = ("tasks.py", "tasks_render.py", "autoencoder.py", "small_model/data.py", "small_model/tokenizers.py")
+PREPARED_FROM = ("tasks.py", "tasks_render.py", "autoencoder.py", "config.py", "checkpoints/autoencoder.py",
+                 "small_model/data.py", "small_model/tokenizers.py")  # fmt: skip
 
 
 def prepared_cache(vae: Path, first: int, count: int) -> Path:
@@ -278,6 +279,8 @@ def train(args: argparse.Namespace) -> None:
     files = small_model_files(out)
     t5_tok = load_tokenizer(write_t5_tokenizer(files.t5_tokenizer), "t5")
     clip_tok = load_tokenizer(write_clip_tokenizer(files.clip_tokenizer), "clip")
+    if not (files.vae.exists() and files.vae.samefile(args.vae)):
+        shutil.copy(args.vae, files.vae)  # the VAE it trains against: `out` then loads as a whole model
     start = time.time()
     cache = prepared_cache(args.vae, args.first_task, args.tasks) if args.cache else None
     if cache is not None and cache.exists():
@@ -287,10 +290,8 @@ def train(args: argparse.Namespace) -> None:
         groups = prepare(args.vae, args.tasks, t5_tok, clip_tok, device, args.workers, args.first_task)
         origin = "encoded"
         if cache is not None:
-            # written aside and renamed: an interrupted save must not leave a truncated cache for the next run
-            partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
-            torch.save([dataclasses.asdict(g) for g in groups], partial)
-            partial.replace(cache)
+            with written_whole(cache) as partial:  # a truncated cache would be read by the next run
+                torch.save([dataclasses.asdict(g) for g in groups], partial)
             origin += f", cached in {cache}"
     print(f"prepared {args.tasks} tasks from seed {args.first_task} in {len(groups)} shape groups ({origin}), "
           f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
@@ -406,21 +407,24 @@ def save(model: Student, files, info: dict) -> None:
     training = json.dumps(info)
     flux = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.flux.state_dict().items()}
     meta = {"flux_params": json.dumps(dataclasses.asdict(model.flux.params)), "training": training}
-    save_file(flux, files.transformer, metadata=meta)
     t5 = {
         k: v.detach().cpu().contiguous() for k, v in model.t5.state_dict().items() if k != "encoder.embed_tokens.weight"
     }
-    save_file(t5, files.t5, metadata={"config": model.t5.config.to_json_string(), "training": training})
     # ComfyUI's clip_l layout: the tower under `text_model.` (transformers 5 no longer nests it)
     clip = {f"text_model.{k.removeprefix('text_model.')}": v.detach().cpu().contiguous()
             for k, v in model.clip.state_dict().items()}  # fmt: skip
-    save_file(clip, files.clip, metadata={"config": model.clip.config.to_json_string(), "training": training})
+    # all three written before any is renamed: a run stopped mid-save keeps its previous checkpoint whole
+    with written_whole(files.transformer) as f, written_whole(files.t5) as t, written_whole(files.clip) as c:
+        save_file(flux, f, metadata=meta)
+        save_file(t5, t, metadata={"config": model.t5.config.to_json_string(), "training": training})
+        save_file(clip, c, metadata={"config": model.clip.config.to_json_string(), "training": training})
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae", type=Path, default=small_model_files().vae)
-    parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget, distillation included")
+    parser.add_argument("--minutes", type=float, default=45.0,
+                        help="wall-clock budget, distillation included, and encoding the tasks when not cached")
     parser.add_argument("--distill-minutes", type=float, default=0.0, help="last part spent distilling guidance")
     parser.add_argument(
         "--kind-weights",
@@ -467,8 +471,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.blocks is not None and args.resume is not None:
         parser.error("--blocks sets the depth of a new model; a --resume'd one keeps its own (--deepen doubles it)")
-    if args.tasks < 1:
-        parser.error(f"--tasks must be at least 1, got {args.tasks}")
+    for option, value in (("--tasks", args.tasks), ("--batch", args.batch), ("--save-every", args.save_every),
+                          ("--workers", args.workers), ("--max-steps", args.max_steps)):  # fmt: skip
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
+    for option, value in (("--lr", args.lr), ("--minutes", args.minutes)):
+        if not value > 0:
+            parser.error(f"{option} must be positive, got {value}")
+    if not 0 <= args.distill_minutes <= args.minutes:  # equal: a run that only distils a resumed model
+        parser.error(f"--distill-minutes must lie in [0, --minutes {args.minutes}], got {args.distill_minutes}")
     try:  # checked here, not when the first chunk renders minutes later
         check_training_seeds(args.first_task, args.tasks)
     except ValueError as e:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..autoencoder import AutoEncoder
 from ..checkpoints.autoencoder import load_vae
+from ..files import written_whole
 from ..tasks import HELD_OUT_SEED
 from . import SMALL_VAE, small_model_files
 from .data import image_pool, size_batches, to_signed
@@ -83,7 +84,8 @@ def save(vae: AutoEncoder, path: Path, info: dict) -> None:
     state = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
     config = {"scaling_factor": vae.params.scale_factor, "shift_factor": vae.params.shift_factor,
               "norm_num_groups": vae.params.norm_groups}  # fmt: skip
-    save_file(state, path, metadata={"config": json.dumps(config), "training": json.dumps(info)})
+    with written_whole(path) as partial:
+        save_file(state, partial, metadata={"config": json.dumps(config), "training": json.dumps(info)})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,6 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the folder ae-small.safetensors is saved in")
     parser.add_argument("--init", type=Path, help="a trained VAE whose decoder to fine-tune (encoder frozen)")
     args = parser.parse_args(argv)
+    for option, value in (("--steps", args.steps), ("--batch", args.batch), ("--tasks", args.tasks)):
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
     vae, info = train(args.steps, args.batch, args.lr, args.tasks, args.seed, init=args.init)
     args.out.mkdir(parents=True, exist_ok=True)
     save(vae, small_model_files(args.out).vae, info)
