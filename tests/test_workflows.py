@@ -14,6 +14,7 @@ from PIL import Image
 from tiny_models import TINY_FLUX, tiny_flux_model
 
 import kontext_core
+from kontext_core import provenance
 
 pack = load_pack()
 _comfy = sys.modules[f"{pack.__name__}.nodes._comfy"]
@@ -89,6 +90,17 @@ def test_ui_and_api_twins_describe_the_same_graph(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_edits_are_saved_as_edits_of_their_source(name):
+    """An edited image's provenance names the image it was made from (C2PA 'edited'), a generated one none."""
+    _, api = load(name)
+    edits = any(node["class_type"] == "KontextCoreVAEEncode" for node in api.values())
+    saves = {i: n for i, n in api.items() if n["class_type"] == "KontextCoreSaveImage"}
+    assert saves, name
+    for node_id, node in saves.items():
+        assert ("source_image" in node["inputs"]) == edits, f"{name}: node {node_id}"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_api_graph_is_valid_for_our_nodes(name):
     _, api = load(name)
     for node_id, node in api.items():
@@ -147,6 +159,7 @@ def tiny_comfy(monkeypatch, tmp_path):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "input" / name)
     host_folders(monkeypatch, tmp_path)
     monkeypatch.setitem(vars(kontext_core), "load_transformer", lambda path, **kw: tiny_flux_model(seed=1))
+    monkeypatch.setattr(sys.modules[f"{pack.__name__}.nodes.loaders"], "stored_fp8_dtype", lambda path: None)
     monkeypatch.setitem(vars(kontext_core), "load_vae", lambda path, **kw: TinyVAE(seed=2))
     monkeypatch.setitem(vars(kontext_core), "load_text_encoder",
                         lambda **kw: TinyTextEncoder(TINY_FLUX.context_in_dim, TINY_FLUX.vec_in_dim))  # fmt: skip
@@ -154,9 +167,9 @@ def tiny_comfy(monkeypatch, tmp_path):
     engine = types.SimpleNamespace(check_prompt=lambda p, tolerance: safe, check_image=lambda i, tolerance: safe)
     monkeypatch.setattr(sys.modules[f"{pack.__name__}.nodes.safety"], "_engine", lambda: engine)
     saved = []
-    provenance = types.SimpleNamespace(save_png=lambda image, path, **kw: saved.append((path, image.size, kw)))
-    monkeypatch.setitem(sys.modules, "kontext_core.provenance", provenance)
-    monkeypatch.setattr(kontext_core, "provenance", provenance, raising=False)
+    monkeypatch.setattr(provenance, "save_png", lambda image, path, **kw: saved.append((path, image.size, kw)))
+    monkeypatch.delenv(provenance.CERT_ENV, raising=False)
+    monkeypatch.delenv(provenance.KEY_ENV, raising=False)
     return tmp_path, saved
 
 
@@ -194,6 +207,7 @@ def test_api_graph_runs_with_tiny_models(tiny_comfy, name):
     saves = [n for n in api.values() if n["class_type"] == "KontextCoreSaveImage"]
     assert len(saved) == len(saves) >= 1
     assert all(kw["prompt"] is api for _, _, kw in saved)
+    assert all(len(kw["inputs"]) == (name != "text_to_image") for _, _, kw in saved)  # an edit names its source
     if name == "text_to_image":
         assert saved[0][1] == (48, 32)
     if name == "multi_round_edit":
