@@ -181,6 +181,8 @@ def v3_class(node: type[KontextNode]) -> type:
         # passed on as is: ComfyUI reads its parameter names, and a **kwargs signature would turn off
         # its own min/max checks
         attrs["validate_inputs"] = node.__dict__["validate_inputs"]
+    if "fingerprint_inputs" in node.__dict__:  # what besides the inputs decides the output (files on disk)
+        attrs["fingerprint_inputs"] = node.__dict__["fingerprint_inputs"]
     return type(node.__name__, (io.ComfyNode,), attrs)
 
 
@@ -239,6 +241,8 @@ def v1_class(node: type[KontextNode]) -> type:
     }
     if "validate_inputs" in node.__dict__:
         attrs["VALIDATE_INPUTS"] = node.__dict__["validate_inputs"]
+    if "fingerprint_inputs" in node.__dict__:
+        attrs["IS_CHANGED"] = node.__dict__["fingerprint_inputs"]
     return type(node.__name__, (), attrs)
 
 

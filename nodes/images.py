@@ -137,6 +137,19 @@ class KontextCoreLoadImageBatch(KontextNode):
     )
 
     @classmethod
+    def fingerprint_inputs(cls, folder: str, pattern: str = "*", index: int = 0):
+        """The chosen file's name, size and time, and the match count: ComfyUI reruns the node when a file is
+        replaced or added, not only when an input changes (core LoadImage hashes its file for the same reason)."""
+        try:
+            path, files = folder_images(folder, pattern)
+        except ValueError:
+            return float("nan")  # never equal to itself: the node runs and `run` names the bad input
+        if not 0 <= index < len(files):
+            return float("nan")
+        stat = os.stat(os.path.join(path, files[index]))
+        return files[index], stat.st_size, stat.st_mtime_ns, len(files)
+
+    @classmethod
     def run(cls, folder: str, pattern: str = "*", index: int = 0):
         path, files = folder_images(folder, pattern)
         if index >= len(files):

@@ -317,6 +317,29 @@ def test_load_image_from_folder(monkeypatch, tmp_path):
         run("KontextCoreLoadImageBatch", folder="batch", pattern="../*", index=0)
 
 
+def test_load_image_from_folder_reruns_when_its_file_changes(monkeypatch, tmp_path):
+    """ComfyUI caches a node's outputs by its inputs; the fingerprint makes it reload a replaced file."""
+    import os
+
+    from PIL import Image
+
+    images = sys.modules[f"{pack.__name__}.nodes.images"]
+    node = images.KontextCoreLoadImageBatch
+    (tmp_path / "batch").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "batch" / "a.png")
+    monkeypatch.setattr(_comfy, "input_directory", lambda: str(tmp_path))
+    before = node.fingerprint_inputs(folder="batch", pattern="*", index=0)
+    assert node.fingerprint_inputs(folder="batch", pattern="*", index=0) == before  # unchanged: cached
+    Image.new("RGB", (8, 9), (9, 9, 9)).save(tmp_path / "batch" / "a.png")
+    os.utime(tmp_path / "batch" / "a.png", ns=(1, 1))
+    assert node.fingerprint_inputs(folder="batch", pattern="*", index=0) != before  # replaced: rerun
+    for bad in ({"folder": "../"}, {"index": 5}):  # never equal to itself, so the node runs and names the input
+        value = node.fingerprint_inputs(**{"folder": "batch", "pattern": "*", "index": 0} | bad)
+        assert value != value
+    after = node.fingerprint_inputs(folder="batch", pattern="*", index=0)
+    assert _comfy.v1_class(node).IS_CHANGED(folder="batch", pattern="*", index=0) == after  # ComfyUI's V1 name
+
+
 # ---------------------------------------------------------------- loaders
 
 
