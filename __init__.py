@@ -1,8 +1,8 @@
 """ComfyUI entry point of the Kontext Core node pack.
 
 ComfyUI imports this file as a package. With `comfy_api.latest` present the nodes register through the
-V3 `comfy_entrypoint`; older builds get the V1 mappings. Outside ComfyUI (pytest, plain Python) the
-import succeeds and registers nothing.
+V3 `comfy_entrypoint`; older builds, and an import outside ComfyUI (pytest, plain Python), get the V1
+mappings, which nothing reads there. Run as a bare file it defines no nodes.
 """
 
 import os

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
-_HIDDEN_V1 = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}
+_HIDDEN_V1 = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
 
 
 def comfy_module(name: str):
@@ -85,14 +86,13 @@ class KontextNode:
     def call(cls, **inputs) -> NodeResult:
         """Check every input against the spec, then run. Errors name the node and the input."""
         check_inputs(cls, inputs)
-        for spec in cls.INPUTS:
-            if spec.optional and spec.name not in inputs and spec.default is not None:
-                inputs[spec.name] = spec.default
         result = cls.run(**inputs)
         return result if isinstance(result, NodeResult) else NodeResult(tuple(result))
 
 
 def check_inputs(node: type[KontextNode], inputs: dict[str, Any]) -> None:
+    """Raises a ValueError naming the first input that does not fit its spec; INT inputs given as whole floats
+    (2.0 from a JSON client) become ints in `inputs`."""
     known = {spec.name for spec in node.INPUTS} | set(node.HIDDEN)
     unknown = sorted(set(inputs) - known)
     if unknown:
@@ -104,10 +104,12 @@ def check_inputs(node: type[KontextNode], inputs: dict[str, Any]) -> None:
                 raise ValueError(f"{node.NODE_ID}: input '{spec.name}' is required ({spec.type})")
             continue
         if spec.type in ("INT", "FLOAT"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{node.NODE_ID}: input '{spec.name}' must be a number, got {value!r}")
-            if spec.type == "INT" and value != int(value):
-                raise ValueError(f"{node.NODE_ID}: input '{spec.name}' must be a whole number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{node.NODE_ID}: input '{spec.name}' must be a finite number, got {value!r}")
+            if spec.type == "INT":
+                if value != int(value):
+                    raise ValueError(f"{node.NODE_ID}: input '{spec.name}' must be a whole number, got {value!r}")
+                inputs[spec.name] = value = int(value)
             if spec.min is not None and value < spec.min or spec.max is not None and value > spec.max:
                 raise ValueError(
                     f"{node.NODE_ID}: input '{spec.name}' must be in [{spec.min}, {spec.max}], got {value!r}"
@@ -127,6 +129,8 @@ def image_input(node: type[KontextNode], name: str, image: Any) -> torch.Tensor:
         raise ValueError(f"{node.NODE_ID}: input '{name}' must be an IMAGE [B, H, W, C], got {shape}")
     if image.shape[0] == 0:
         raise ValueError(f"{node.NODE_ID}: input '{name}' is an empty batch")
+    if image.shape[-1] == 1:  # grayscale: as RGB, which every consumer (VAE, save, safety) expects
+        image = image.expand(*image.shape[:-1], 3)
     return image
 
 
@@ -395,12 +399,12 @@ class ModelSlot:
 # ---------------------------------------------------------------- progress, previews, interrupts
 
 
-def step_callback(total: int, preview: bool = True) -> Callable[[Any], None]:
+def step_callback(total: int) -> Callable[[Any], None]:
     """A `sampling.sample` callback: stops on ComfyUI's interrupt, moves the progress bar, sends previews."""
     utils = comfy_module("comfy.utils")
     management = comfy_module("comfy.model_management")
     bar = utils.ProgressBar(total) if utils is not None else None
-    previewer = _previewer() if preview and bar is not None else None
+    previewer = _previewer() if bar is not None else None
 
     def callback(info) -> None:
         if management is not None:

@@ -25,6 +25,15 @@ def _single(node, name: str, conditioning) -> tuple[torch.Tensor, dict]:
     return txt, meta
 
 
+def _check_even(node, name: str, latent: torch.Tensor, what: str) -> None:
+    # FLUX packs 2×2 latent pixels into a token: image sides must be multiples of 16
+    if latent.shape[2] % 2 or latent.shape[3] % 2:
+        raise ValueError(
+            f"{node.NODE_ID}: input '{name}': {what} is {latent.shape[3] * 8}×{latent.shape[2] * 8} pixels; Kontext "
+            "needs sides that are multiples of 16 (scale the image with Kontext Image Scale before encoding it)"
+        )
+
+
 class KontextCoreSampler(KontextNode):
     NODE_ID = "KontextCoreSampler"
     DISPLAY_NAME = "Kontext Sampler"
@@ -78,6 +87,10 @@ class KontextCoreSampler(KontextNode):
         init = None
         if latent is not None:
             raw = latent_input(cls, "latent", latent)
+            if "noise_mask" in latent:
+                raise ValueError(f"{cls.NODE_ID}: input 'latent' carries a noise_mask (Set Latent Noise Mask), which "
+                                 "Kontext does not use; say in the instruction what to change instead")  # fmt: skip
+            _check_even(cls, "latent", raw, "the latent")
             batch_size, height, width = raw.shape[0], raw.shape[2] * 8, raw.shape[3] * 8
             init = sampling.latent_to_model(raw.float()) if denoise < 1.0 else None
         elif denoise < 1.0:
@@ -93,8 +106,20 @@ class KontextCoreSampler(KontextNode):
             neg_txt, neg_meta = _single(cls, "negative", negative)
             neg = (neg_txt, neg_meta["pooled_output"])
 
-        references = [sampling.latent_to_model(r.float()) for r in meta.get("reference_latents") or []]
-        method = reference_method(meta.get("reference_latents_method") or "offset")
+        references = []
+        for i, reference in enumerate(meta.get("reference_latents") or [], start=1):
+            what = f"its reference {i}"
+            if not isinstance(reference, torch.Tensor) or reference.ndim != 4 or reference.shape[1] != 16:
+                raise ValueError(f"{cls.NODE_ID}: input 'positive': {what} is not a FLUX latent [B, 16, h, w]")
+            _check_even(cls, "positive", reference, what)
+            if reference.shape[0] not in (1, batch_size):
+                raise ValueError(f"{cls.NODE_ID}: input 'positive': {what} holds {reference.shape[0]} images; "
+                                 f"expected 1 or the output's batch of {batch_size}")  # fmt: skip
+            references.append(sampling.latent_to_model(reference.float()))
+        try:
+            method = reference_method(meta.get("reference_latents_method") or "offset")
+        except ValueError as e:
+            raise ValueError(f"{cls.NODE_ID}: input 'positive': {e}") from None
         device = next(model.parameters()).device
         noise = sampling.get_noise(batch_size, height, width, seed, device=device)
         with torch.no_grad():

@@ -83,6 +83,18 @@ def test_node_docs_list_what_the_nodes_have():
         ], node_id
 
 
+def test_the_editor_hint_knows_the_engine_resolutions():
+    """web/js keeps its own copy of the trained sizes (the browser cannot import Python): the two must agree."""
+    import re
+
+    from kontext_core.config import PREFERRED_KONTEXT_RESOLUTIONS
+
+    script = (ROOT / "web" / "js" / "kontext_core.js").read_text()
+    block = re.search(r"const PREFERRED = \[(.*?)\];", script, re.S).group(1)
+    pairs = [(int(w), int(h)) for w, h in re.findall(r"\[(\d+), (\d+)\]", block)]
+    assert pairs == PREFERRED_KONTEXT_RESOLUTIONS
+
+
 def test_design_input_names():
     sampler = {spec.name: spec for spec in BY_ID["KontextCoreSampler"].INPUTS}
     assert {"seed", "steps", "guidance", "denoise", "width", "height"} <= set(sampler)
@@ -218,9 +230,14 @@ def test_sampler_latent_sets_size_and_init_with_true_cfg(model, encoder):
         ({"true_cfg_scale": 2.0}, "'negative'"),
         ({"denoise": 0.5}, "'denoise'"),
         ({"seed": -1}, "'seed'"),
+        ({"steps": 2.5}, "input 'steps' must be a whole number"),
+        ({"guidance": float("nan")}, "input 'guidance' must be a finite number"),  # would sample all-NaN latents
+        ({"seed": float("inf")}, "input 'seed' must be a finite number"),
         ({"positive": "not conditioning"}, "'positive'"),
         ({"model": object()}, "'model'"),
         ({"latent": {"samples": torch.zeros(1, 4, 8, 8)}}, "'latent'"),
+        ({"latent": {"samples": torch.zeros(1, 16, 5, 4)}}, "input 'latent': the latent is 32×40 pixels"),
+        ({"latent": {"samples": torch.zeros(1, 16, 4, 4), "noise_mask": torch.ones(1, 32, 32)}}, "noise_mask"),
     ],
 )
 def test_sampler_errors_name_the_input(model, encoder, change, name):
@@ -229,6 +246,33 @@ def test_sampler_errors_name_the_input(model, encoder, change, name):
                   batch_size=1, true_cfg_scale=1.0) | change  # fmt: skip
     with pytest.raises(ValueError, match=name):
         run("KontextCoreSampler", **inputs)
+
+
+def test_sampler_takes_whole_floats_as_ints(model, encoder):
+    """A JSON client may send 2.0 for an INT; torch needs an int for the step count and the seed."""
+    cond, _ = _edit_inputs(encoder)
+    common = dict(model=model, positive=cond, guidance=-1.0, denoise=1.0, width=32, height=32, true_cfg_scale=1.0)
+    (floats,) = run("KontextCoreSampler", seed=3.0, steps=2.0, batch_size=1.0, **common)
+    (ints,) = run("KontextCoreSampler", seed=3, steps=2, batch_size=1, **common)
+    assert torch.equal(floats["samples"], ints["samples"])
+
+
+@pytest.mark.parametrize(
+    ("references", "method", "message"),
+    [
+        ([torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 5, 4)], "offset", "its reference 2 is 32×40 pixels"),
+        ([torch.zeros(2, 16, 4, 4)], "offset", "its reference 1 holds 2 images; expected 1 or the output's batch of 1"),
+        ([torch.zeros(1, 4, 4, 4)], "offset", "its reference 1 is not a FLUX latent"),
+        ([torch.zeros(1, 16, 4, 4)], "index_timestep_zero", "reference_latents_method must be one of"),  # core's
+    ],
+)  # fmt: skip
+def test_sampler_names_positive_for_a_bad_reference(model, encoder, references, method, message):
+    cond, _ = _edit_inputs(encoder)
+    txt, meta = cond[0]
+    positive = [[txt, meta | {"reference_latents": references, "reference_latents_method": method}]]
+    with pytest.raises(ValueError, match=f"KontextCoreSampler: input 'positive': .*{message}"):
+        run("KontextCoreSampler", model=model, positive=positive, seed=0, steps=2, guidance=-1.0, denoise=1.0,
+            width=32, height=32, batch_size=1, true_cfg_scale=1.0)  # fmt: skip
 
 
 class _FakeBar:
@@ -282,6 +326,10 @@ def test_vae_encode_decode_raw_space_and_crop():
     torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-7)
     with pytest.raises(ValueError, match="'pixels'"):
         run("KontextCoreVAEEncode", vae=vae, pixels=torch.rand(1, 8, 40, 3))
+    gray = image[..., :1]  # a one-channel IMAGE is encoded as the RGB image it shows
+    (from_gray,) = run("KontextCoreVAEEncode", vae=vae, pixels=gray)
+    (from_rgb,) = run("KontextCoreVAEEncode", vae=vae, pixels=gray.expand(-1, -1, -1, 3))
+    assert torch.equal(from_gray["samples"], from_rgb["samples"])
 
 
 @pytest.mark.parametrize("mode, size", [("stretch", (1184, 880)), ("crop", (1184, 880)), ("keep", (64, 48))])
@@ -512,8 +560,9 @@ def test_saved_images_name_the_model_of_the_graph(loaders, label):
 
 def test_edit_graph_matches_kontext_pipeline(model, encoder):
     mode = "keep"  # "crop"/"stretch" reach 1024-pixel sizes; their tensor/PIL agreement is in test_resize
-    pipeline = pytest.importorskip("kontext_core.pipeline")
     from PIL import Image
+
+    from kontext_core import pipeline
 
     rng = torch.Generator().manual_seed(8)
     pixels = torch.randint(0, 256, (37, 53, 3), generator=rng, dtype=torch.uint8)

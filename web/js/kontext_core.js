@@ -10,7 +10,7 @@ const PREFERRED = [
   [1568, 672],
 ];
 
-export function sizeHint(width, height) {
+function sizeHint(width, height) {
   const aspect = width / height;
   let best = PREFERRED[0];
   for (const size of PREFERRED) {
