@@ -31,11 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kontext_core.checkpoints.transformer import load_transformer, read_layout
+from kontext_core.checkpoints.transformer import load_transformer, stored_fp8_dtype
 from kontext_core.files import written_whole
 from kontext_core.pipeline import KontextPipeline
 from kontext_core.quality import judge, psnr
-from kontext_core.quant import FP8_DTYPES
 from kontext_core.sampling import get_noise, sample
 from kontext_core.small_model import load_default_pipeline, small_model_files
 from kontext_core.tasks import HELD_OUT_SEED, KINDS, EditTask, make_task
@@ -157,7 +156,10 @@ def drift(pipe: KontextPipeline, seed: int, method: str, steps: int) -> list[dic
     return rows
 
 
-def compare_variant(exact_outputs, tasks, make: Callable[[], KontextPipeline], **opts):
+def compare_variant(exact_outputs: list[Image.Image], tasks: list[EditTask], make: Callable[[], KontextPipeline],
+                    **opts) -> dict:  # fmt: skip
+    """The variant `make` builds, run on `tasks` with `opts`: its success and how near its outputs are to the
+    exact path's."""
     pipe = make()
     table, outputs = evaluate(pipe, tasks, **opts)
     close = [psnr(a, b) for a, b in zip(outputs, exact_outputs)]
@@ -166,12 +168,6 @@ def compare_variant(exact_outputs, tasks, make: Callable[[], KontextPipeline], *
             "psnr_to_exact_mean_db": _mean(close) if _mean(close) is not None else math.inf,
             "psnr_to_exact_min_db": round(min(close), 2),
             "identical_outputs": sum(math.isinf(c) for c in close)}  # fmt: skip
-
-
-def stored_in_fp8(transformer: Path) -> bool:
-    """Whether a transformer file holds fp8 weights (read from its header, no weight loaded)."""
-    layout = read_layout(transformer)
-    return any(layout.dtype(key) in FP8_DTYPES for key in layout.shapes)
 
 
 def markdown(report: dict) -> str:
@@ -261,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         report["vae_round_trip"] = tabulate(tasks, vae_round_trips(pipe, tasks))
         print("VAE round trip of the truth", json.dumps(report["vae_round_trip"]), flush=True)
     weights = small_model_files(args.weights).transformer
-    if "fp8" in variants and stored_in_fp8(weights):
+    if "fp8" in variants and stored_fp8_dtype(weights) is not None:
         # quantizing fp8 weights again returns them unchanged: the comparison would be exact by construction
         print(f"fp8: skipped, {weights} is stored in fp8 already; run --weights on its full-precision folder "
               "to measure what fp8 costs", flush=True)  # fmt: skip

@@ -382,7 +382,7 @@ def fetch(
     return [_fetch_one(i, models / i.folder / i.filename, metas.get(i.label), **options) for i in items]
 
 
-def add_fetch_parser(subparsers) -> argparse.ArgumentParser:
+def add_fetch_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `fetch` command to the `python -m kontext_core` subparsers."""
     p = subparsers.add_parser(
         "fetch",

@@ -52,7 +52,7 @@ def _pixels(image, what: str) -> np.ndarray:
     return array
 
 
-def psnr(a, b, mask: np.ndarray | None = None) -> float:
+def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray, mask: np.ndarray | None = None) -> float:
     """PSNR in dB between two 8-bit images (PIL or uint8 arrays), over the pixels where `mask` is True;
     `math.inf` when they are equal there."""
     x, y = _pixels(a, "psnr input a").astype(np.float64), _pixels(b, "psnr input b").astype(np.float64)

@@ -18,10 +18,10 @@ from benchmarks.quality import (
     drift,
     evaluate,
     recomposite,
-    stored_in_fp8,
     tabulate,
     vae_round_trips,
 )
+from kontext_core.checkpoints import stored_fp8_dtype
 from kontext_core.small_model import load_default_pipeline
 from kontext_core.small_model.store_fp8 import store_fp8
 from kontext_core.tasks import HELD_OUT_SEED, KINDS, make_task
@@ -71,8 +71,8 @@ def test_fp8_storage_is_read_from_the_header(tmp_path):
     # the benchmark's fp8 path re-quantizes the weights, meaningless for a file stored in fp8 already
     fp16 = bfl_file(tiny_flux_model(seed=5), tmp_path / "fp16.safetensors", torch.float16)
     store_fp8(fp16, tmp_path / "fp8.safetensors")
-    assert not stored_in_fp8(fp16)
-    assert stored_in_fp8(tmp_path / "fp8.safetensors")
+    assert stored_fp8_dtype(fp16) is None
+    assert stored_fp8_dtype(tmp_path / "fp8.safetensors") == torch.float8_e4m3fn
 
 
 @pytest.mark.parametrize(

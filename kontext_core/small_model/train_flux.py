@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
 from ..checkpoints.autoencoder import load_vae
 from ..files import written_whole
@@ -52,7 +52,7 @@ from ..model import Flux
 from ..sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
 from ..text import load_tokenizer
 from ..tasks import KINDS
-from . import SMALL_FLUX, SMALL_T5_LENGTH, small_model_files
+from . import SMALL_FLUX, SMALL_T5_LENGTH, SmallModelFiles, small_model_files
 from .data import check_training_seeds, draw_batches, to_signed, to_uint8, training_tasks
 from .tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
 
@@ -154,8 +154,8 @@ def prepared_cache(vae: Path, first: int, count: int) -> Path:
 
 
 @torch.no_grad()
-def prepare(vae_path: Path, count: int, t5_tok, clip_tok, device: torch.device, workers: int = 1,
-            first: int = 0) -> list[TaskGroup]:  # fmt: skip
+def prepare(vae_path: Path, count: int, t5_tok: PreTrainedTokenizerBase, clip_tok: PreTrainedTokenizerBase,
+            device: torch.device, workers: int = 1, first: int = 0) -> list[TaskGroup]:  # fmt: skip
     """`count` training tasks from seed `first` on, encoded into latents (on `device`), grouped by their images'
     sizes. Rendering is pure Python and runs in `workers` processes; tasks come back in seed order either way."""
     end = first + count
@@ -401,7 +401,7 @@ def resume(folder: Path) -> Student:
     return student.train().requires_grad_(True)
 
 
-def save(model: Student, files, info: dict) -> None:
+def save(model: Student, files: SmallModelFiles, info: dict) -> None:
     """The EMA weights in the real layouts: BFL keys (fp16, the config in `flux_params`), ComfyUI-style T5 and
     CLIP singles with their Hugging Face config."""
     training = json.dumps(info)
