@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .config import FluxParams
 from .model import Flux
 from .reference_cache import ReferenceCache
 
@@ -77,6 +78,10 @@ class CudaGraphForward:
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.model.compute_dtype
+
+    @property
+    def params(self) -> FluxParams:  # `sampling.sample` checks the text widths against it
+        return self.model.params
 
     def new_reference_cache(self, num_reference_tokens: int) -> ReferenceCache:
         raise RuntimeError("CudaGraphForward runs the exact path only; reference_cache_every must be 0")

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .math import apply_rope, rope, scaled_dot_product, timestep_embedding
+from .math import apply_rope, rope, scaled_dot_product
 from .reference_cache import ReferenceKV
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "RMSNorm",
     "SelfAttention",
     "SingleStreamBlock",
-    "timestep_embedding",
 ]  # fmt: skip
 
 

@@ -77,18 +77,15 @@ def scaled_dot_product(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return rearrange(out, "B H L D -> B L (H D)")
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    q, k = apply_rope(q, k, pe)
-    return scaled_dot_product(q, k, v)
-
-
 def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
     """Rotation matrices [..., n, dim/2, 2, 2] for positions `pos` on one axis."""
     if dim % 2:
         raise ValueError(f"RoPE axis width must be even, got {dim}")
-    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
+    # float64 as BFL computes it; MPS has no float64, so there (as in ComfyUI) float32
+    wide = torch.float32 if pos.device.type == "mps" else torch.float64
+    scale = torch.arange(0, dim, 2, dtype=wide, device=pos.device) / dim
     omega = 1.0 / (theta**scale)
-    angles = torch.einsum("...n,d->...nd", pos.to(torch.float64), omega)
+    angles = torch.einsum("...n,d->...nd", pos.to(wide), omega)
     out = torch.stack([torch.cos(angles), -torch.sin(angles), torch.sin(angles), torch.cos(angles)], dim=-1)
     return rearrange(out, "b n d (i j) -> b n d i j", i=2, j=2).float()
 

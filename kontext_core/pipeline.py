@@ -103,7 +103,8 @@ class KontextPipeline:
         resize = self.default_resize if resize is None else resize
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-        references = [resize_to_kontext(img, resize) for img in images]
+        # RGB first, as BFL and diffusers: Pillow resizes palette and 1-bit images with NEAREST, RGBA alpha-weighted
+        references = [resize_to_kontext(img.convert("RGB"), resize) for img in images]
         width = _round16(width if width is not None else references[0].width, "width")
         height = _round16(height if height is not None else references[0].height, "height")
         return self._run(

@@ -22,7 +22,9 @@ class ReferenceKV:
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.recording:
-            self.k, self.v = k[:, :, -self.num_tokens :], v[:, :, -self.num_tokens :]
+            # copies: a slice would keep the whole step's keys/values (all tokens, and in single blocks the
+            # whole fused projection) alive until the next recording, several times the memory needed
+            self.k, self.v = k[:, :, -self.num_tokens :].clone(), v[:, :, -self.num_tokens :].clone()
             return k, v
         return cat((k, self.k), dim=2), cat((v, self.v), dim=2)
 

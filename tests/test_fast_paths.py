@@ -12,6 +12,7 @@ from tiny_models import tiny_flux_model
 from kontext_core import math as kmath
 from kontext_core.compile import CudaGraphForward, is_compiled, optimize
 from kontext_core.offload import offload
+from kontext_core.reference_cache import ReferenceKV
 from kontext_core.sampling import sample
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -76,6 +77,14 @@ def test_optimize_refuses_cuda_graph_modes_and_can_be_a_no_op():
 def test_cuda_graphs_without_cuda_say_so():
     with pytest.raises(RuntimeError, match="CUDA"):
         CudaGraphForward(tiny_flux_model())
+
+
+def test_cuda_graph_forward_shows_the_model_params():
+    """`sample` reads `model.params` (text widths) before the loop; the graph wrapper must pass them through."""
+    model = tiny_flux_model()
+    wrapper = CudaGraphForward.__new__(CudaGraphForward)  # no CUDA here: only the attribute is checked
+    wrapper.model = model
+    assert wrapper.params is model.params and wrapper.compute_dtype == model.compute_dtype
 
 
 @cuda
@@ -238,3 +247,13 @@ def test_fast_mode_error_is_reported_and_reused_steps_skip_the_reference():
         quality_by_k.append(quality)
     # reusing stale keys/values for longer costs accuracy
     assert quality_by_k[0] > quality_by_k[-1]
+
+
+def test_the_reference_cache_holds_only_the_reference_tokens():
+    slot = ReferenceKV(num_tokens=3)
+    k, v = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+    slot.extend(k, v)
+    for kept, full in ((slot.k, k), (slot.v, v)):
+        torch.testing.assert_close(kept, full[:, :, -3:], rtol=0, atol=0)
+        # its own storage: a view would keep all ten tokens' keys/values alive between recordings
+        assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()

@@ -145,3 +145,13 @@ def test_small_model_workflow_edits_in_the_node_graph(monkeypatch, tmp_path):
     expected = np.asarray(load_default_pipeline().edit(task.images, task.instruction, seed=0), dtype=np.int16)
     assert np.abs(out - expected).max() <= 1
     assert list((tmp_path / "output" / "kontext").glob("small_model_edit_*.png"))
+
+
+def test_edit_converts_references_to_rgb_before_resizing(pipe):
+    """As BFL and diffusers: Pillow would resize a palette image with NEAREST and an RGBA one alpha-weighted."""
+    task = make_task(DEMO_SEED)
+    palette = task.images[0].resize((61, 45)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    for image in (palette, palette.convert("RGBA")):
+        ours = pipe.edit(image, task.instruction, steps=1, seed=0, resize="keep")
+        rgb = pipe.edit(image.convert("RGB"), task.instruction, steps=1, seed=0, resize="keep")
+        assert np.array_equal(np.asarray(ours), np.asarray(rgb)), image.mode
