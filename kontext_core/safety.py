@@ -179,6 +179,7 @@ class _PromptFilter:
         self._lexicon = _TermMatcher(entries)
         self._markers = _TermMatcher([(t, name) for name, terms in markers.items() if not name.startswith("_")
                                       for t in terms])
+        self._marker_exceptions = markers.get("_exceptions", {})
         self._vocabulary = self._lexicon.vocabulary() | self._markers.vocabulary()
         macros = {name: "|".join(_term_regex(t) for t in sorted(terms, key=len, reverse=True))
                   for name, terms in markers.items() if not name.startswith("_")}
@@ -188,7 +189,8 @@ class _PromptFilter:
         self._combinations = rules["combinations"]
         numbers = "|".join(self._age_words)
         self._age = re.compile(
-            rf" (\d{{1,3}}|{numbers}) (?:yo|y o|yr|yrs|years?|year olds?|yr old|yrs old)(?= )|"
+            # "old" is required: "10 years younger", "in ten years", "15 years of lingerie" are no ages
+            rf" (\d{{1,3}}|{numbers}) (?:yo|y o|year olds?|years? old|yrs? old|yr old)(?= )|"
             rf" (?:aged?|age of) (\d{{1,3}}|{numbers})(?= )")
 
     def normalize(self, prompt: str) -> str:
@@ -242,17 +244,16 @@ class _PromptFilter:
         tokens = text.split()
         hits = []
         for start, end, term, (category, severity, exception) in self._lexicon.find(tokens):
-            if exception:
-                near = set(tokens[max(0, start - exception["window"]):start] + tokens[end:end + exception["window"]])
-                if near & set(exception["words"]):
-                    continue
+            if _excepted(tokens, start, end, exception):
+                continue
             hits.append(SafetyHit(category, severity, f"term:{term}", " ".join(tokens[start:end])))
         for rule_id, category, severity, pattern in self._patterns:
             m = pattern.search(text)
             if m:
                 # Look-ahead-only rules match an empty string; name the rule instead.
                 hits.append(SafetyHit(category, severity, f"rule:{rule_id}", m.group(0).strip() or rule_id))
-        features = {name for _, _, _, name in self._markers.find(tokens)}
+        features = {name for start, end, term, name in self._markers.find(tokens)
+                    if not _excepted(tokens, start, end, self._marker_exceptions.get(term))}
         for m in self._age.finditer(text):
             age = m.group(1) or m.group(2)
             if (int(age) if age.isdigit() else self._age_words[age]) < 18:
@@ -264,6 +265,14 @@ class _PromptFilter:
                 hits.append(SafetyHit(combo["category"], combo["severity"], f"combination:{combo['id']}",
                                       " + ".join(combo["all"])))
         return hits
+
+
+def _excepted(tokens: list[str], start: int, end: int, exception: dict | None) -> bool:
+    """Whether a word list's `exception` (nearby words that make the term benign) applies to tokens[start:end]."""
+    if not exception:
+        return False
+    near = tokens[max(0, start - exception["window"]):start] + tokens[end:end + exception["window"]]
+    return not set(near).isdisjoint(exception["words"])
 
 
 def _term_regex(term: str) -> str:

@@ -56,7 +56,7 @@ def test_edit_and_generate_from_a_comfyui_folder(comfyui, tmp_path, capsys):
     args = ["--comfyui", str(comfyui), "--steps", "2", "--prompt", "make the car red", "--out", str(out)]
     assert main(["edit", "--image", str(photo), "--resize", "keep", *args]) == 0
     assert Image.open(out).size == (80, 48)
-    assert not list(out.parent.glob("*.part"))  # written atomically
+    assert [p.name for p in out.parent.iterdir()] == ["edited.png"]  # written whole: no partial file left
 
     gen = tmp_path / "gen.png"
     assert main(["generate", "--width", "64", "--height", "32", "--num-images", "2", *args[:-1], str(gen)]) == 0

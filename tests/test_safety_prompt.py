@@ -88,7 +88,7 @@ def test_tolerance_changes_the_outcome():
 
 @pytest.mark.parametrize("prompt", [
     "NUDE woman", "n u d e woman", "n.u.d.e woman", "n-u-d-e woman", "nud3 woman", "nuuuude woman",
-    "n\u200bude woman", "nu\u00addé woman", "ｎｕｄｅ woman", "n\u0443de woman".replace("\u0443", "u"), "nùdë woman",
+    "n\u200bude woman", "nu\u00addé woman", "ｎｕｄｅ woman", "n\u057dde woman", "nùdë woman",
 ])
 def test_obfuscations_fold_to_the_word(prompt):
     assert " nude woman " in normalize_prompt(prompt)
