@@ -28,6 +28,9 @@ from kontext_core import __version__
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 DEFAULT_MODEL = "FLUX.1 Kontext [dev]"
 SOFTWARE = "comfyui-kontext"
+# The text chunks save_png writes itself; `extra_text` may not repeat them.
+RESERVED_TEXT_KEYS = ("prompt", "workflow", "parameters", "ai_generated", "model", "Software", "Description",
+                      "DigitalSourceType", "XML:com.adobe.xmp")
 CERT_ENV, KEY_ENV = "KONTEXT_C2PA_CERT_CHAIN", "KONTEXT_C2PA_PRIVATE_KEY"
 INSTALL_HINT = 'pip install "comfyui-kontext[safety]"'
 
@@ -99,6 +102,9 @@ def save_png(
     info.add_text("Description", description)
     info.add_text("DigitalSourceType", TRAINED_ALGORITHMIC_MEDIA)
     for key, value in (extra_text or {}).items():
+        # a reader keeps the last value of a repeated key: extra text must not rewrite the disclosure
+        if key in RESERVED_TEXT_KEYS:
+            raise ValueError(f"extra_text key {key!r} is written by save_png itself (reserved: {RESERVED_TEXT_KEYS})")
         info.add_text(key, value)
     info.add_itxt("XML:com.adobe.xmp", _xmp(description, model, bool(inputs)))
     exif = Image.Exif()
@@ -232,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     result = verify_png(args.path, args.trust)
     print(json.dumps({"validation_state": result["validation_state"], "failures": result["failures"]}, indent=2))
-    return 0 if result["validation_state"] in ("Valid", "Trusted") else 1
+    # with trust anchors given, "Valid" means intact but signed by someone else: not a pass
+    accepted = ("Trusted",) if args.trust else ("Valid", "Trusted")
+    return 0 if result["validation_state"] in accepted else 1
 
 
 def _temp_beside(path: Path, temps: list[str]) -> str:

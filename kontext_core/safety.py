@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import math
 import os
 import re
 import threading
@@ -76,7 +77,10 @@ def check_image(image: Any, tolerance: int = DEFAULT_TOLERANCE) -> SafetyVerdict
     """
     tolerance = _validate_tolerance(tolerance)
     pil = _to_pil(image)
-    score = min(1.0, max(0.0, float(_classifier().classify(pil).nsfw)))
+    raw = float(_classifier().classify(pil).nsfw)
+    if not math.isfinite(raw):  # clamping a NaN would give 0.0: a pass
+        raise SafetyUnavailableError(f"the image classifier returned a score of {raw}; the image was not checked")
+    score = min(1.0, max(0.0, raw))
     threshold = _tables()["image_nsfw_threshold"][tolerance]
     if score >= threshold:
         reason = f"blocked (sexual): open_nsfw score {score:.3f} >= {threshold:.2f} at tolerance {tolerance}"

