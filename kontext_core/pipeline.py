@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -160,6 +161,10 @@ class KontextPipeline:
             raise ValueError("prompt must be a string or a non-empty list of strings")
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if true_cfg_scale != 1.0 and negative_prompt is None:
+            raise ValueError(f"true_cfg_scale={true_cfg_scale} needs a negative_prompt; without one it would be ignored")
         if len(prompts) > 1 and num_images not in (1, len(prompts)):
             raise ValueError(f"got {len(prompts)} prompts and num_images={num_images}: give one prompt or one image each")
         batch = max(len(prompts), num_images)
@@ -169,6 +174,8 @@ class KontextPipeline:
             expected = (16, height // 8, width // 8)
             if noise.ndim != 4 or tuple(noise.shape[1:]) != expected:
                 raise ValueError(f"noise must have shape B×{expected[0]}×{expected[1]}×{expected[2]}, got {tuple(noise.shape)}")
+            if batch > 1 and noise.shape[0] != batch:
+                raise ValueError(f"noise has {noise.shape[0]} rows but {batch} images were asked for (prompts, num_images)")
             noise = noise.to(self.device, torch.float32)
             batch = noise.shape[0]
         txt, y = self.text_encoder.encode(prompts)

@@ -146,11 +146,11 @@ class StepInfo:
     denoised: Tensor
 
 
-def _batched(x: Tensor, batch: int) -> Tensor:
+def _batched(x: Tensor, batch: int, name: str) -> Tensor:
     if x.shape[0] == batch:
         return x
     if x.shape[0] != 1:
-        raise ValueError(f"batch mismatch: expected 1 or {batch} rows, got {x.shape[0]}")
+        raise ValueError(f"{name}: expected 1 or {batch} rows (the noise's batch), got {x.shape[0]}")
     return x.expand(batch, *x.shape[1:])
 
 
@@ -193,6 +193,12 @@ def sample(
     """
     if noise.ndim != 4:
         raise ValueError(f"noise must be B×16×h×w, got shape {tuple(noise.shape)}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance}")
+    if true_cfg_scale != 1.0 and negative is None:
+        raise ValueError(f"true_cfg_scale={true_cfg_scale} needs a negative (txt, y); without one it would be ignored")
+    if isinstance(reference_cache_every, bool) or not isinstance(reference_cache_every, int) or reference_cache_every < 0:
+        raise ValueError(f"reference_cache_every must be 0 (exact) or a step count K > 0, got {reference_cache_every!r}")
     _check_text_widths(model, "txt/y", txt, y)
     if negative is not None:
         _check_text_widths(model, "negative", *negative)
@@ -200,18 +206,18 @@ def sample(
     device, dtype = noise.device, model.compute_dtype
     use_cfg = negative is not None and true_cfg_scale != 1.0
     img = pack(noise.float())
-    img_ids = _batched(position_ids(lat_h // 2, lat_w // 2)[None], batch).to(device)
-    txt, y = _batched(txt, batch).to(device, dtype), _batched(y, batch).to(device, dtype)
+    img_ids = position_ids(lat_h // 2, lat_w // 2)[None].expand(batch, -1, -1).to(device)
+    txt, y = _batched(txt, batch, "txt").to(device, dtype), _batched(y, batch, "y").to(device, dtype)
     txt_ids = torch.zeros(batch, txt.shape[1], 3, device=device)
     if use_cfg:
-        neg_txt, neg_y = (_batched(t, batch).to(device, dtype) for t in negative)
+        neg_txt, neg_y = (_batched(t, batch, f"negative {n}").to(device, dtype) for t, n in zip(negative, ("txt", "y")))
         neg_txt_ids = torch.zeros(batch, neg_txt.shape[1], 3, device=device)
 
     ref_tok = ref_ids = None
     if references:
         ref_tok, ref_ids = reference_tokens([r.to(device) for r in references], (lat_h, lat_w), reference_method)
-        ref_tok = _batched(ref_tok, batch).to(dtype)
-        ref_ids = _batched(ref_ids[None], batch).to(device)
+        ref_tok = _batched(ref_tok, batch, "references").to(dtype)
+        ref_ids = ref_ids[None].expand(batch, -1, -1).to(device)
     use_cache = reference_cache_every > 0 and ref_tok is not None
     caches = [model.new_reference_cache(ref_tok.shape[1]) for _ in range(1 + use_cfg)] if use_cache else None
 
@@ -219,7 +225,7 @@ def sample(
     if denoise < 1.0:
         if init_latent is None:
             raise ValueError("denoise < 1 needs an init_latent to start from")
-        img = sigmas[0] * img + (1.0 - sigmas[0]) * pack(_batched(init_latent, batch).to(device).float())
+        img = sigmas[0] * img + (1.0 - sigmas[0]) * pack(_batched(init_latent, batch, "init_latent").to(device).float())
     guidance_vec = torch.full((batch,), guidance, device=device, dtype=dtype)
 
     def velocity(x: Tensor, t_vec: Tensor, step: int, txt_: Tensor, txt_ids_: Tensor, y_: Tensor, cache) -> Tensor:

@@ -187,8 +187,13 @@ def test_partial_denoise_starts_from_the_noised_input():
     init = torch.randn(1, 16, 12, 20)
     seen = []
     out = sample(model, noise, txt, y, steps=2, denoise=0.5, init_latent=init, callback=seen.append)
-    sigmas = denoise_schedule(2, 60, 0.5)
-    assert sigmas[0] < 1.0 and len(seen) == 2 and out.shape == init.shape
+    s0, s1, _ = denoise_schedule(2, 60, 0.5)
+    assert s0 < 1.0 and len(seen) == 2 and out.shape == init.shape
+    # the first step went from x0 to x0 + (s1 − s0)·v and saw x0 − s0·v as its denoised guess, so both
+    # together give back x0: it must be the input noised to s0, not the noise alone
+    first = seen[0]
+    x0 = (first.denoised * (s1 - s0) + s0 * first.latent) / s1
+    torch.testing.assert_close(x0, s0 * noise + (1 - s0) * init, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="init_latent"):
         sample(model, noise, txt, y, steps=2, denoise=0.5)
 
@@ -242,6 +247,24 @@ def test_text_of_another_model_is_refused_by_name():
             sample(model, noise, *bad, steps=1)
     with pytest.raises(ValueError, match=f"negative: .*{2 * TINY_FLUX.context_in_dim} wide"):
         sample(model, noise, txt, y, steps=1, negative=(wide_txt, y), true_cfg_scale=2.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"guidance": float("nan")}, "guidance must be a finite number"),
+        ({"true_cfg_scale": 4.0}, "needs a negative"),  # never silently single-pass
+        ({"reference_cache_every": -2}, "reference_cache_every must be 0"),
+        ({"init_latent": torch.zeros(3, 16, 4, 4), "denoise": 0.5}, "init_latent: expected 1 or 2 rows"),
+    ],
+)
+def test_bad_sampling_options_are_refused_by_name(options, message):
+    model = tiny_flux_model(seed=5)
+    noise, txt, y, refs = _inputs()
+    with pytest.raises(ValueError, match=message):
+        sample(model, noise.expand(2, -1, -1, -1), txt, y, references=refs, steps=1, **options)
+    with pytest.raises(ValueError, match="txt: expected 1 or 2 rows"):
+        sample(model, noise.expand(2, -1, -1, -1), txt.expand(3, -1, -1), y, steps=1)
 
 
 def test_sampling_builds_no_autograd_graph():

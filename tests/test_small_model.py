@@ -155,3 +155,17 @@ def test_edit_converts_references_to_rgb_before_resizing(pipe):
         ours = pipe.edit(image, task.instruction, steps=1, seed=0, resize="keep")
         rgb = pipe.edit(image.convert("RGB"), task.instruction, steps=1, seed=0, resize="keep")
         assert np.array_equal(np.asarray(ours), np.asarray(rgb)), image.mode
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+        ({"true_cfg_scale": 4.0}, "needs a negative_prompt"),
+        ({"num_images": 4, "noise": torch.zeros(1, 16, 8, 8)}, "noise has 1 rows but 4 images were asked for"),
+    ],
+)
+def test_bad_pipeline_options_are_refused_by_name(pipe, options, message):
+    task = make_task(DEMO_SEED)
+    with pytest.raises(ValueError, match=message):
+        pipe.edit(task.images, task.instruction, steps=1, resize="keep", **options)
