@@ -156,8 +156,10 @@ def load_pipeline(args: argparse.Namespace, small: bool):
     if dtype is None:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     print(f"transformer: {files.transformer}\nvae: {files.vae}\nt5: {files.t5}\nclip: {files.clip}", file=sys.stderr)
-    # the default keeps an fp8 file's weights fp8: a float compute dtype alone would dequantize them
-    weight_dtype = WEIGHT_DTYPES[args.weight_dtype] or stored_fp8_dtype(files.transformer)
+    # the default keeps an fp8 file's weights fp8 (a float compute dtype alone would dequantize them),
+    # except on MPS, which cannot hold fp8
+    keep_fp8 = not args.device.startswith("mps")
+    weight_dtype = WEIGHT_DTYPES[args.weight_dtype] or (stored_fp8_dtype(files.transformer) if keep_fp8 else None)
     transformer = load_transformer(files.transformer, device=args.device, dtype=dtype, weight_dtype=weight_dtype)
     vae = load_vae(files.vae, device=args.device, dtype=dtype)
     text = load_text_encoder(

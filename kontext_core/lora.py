@@ -168,6 +168,10 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor],
         factors.append(LoraFactor(layer, up, down, strength * alpha / rank, rows, swap))
     if wrong:
         raise CheckpointError(origin, f"LoRA shapes do not fit this model (a LoRA for another model?): {first_items(wrong)}")
+    if not factors:
+        raise CheckpointError(
+            origin, f"no LoRA layer names a layer of this FLUX model (a LoRA for another model?): {first_items(unmatched)}"
+        )
 
     for layer in dict.fromkeys(f.layer for f in factors):
         mine = [f for f in factors if f.layer == layer]

@@ -29,7 +29,8 @@ def latent_from_model(z: Tensor) -> Tensor:
 def get_noise(
     batch: int, height: int, width: int, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """BFL's seeded noise for an image of height×width pixels: drawn on a CPU generator, then moved."""
+    """BFL's seeded noise for an image of height×width pixels, drawn on a CPU generator (equal to BFL's on a CPU in
+    fp32; BFL draws on the target device) and then moved, so a seed means the same noise on every device."""
     return torch.randn(
         batch,
         16,

@@ -83,8 +83,9 @@ class KontextCoreModelLoader(KontextNode):
         weights = WEIGHT_DTYPES[weight_dtype]
 
         def load():
-            # 'default' keeps an fp8 file's weights fp8: a float compute dtype alone would dequantize them
-            fp8 = weights or stored_fp8_dtype(path)
+            # 'default' keeps an fp8 file's weights fp8 (a float compute dtype alone would dequantize them),
+            # except on MPS, which cannot hold fp8
+            fp8 = weights or (stored_fp8_dtype(path) if device.type != "mps" else None)
             options = {"weight_dtype": fp8} if fp8 is not None else {}
             return kontext_core.load_transformer(path, device=device, dtype=dtype, **options)
 

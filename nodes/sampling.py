@@ -46,8 +46,8 @@ class KontextCoreSampler(KontextNode):
         Input("model", "KONTEXT_MODEL", "From Kontext Model Loader."),
         Input("positive", "CONDITIONING", "The instruction, with the images to edit attached by Kontext "
               "Reference Latent."),
-        Input("seed", "INT", "Seed of the starting noise (BFL's generator: the same seed gives the same image as "
-              "the reference implementation).", default=0, min=0, max=MAX_SEED, control_after_generate=True),
+        Input("seed", "INT", "Seed of the starting noise, drawn on the CPU in fp32 as BFL's code draws it there: a "
+              "seed gives the same noise on every device.", default=0, min=0, max=MAX_SEED, control_after_generate=True),
         Input("steps", "INT", "Denoising steps. 28 is Kontext's default; 20 is usually enough.",
               default=28, min=1, max=50),
         Input("guidance", "FLOAT", "Distilled guidance. -1 uses the value stored in the positive conditioning "

@@ -146,6 +146,7 @@ def test_broken_quantization(tiny, tmp_path):
 def test_unsupported_precision_on_the_device(tiny, tmp_path, monkeypatch):
     path, _ = scaled_fp8_file(tiny, tmp_path / "fp8.safetensors", "scale_weight")
     refused(path, "compute capability 8.9", fp8_matmul=True)  # on the CPU
+    refused(path, "fp8 matmul computes in bf16 or fp16, not torch.float32", fp8_matmul=True, dtype=torch.float32)
     if not torch.cuda.is_available():
         refused(path, "no CUDA device", device="cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

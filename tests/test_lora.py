@@ -102,6 +102,14 @@ def test_every_layout_adds_the_low_rank_update(layout, tmp_path):
 
 
 @torch.no_grad()
+def test_a_lora_for_another_model_is_refused():
+    model = tiny_flux_model(seed=8)
+    sdxl = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 8),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(8, 2)}  # fmt: skip
+    with pytest.raises(CheckpointError, match="no LoRA layer names a layer of this FLUX model"):
+        apply_lora(model, sdxl)  # nothing applied would otherwise look like success
+
+
 def test_unmatched_keys_are_reported_not_dropped():
     model = tiny_flux_model(seed=8)
     tensors, _ = make_lora(model, "kohya")

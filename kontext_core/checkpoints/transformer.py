@@ -256,6 +256,10 @@ def _check_device(
         raise CheckpointError(
             path, "fp8 weights cannot be kept on MPS: pass dtype=torch.bfloat16 or torch.float16 to dequantize at load"
         )
+    if fp8_matmul and compute not in (torch.bfloat16, torch.float16):
+        raise CheckpointError(
+            path, f"fp8 matmul computes in bf16 or fp16, not {compute}: every layer would quietly upcast instead",
+        )  # fmt: skip
     if fp8_matmul and not fp8_matmul_supported(device):
         raise CheckpointError(
             path, f"fp8 matmul needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper), not {device}; "
@@ -292,7 +296,8 @@ def load_transformer(
     weights are dequantized, unless `weight_dtype` is an fp8 type, which keeps (or casts) the block
     Linear weights in that fp8 type. `fp8_matmul` multiplies fp8 e4m3 weights in fp8 with
     `torch._scaled_mm` on GPUs that can (compute capability 8.9+). `axes_dim` sets the RoPE axes when
-    neither a `flux_params` header nor a diffusers `config.json` names them.
+    neither a `flux_params` header nor a diffusers `config.json` names them (other axes than those it names
+    are an error).
 
     On the CPU, tensors kept as stored are the file's memory map (paged in on first use); a load that
     casts or moves tensors reads and converts them one at a time and gives the file's pages back as it
@@ -304,13 +309,16 @@ def load_transformer(
         raise ValueError(f"weight_dtype must be None or an fp8 dtype ({FP8_DTYPES}), got {weight_dtype}")
     layout = read_layout(path)
 
+    file_axes = (layout.metadata_params or {}).get("axes_dim") or layout.config_axes
+    if axes_dim is not None and file_axes is not None and list(axes_dim) != list(file_axes):
+        raise ValueError(f"axes_dim={list(axes_dim)} contradicts the RoPE axes the file names, {list(file_axes)}")
     if layout.metadata_params is not None:
         try:
             params = FluxParams(**layout.metadata_params)
         except TypeError as e:
             raise CheckpointError(path, f"the `flux_params` metadata does not fit FluxParams ({e})") from None
     else:
-        params = flux_params_from_tensors(layout.shapes, path, axes_dim or layout.config_axes)
+        params = flux_params_from_tensors(layout.shapes, path, layout.config_axes or axes_dim)
 
     linear_weights = {k for k in layout.shapes if k.endswith(".weight") and len(layout.shapes[k]) == 2}
     file_fp8 = {k[: -len(".weight")] for k in linear_weights if layout.dtype(k) in FP8_DTYPES}
