@@ -10,12 +10,17 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .files import written_whole
+from .provenance import ProvenanceError
 from .quant import WEIGHT_DTYPES
 from .tasks import HELD_OUT_SEED, KINDS, make_task
+
+if TYPE_CHECKING:  # the pipeline's imports load only when a command needs them
+    from .pipeline import KontextPipeline
 
 DEMO_SEED = HELD_OUT_SEED  # the first held-out task: a recolour of a held-out (colour, shape, place)
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -136,19 +141,25 @@ def _wants_small_model(args: argparse.Namespace) -> bool:
     return not any(tokenizers) and not any_model_configured(**files, comfyui_root=args.comfyui)
 
 
-def load_pipeline(args: argparse.Namespace, small: bool):
+def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipeline, str]:
+    """The pipeline, and the name its images' provenance gives the model."""
     from . import load_text_encoder, load_transformer, load_vae
     from .checkpoints import stored_fp8_dtype
     from .discovery import resolve_model_files
     from .math import set_attention_backend
     from .pipeline import KontextPipeline
+    from .provenance import model_name
 
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device torch knows (cpu, cuda, cuda:1, mps …)") from None
     set_attention_backend(args.attention)
     if small:
-        from .small_model import NOTICE, load_default_pipeline
+        from .small_model import NOTICE, load_default_pipeline, small_model_files
 
         print(f"{NOTICE}. {REAL_MODEL_HINT}", file=sys.stderr)
-        return load_default_pipeline(device=args.device)
+        return load_default_pipeline(device=args.device), model_name(small_model_files().transformer.name, builtin=True)
     files = resolve_model_files(
         transformer=args.transformer, vae=args.vae, t5=args.t5, clip=args.clip, comfyui_root=args.comfyui
     )
@@ -167,24 +178,34 @@ def load_pipeline(args: argparse.Namespace, small: bool):
         clip_tokenizer=args.clip_tokenizer or files.clip_tokenizer,
         t5_max_length=args.t5_max_length, device=args.device, dtype=dtype, comfyui_root=files.comfyui_root,
     )  # fmt: skip
-    return KontextPipeline(transformer, vae, text)
+    return KontextPipeline(transformer, vae, text), model_name(str(files.transformer))
 
 
-def _save(images, out: str) -> list[Path]:
+def _save(images, out: str, made_by: dict | None = None) -> list[Path]:
+    """PNGs at `out` (numbered for several). Generated ones (`made_by`: `model`, `instruction`, `parameters`,
+    `inputs` for `provenance.save_png`) carry the AI disclosure, signed when KONTEXT_C2PA_* is set; inputs and
+    truths are plain."""
+    from . import provenance
+
     images = images if isinstance(images, list) else [images]
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     paths = [target] if len(images) == 1 else [target.with_name(f"{target.stem}_{i + 1}{target.suffix}") for i in range(len(images))]
+    signing = provenance.SigningConfig.from_env() if made_by is not None else None
     for image, path in zip(images, paths):
-        with written_whole(path) as partial:
-            image.save(partial, format="PNG")
+        if made_by is not None:
+            provenance.save_png(image, path, signing=signing, **made_by)  # written whole, as below
+        else:
+            with written_whole(path) as partial:
+                image.save(partial, format="PNG")
     return paths
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """One held-out task: the small model's edit beside the input and the rendered truth, judged."""
+    from .provenance import model_name
     from .quality import judge
-    from .small_model import load_default_pipeline
+    from .small_model import load_default_pipeline, small_model_files
 
     if args.kind is not None and args.kind not in KINDS:
         raise SystemExit(f"--kind {args.kind!r}: expected one of {', '.join(KINDS)}")
@@ -199,8 +220,11 @@ def run_demo(args: argparse.Namespace) -> int:
         after = pipe.edit(task.images, task.instruction, steps=args.steps, callback=progress)
     out = Path(args.out)
     befores = [f"before{'' if i == 0 else f'_{i + 1}'}.png" for i in range(len(task.images))]
-    for name, image in (*zip(befores, task.images), ("after.png", after), ("truth.png", task.target)):
+    for name, image in (*zip(befores, task.images), ("truth.png", task.target)):
         _save(image, str(out / name))
+    made_by = {"model": model_name(small_model_files().transformer.name, builtin=True), "inputs": task.images,
+               "instruction": task.instruction, "parameters": f"seed 0, steps {args.steps}, guidance 2.5"}  # fmt: skip
+    _save(after, str(out / "after.png"), made_by)
     verdict = judge(task, after)
     unedited = "" if verdict.psnr_unedited is None else f", unedited pixels {verdict.psnr_unedited:.1f} dB"
     print(f"{'success' if verdict.success else 'FAILED'}: PSNR to the truth {verdict.psnr_target:.1f} dB{unedited}")
@@ -212,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (FileNotFoundError, ValueError) as e:  # ValueError includes CheckpointError
+    except (FileNotFoundError, ValueError, ProvenanceError) as e:  # ValueError includes CheckpointError
         # a missing file or a bad input (a seed, a size, a file of the wrong kind): its message, not a traceback,
         # unless asked for, since a genuine bug raising ValueError would look the same
         if args.traceback:
@@ -237,7 +261,7 @@ def _run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     small = _wants_small_model(args)
-    pipe = load_pipeline(args, small)
+    pipe, model = load_pipeline(args, small)
     common = dict(
         steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale, num_images=args.num_images, callback=_progress(args.command),
@@ -256,7 +280,10 @@ def _run(args: argparse.Namespace) -> int:
     else:
         size = 64 if small else 1024
         result = pipe.generate(args.prompt, width=args.width or size, height=args.height or size, **common)
-    for path in _save(result, args.out):
+    inputs = images if args.command == "edit" else []
+    made_by = {"model": model, "instruction": args.prompt, "inputs": inputs,
+               "parameters": f"seed {args.seed}, steps {args.steps}, guidance {args.guidance}"}  # fmt: skip
+    for path in _save(result, args.out, made_by):
         print(path)
     return 0
 

@@ -69,6 +69,13 @@ class TestCertificates:
         return SigningConfig(self.cert_chain, self.private_key)
 
 
+def model_name(file_name: str, *, builtin: bool = False) -> str:
+    """How saved images name the model that made them: the transformer file (a path's last part), or the
+    built-in small model."""
+    name = os.path.basename(file_name)
+    return f"Kontext Core's built-in small model ({name})" if builtin else f"FLUX.1 Kontext ({name})"
+
+
 def save_png(
     image: Image.Image,
     path: str | os.PathLike,

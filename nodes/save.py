@@ -85,9 +85,8 @@ def model_label(prompt) -> str:
     if len(names) != 1:
         return "FLUX.1 Kontext"
     name = names.pop()
-    if name.startswith(BUILTIN_PREFIX):
-        return f"Kontext Core's built-in small model ({name.removeprefix(BUILTIN_PREFIX)})"
-    return f"FLUX.1 Kontext ({os.path.basename(name)})"
+    builtin = name.startswith(BUILTIN_PREFIX)
+    return provenance.model_name(name.removeprefix(BUILTIN_PREFIX), builtin=builtin)
 
 
 class KontextCoreSaveImage(KontextNode):

@@ -11,7 +11,7 @@ from text_fixtures import save_models, text_widths
 from _flux_files import plain_fp8_file
 from tiny_models import TINY_FLUX, randomize_
 
-from kontext_core import load_transformer
+from kontext_core import load_transformer, provenance
 from kontext_core.__main__ import build_parser, load_pipeline, main
 from kontext_core.autoencoder import AutoEncoder
 from kontext_core.config import AutoEncoderParams, FluxParams
@@ -70,7 +70,9 @@ def test_an_fp8_file_stays_fp8(comfyui, tmp_path, weight_dtype, kept):
     path, _ = plain_fp8_file(bf16, tmp_path / "fp8.safetensors", torch.float8_e5m2)
     args = build_parser().parse_args(["generate", "--comfyui", str(comfyui), "--transformer", str(path),
                                       "--dtype", "fp32", "--weight-dtype", weight_dtype, "--prompt", "x", "--out", "o.png"])  # fmt: skip
-    qkv = load_pipeline(args, small=False).transformer.double_blocks[0].img_attn.qkv
+    pipe, model = load_pipeline(args, small=False)
+    assert model == "FLUX.1 Kontext (fp8.safetensors)"  # what its images' provenance will name
+    qkv = pipe.transformer.double_blocks[0].img_attn.qkv
     assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == kept  # the file's fp8 is never re-cast
 
 
@@ -85,6 +87,22 @@ def test_missing_files_are_named(tmp_path, monkeypatch, capsys):
 def test_bad_inputs_end_in_their_message(tmp_path, capsys):
     assert main(["demo", "--seed", "-1", "--out", str(tmp_path)]) == 2
     assert "demo: error: seed must be a non-negative integer, got -1" in capsys.readouterr().err
+
+
+def test_a_bad_device_is_named(tmp_path, capsys):
+    assert main(["generate", "--small-model", "--device", "foo", "--prompt", "x", "--out", str(tmp_path / "a.png")]) == 2
+    assert "--device 'foo' is not a device torch knows" in capsys.readouterr().err
+
+
+def test_generated_images_carry_the_disclosure_and_the_model(tmp_path, monkeypatch):
+    monkeypatch.delenv(provenance.CERT_ENV, raising=False)
+    monkeypatch.delenv(provenance.KEY_ENV, raising=False)
+    out = tmp_path / "gen.png"
+    assert main(["generate", "--small-model", "--steps", "1", "--seed", "3", "--prompt", "a red circle",
+                 "--out", str(out)]) == 0  # fmt: skip
+    text = Image.open(out).text
+    assert text["ai_generated"] == "true" and text["model"].startswith("Kontext Core's built-in small model")
+    assert text["Description"].endswith(": a red circle") and "seed 3, steps 1" in text["parameters"]
 
 
 def test_traceback_raises_the_error_for_a_bug_report(tmp_path):
