@@ -154,11 +154,14 @@ def verify_png(path: str | os.PathLike, trust_anchor_pem: str | os.PathLike | No
         settings["trust"] = {"trust_anchors": pem}
     context = c2pa.Context.from_dict(settings)
     with open(path, "rb") as f:
-        reader = c2pa.Reader.try_create("image/png", f, None, context)
-        if reader is None:
-            return {"validation_state": None, "failures": [], "active_manifest": None, "manifest_store": None}
-        with reader:
-            store = json.loads(reader.json())
+        try:
+            reader = c2pa.Reader.try_create("image/png", f, None, context)
+            if reader is None:
+                return {"validation_state": None, "failures": [], "active_manifest": None, "manifest_store": None}
+            with reader:
+                store = json.loads(reader.json())
+        except c2pa.C2paError as e:
+            raise ProvenanceError(f"{path}: cannot be read as a PNG with a C2PA manifest ({e})") from None
     active = store.get("manifests", {}).get(store.get("active_manifest"))
     failures = [item["code"] for item in store.get("validation_status") or []]
     for section in (store.get("validation_results") or {}).values():
@@ -237,6 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.add_argument("path")
     verify.add_argument("--trust", help="PEM file of trust anchors (e.g. the test root CA)")
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except (OSError, ProvenanceError) as e:  # a missing or unreadable file, an existing CA folder: its message
+        print(f"python -m kontext_core.provenance {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "make-test-ca":
         certs = make_test_certificates(args.out_dir)
         print(f"root CA (trust anchor): {certs.root_cert}\nsigning chain: {certs.cert_chain}\n"

@@ -135,6 +135,15 @@ def test_untrusted_anchor_and_unsigned_file(tmp_path, certs):
     assert provenance.main(["verify", str(out), "--trust", str(certs.root_cert)]) == 0
 
 
+@needs_c2pa
+def test_verify_names_a_missing_or_unreadable_file(tmp_path, capsys):
+    assert provenance.main(["verify", str(tmp_path / "missing.png")]) == 2
+    assert "verify: error: [Errno 2] No such file or directory" in capsys.readouterr().err
+    (tmp_path / "text.png").write_text("not a png")
+    assert provenance.main(["verify", str(tmp_path / "text.png")]) == 2
+    assert "text.png: cannot be read as a PNG with a C2PA manifest" in capsys.readouterr().err
+
+
 def test_extra_text_cannot_rewrite_the_disclosure(tmp_path):
     with pytest.raises(ValueError, match="'ai_generated' is written by save_png itself"):
         save_png(_image(), tmp_path / "x.png", extra_text={"ai_generated": "false"})
