@@ -70,9 +70,11 @@ class Item:
     seed: int | None
 
     def key(self, workflow: dict) -> str:
-        """Identity for resuming: the image bytes, prompt, seed and workflow, so an edited row is redone."""
+        """Identity for resuming: the image bytes, prompt, seed and workflow, so an edited row is redone, and the
+        name its outputs get, so a row that moved in the CSV (names carry the row number) or a duplicate row runs
+        for itself instead of taking another row's files."""
         digest = hashlib.sha256(self.image.read_bytes())
-        digest.update(json.dumps([self.prompt, self.seed, workflow], sort_keys=True).encode())
+        digest.update(json.dumps([self.name, self.prompt, self.seed, workflow], sort_keys=True).encode())
         return digest.hexdigest()[:32]
 
 

@@ -333,6 +333,21 @@ def test_a_changed_prompt_or_image_is_not_taken_for_done(make_server, tmp_path):
     assert len(server.prompts) == 5
 
 
+def test_a_row_inserted_above_others_never_hands_them_its_result(make_server, tmp_path):
+    make_images(tmp_path, 2)
+    csv_path = tmp_path / "items.csv"
+    server = make_server()
+    csv_path.write_text("image,prompt\nimg_0.png,red\n")
+    assert run_cli(server, tmp_path, "--csv", str(csv_path)) == 0
+    csv_path.write_text("image,prompt\nimg_1.png,green\nimg_0.png,red\nimg_0.png,red\n")  # inserted, duplicated
+    assert run_cli(server, tmp_path, "--csv", str(csv_path)) == 0
+    out = tmp_path / "out"
+    for name, prompt in (("0001_img_1", "green"), ("0002_img_0", "red"), ("0003_img_0", "red")):
+        # the fake server's output is the uploaded image followed by the prompt: each file holds its own row's
+        assert (out / f"{name}_0.png").read_bytes().endswith(f'["{prompt}", 7]'.encode()), name  # 7: its seed
+    assert (out / "0002_img_0_0.png").read_bytes() == (tmp_path / "img_0.png").read_bytes() + b'["red", 7]'
+
+
 def test_a_rejected_prompt_reports_comfyuis_node_errors(make_server, tmp_path, capsys):
     node_errors = {"15": {"errors": [{"type": "value_smaller_than_min", "message": "Value 0 smaller than min of 1",
                                       "details": "steps", "extra_info": {}}],
