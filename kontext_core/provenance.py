@@ -24,6 +24,7 @@ from xml.sax.saxutils import escape
 from PIL import Image, PngImagePlugin
 
 from kontext_core import __version__
+from kontext_core.safety import INSTALL_HINT  # one extra installs both the classifier and c2pa
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 DEFAULT_MODEL = "FLUX.1 Kontext [dev]"
@@ -32,7 +33,6 @@ SOFTWARE = "comfyui-kontext"
 RESERVED_TEXT_KEYS = ("prompt", "workflow", "parameters", "ai_generated", "model", "Software", "Description",
                       "DigitalSourceType", "XML:com.adobe.xmp")
 CERT_ENV, KEY_ENV = "KONTEXT_C2PA_CERT_CHAIN", "KONTEXT_C2PA_PRIVATE_KEY"
-INSTALL_HINT = 'pip install "comfyui-kontext[safety]"'
 
 _EXIF_IMAGE_DESCRIPTION, _EXIF_SOFTWARE = 0x010E, 0x0131
 # Nothing here may reach the network: no remote manifests, no OCSP; trust is decided by the anchors we pass.
