@@ -320,6 +320,7 @@ class WebSocket:
         if secure:
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parsed.hostname)
         self.sock, self.timeout, self.buffer = sock, timeout, bytearray()
+        self.binary_messages = 0  # ComfyUI's previews, counted and skipped (the integration test reads the count)
         key = base64.b64encode(os.urandom(16)).decode()
         path = parsed.path + (f"?{parsed.query}" if parsed.query else "")
         sock.sendall(
@@ -386,7 +387,8 @@ class WebSocket:
             if fin:
                 if message_opcode == 0x1:
                     return message.decode()
-                return self.receive(0)  # binary frames are ComfyUI's previews: not needed here
+                self.binary_messages += 1  # binary frames are ComfyUI's previews: not needed here
+                return self.receive(0)
 
     def close(self) -> None:
         try:
