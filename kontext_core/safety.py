@@ -194,7 +194,7 @@ class _PromptFilter:
         numbers = "|".join(self._age_words)
         self._age = re.compile(
             # "old" is required: "10 years younger", "in ten years", "15 years of lingerie" are no ages
-            rf" (\d{{1,3}}|{numbers}) (?:yo|y o|year olds?|years? old|yrs? old|yr old)(?= )|"
+            rf"(?<! in)(?<! for)(?<! after)(?<! within) (\d{{1,3}}|{numbers}) (?:yo|y o|year olds?|years? old|yrs? old|yr old|(?:yrs?|years?)(?! (?:younger|older|ago|later|of|from|apart|long|anniversary|in|on|and|since|before|after)))(?= )|"
             rf" (?:aged?|age of) (\d{{1,3}}|{numbers})(?= )")
 
     def normalize(self, prompt: str) -> str:
@@ -275,7 +275,8 @@ def _excepted(tokens: list[str], start: int, end: int, exception: dict | None) -
     """Whether a word list's `exception` (nearby words that make the term benign) applies to tokens[start:end]."""
     if not exception:
         return False
-    near = tokens[max(0, start - exception["window"]):start] + tokens[end:end + exception["window"]]
+    before = [] if exception.get("after_only") else tokens[max(0, start - exception["window"]):start]
+    near = before + tokens[end:end + exception["window"]]
     return not set(near).isdisjoint(exception["words"])
 
 
