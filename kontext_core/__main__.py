@@ -144,7 +144,6 @@ def _wants_small_model(args: argparse.Namespace) -> bool:
 def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipeline, str]:
     """The pipeline, and the name its images' provenance gives the model."""
     from . import load_text_encoder, load_transformer, load_vae
-    from .checkpoints import stored_fp8_dtype
     from .discovery import resolve_model_files
     from .math import set_attention_backend
     from .pipeline import KontextPipeline
@@ -167,11 +166,11 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
     if dtype is None:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     print(f"transformer: {files.transformer}\nvae: {files.vae}\nt5: {files.t5}\nclip: {files.clip}", file=sys.stderr)
-    # the default keeps an fp8 file's weights fp8 (a float compute dtype alone would dequantize them),
+    # the default keeps an fp8 file's fp8 layers (a float compute dtype alone would dequantize them),
     # except on MPS, which cannot hold fp8
-    keep_fp8 = not args.device.startswith("mps")
-    weight_dtype = WEIGHT_DTYPES[args.weight_dtype] or (stored_fp8_dtype(files.transformer) if keep_fp8 else None)
-    transformer = load_transformer(files.transformer, device=args.device, dtype=dtype, weight_dtype=weight_dtype)
+    weight_dtype = WEIGHT_DTYPES[args.weight_dtype]
+    precision = {"weight_dtype": weight_dtype} if weight_dtype else {"keep_fp8": not args.device.startswith("mps")}
+    transformer = load_transformer(files.transformer, device=args.device, dtype=dtype, **precision)
     vae = load_vae(files.vae, device=args.device, dtype=dtype)
     text = load_text_encoder(
         t5=files.t5, clip=files.clip, t5_tokenizer=args.t5_tokenizer or files.t5_tokenizer,

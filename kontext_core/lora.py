@@ -165,8 +165,8 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor],
             )
             continue
         alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
-        # on the layer's device in float32 once: an fp8 layer adds the update at every call
-        up, down = (t.to(linear.weight.device, torch.float32) for t in (up, down))
+        if isinstance(linear, Fp8Linear):  # it adds the update at every call: on its device, in float32, once
+            up, down = (t.to(linear.weight.device, torch.float32) for t in (up, down))
         factors.append(LoraFactor(layer, up, down, strength * alpha / rank, rows, swap))
     if wrong:
         raise CheckpointError(origin, f"LoRA shapes do not fit this model (a LoRA for another model?): {first_items(wrong)}")

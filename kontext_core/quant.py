@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # The weight precisions the command line and the loader node offer: "default" keeps the file's, an fp8 file's
-# weights included (`checkpoints.stored_fp8_dtype`); an fp8 type casts a 16-bit file's block weights to it.
+# fp8 layers included (`load_transformer(keep_fp8=True)`); an fp8 type casts a 16-bit file's block weights to it.
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 

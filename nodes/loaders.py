@@ -6,7 +6,6 @@ import torch
 
 import kontext_core
 from kontext_core import math as kmath
-from kontext_core.checkpoints import stored_fp8_dtype
 from kontext_core.quant import WEIGHT_DTYPES
 from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
@@ -83,10 +82,9 @@ class KontextCoreModelLoader(KontextNode):
         weights = WEIGHT_DTYPES[weight_dtype]
 
         def load():
-            # 'default' keeps an fp8 file's weights fp8 (a float compute dtype alone would dequantize them),
+            # 'default' keeps an fp8 file's fp8 layers (a float compute dtype alone would dequantize them),
             # except on MPS, which cannot hold fp8
-            fp8 = weights or (stored_fp8_dtype(path) if device.type != "mps" else None)
-            options = {"weight_dtype": fp8} if fp8 is not None else {}
+            options = {"weight_dtype": weights} if weights is not None else {"keep_fp8": device.type != "mps"}
             return kontext_core.load_transformer(path, device=device, dtype=dtype, **options)
 
         return (cls._slot.get(path, (weight_dtype, dtype, str(device)), load),)

@@ -130,6 +130,20 @@ def test_plain_fp8_stays_fp8_by_default(reference, tmp_path, fp8):
 
 
 @torch.no_grad()
+def test_keep_fp8_keeps_exactly_the_layers_the_file_stores_in_fp8(reference, tmp_path):
+    """ComfyUI's default weight dtype: a mixed-precision file's 16-bit layers are neither cast nor quantized."""
+    model, _ = reference
+    fp8_key = "double_blocks.0.img_mlp.0.weight"
+    state = {k: v.to(torch.float8_e4m3fn) if k == fp8_key else v for k, v in model.state_dict().items()}
+    path = save_state(tmp_path / "mixed.safetensors", state)
+    kept = load_transformer(path, dtype=torch.float32, keep_fp8=True)
+    fp8 = {name for name, m in kept.named_modules() if isinstance(m, Fp8Linear)}
+    assert fp8 == {"double_blocks.0.img_mlp.0"} and kept.double_blocks[0].img_mlp[0].weight.dtype == torch.float8_e4m3fn
+    twin = model_from_state(model.params, {k: v.float() for k, v in state.items()})
+    assert max_rel(kept(*flux_inputs(model.params)), twin(*flux_inputs(model.params))) <= 1e-5
+
+
+@torch.no_grad()
 def test_weight_dtype_fp8_casts_a_full_precision_file(reference, tmp_path):
     model, expected = reference
     path = bfl_file(model, tmp_path / "flux.safetensors")

@@ -421,14 +421,14 @@ def test_model_loader_caches_and_switches(monkeypatch, tmp_path):
         return types.SimpleNamespace(path=path)
 
     monkeypatch.setitem(vars(loaders.kontext_core), "load_transformer", fake_load)
-    monkeypatch.setattr(loaders, "stored_fp8_dtype", lambda path: None)  # the files here are stand-ins
     monkeypatch.setattr(loaders.KontextCoreModelLoader, "_slot", _comfy.ModelSlot())
     args = dict(weight_dtype="default", compute_dtype="auto", attention="auto")
     first = run("KontextCoreModelLoader", model_name="a.safetensors", **args)[0]
     assert run("KontextCoreModelLoader", model_name="a.safetensors", **args)[0] is first
     run("KontextCoreModelLoader", model_name="b.safetensors", **args)
     run("KontextCoreModelLoader", model_name="b.safetensors", **args | {"weight_dtype": "fp8_e4m3fn"})
-    assert loads == [("a.safetensors", torch.float32, {}), ("b.safetensors", torch.float32, {}),
+    keep = {"keep_fp8": True}  # 'default': an fp8 file's fp8 layers stay fp8
+    assert loads == [("a.safetensors", torch.float32, keep), ("b.safetensors", torch.float32, keep),
                      ("b.safetensors", torch.float32, {"weight_dtype": torch.float8_e4m3fn})]  # fmt: skip
     assert loaders.KontextCoreModelLoader._slot.value.path.endswith("b.safetensors")
     with pytest.raises(ValueError, match="'attention'"):

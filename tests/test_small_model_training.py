@@ -209,6 +209,16 @@ def test_bad_training_options_are_refused_by_name(args, message, capsys, tmp_pat
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_a_run_never_replaces_another_vae_in_its_out_folder(trained, tmp_path, capsys):
+    other = small_model_files(tmp_path).vae
+    other.write_bytes(b"a VAE trained elsewhere")
+    with pytest.raises(SystemExit):
+        train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--prepare-only",
+                         "--out", str(tmp_path)])  # fmt: skip
+    assert "holds another ae-small.safetensors than --vae" in capsys.readouterr().err
+    assert other.read_bytes() == b"a VAE trained elsewhere"
+
+
 def test_vae_training_needs_an_out_folder(capsys):
     with pytest.raises(SystemExit):
         train_vae.main(["--steps", "1"])

@@ -159,7 +159,6 @@ def tiny_comfy(monkeypatch, tmp_path):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "input" / name)
     host_folders(monkeypatch, tmp_path)
     monkeypatch.setitem(vars(kontext_core), "load_transformer", lambda path, **kw: tiny_flux_model(seed=1))
-    monkeypatch.setattr(sys.modules[f"{pack.__name__}.nodes.loaders"], "stored_fp8_dtype", lambda path: None)
     monkeypatch.setitem(vars(kontext_core), "load_vae", lambda path, **kw: TinyVAE(seed=2))
     monkeypatch.setitem(vars(kontext_core), "load_text_encoder",
                         lambda **kw: TinyTextEncoder(TINY_FLUX.context_in_dim, TINY_FLUX.vec_in_dim))  # fmt: skip

@@ -268,9 +268,8 @@ def _check_device(
 
 
 def stored_fp8_dtype(path: str | os.PathLike) -> torch.dtype | None:
-    """The fp8 type a transformer file stores its Linear weights in (e4m3 first where it has both), None for a
-    16/32-bit file; read from the header. As `load_transformer`'s `weight_dtype` it keeps an fp8 file fp8
-    whatever the compute `dtype`, as ComfyUI's default weight dtype does."""
+    """The fp8 type a transformer file stores Linear weights in (e4m3 first where it has both), None for a
+    16/32-bit file; read from the header, no weight loaded."""
     layout = read_layout(Path(path))
     try:
         stored = {layout.dtype(k) for k, shape in layout.shapes.items() if k.endswith(".weight") and len(shape) == 2}
@@ -287,6 +286,7 @@ def load_transformer(
     axes_dim: Sequence[int] | None = None,
     weight_dtype: torch.dtype | None = None,
     fp8_matmul: bool = False,
+    keep_fp8: bool = False,
 ) -> Flux:
     """A FLUX.1 Kontext (or [dev]) transformer, its config inferred from the tensors.
 
@@ -294,7 +294,8 @@ def load_transformer(
     Linear weights stay fp8 (with their scales) behind `Fp8Linear`, which upcasts each weight per call
     and computes in bf16. A float `dtype` sets the compute precision: every tensor is cast to it and fp8
     weights are dequantized, unless `weight_dtype` is an fp8 type, which keeps (or casts) the block
-    Linear weights in that fp8 type. `fp8_matmul` multiplies fp8 e4m3 weights in fp8 with
+    Linear weights in that fp8 type, or `keep_fp8`, which keeps exactly the layers the file stores in fp8 (a
+    mixed-precision file's 16-bit layers stay 16-bit), as ComfyUI's default weight dtype does. `fp8_matmul` multiplies fp8 e4m3 weights in fp8 with
     `torch._scaled_mm` on GPUs that can (compute capability 8.9+). `axes_dim` sets the RoPE axes when
     neither a `flux_params` header nor a diffusers `config.json` names them (other axes than those it names
     are an error).
@@ -326,7 +327,7 @@ def load_transformer(
         block_linears = {k[: -len(".weight")] for k in linear_weights if is_block_linear_weight(k, layout.shapes[k])}
         fp8_layers = file_fp8 | block_linears
     else:
-        fp8_layers = file_fp8 if dtype is None else set()
+        fp8_layers = file_fp8 if dtype is None or keep_fp8 else set()
     compute = dtype or (torch.bfloat16 if fp8_layers else None)
     _check_device(path, device, dtype, compute or layout.dtype("img_in.weight"), bool(fp8_layers), fp8_matmul)
 

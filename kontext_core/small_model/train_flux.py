@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import filecmp
 import hashlib
 import inspect
 import json
@@ -279,8 +280,9 @@ def train(args: argparse.Namespace) -> None:
     files = small_model_files(out)
     t5_tok = load_tokenizer(write_t5_tokenizer(files.t5_tokenizer), "t5")
     clip_tok = load_tokenizer(write_clip_tokenizer(files.clip_tokenizer), "clip")
-    if not (files.vae.exists() and files.vae.samefile(args.vae)):
-        shutil.copy(args.vae, files.vae)  # the VAE it trains against: `out` then loads as a whole model
+    if not files.vae.exists():  # the VAE it trains against, beside the model: `out` loads as a whole
+        with written_whole(files.vae) as partial:
+            shutil.copyfile(args.vae, partial)
     start = time.time()
     cache = prepared_cache(args.vae, args.first_task, args.tasks) if args.cache else None
     if cache is not None and cache.exists():
@@ -484,6 +486,10 @@ def main(argv: list[str] | None = None) -> None:
         check_training_seeds(args.first_task, args.tasks)
     except ValueError as e:
         parser.error(f"--first-task {args.first_task} with --tasks {args.tasks}: {e}")
+    out_vae = small_model_files(args.out).vae
+    if out_vae.exists() and args.vae.exists() and not filecmp.cmp(out_vae, args.vae, shallow=False):
+        parser.error(f"--out {args.out} holds another {out_vae.name} than --vae {args.vae}; "
+                     "train into a new folder, or pass that VAE as --vae")  # fmt: skip
     train(args)
 
 
