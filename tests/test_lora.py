@@ -188,3 +188,17 @@ def test_lora_on_fp8_layers_keeps_them_fp8(tmp_path):
     result.remove()
     assert all(loaded.state_dict(keep_vars=True)[k] is fp8_before[k] for k in fp8_before)
     assert torch.equal(loaded(*inputs), base_out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_on_the_gpu_the_original_weight_waits_in_host_memory():
+    model = tiny_flux_model(seed=7).cuda()
+    before = model.state_dict(keep_vars=True)
+    tensors, _ = make_lora(model, "kohya")
+    result = apply_lora(model, {k: v.cuda() for k, v in tensors.items()})
+    qkv = model.get_submodule(result.applied[0].split("[")[0])
+    assert qkv.weight.is_cuda and qkv.__dict__["_lora_base"].device.type == "cpu"  # one copy on the device
+    result.remove()
+    assert all(model.state_dict(keep_vars=True)[k] is before[k] for k in before)
+    assert all(v.is_cuda for v in model.state_dict().values())
