@@ -166,10 +166,9 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
     if dtype is None:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     print(f"transformer: {files.transformer}\nvae: {files.vae}\nt5: {files.t5}\nclip: {files.clip}", file=sys.stderr)
-    # the default keeps an fp8 file's fp8 layers (a float compute dtype alone would dequantize them),
-    # except on MPS, which cannot hold fp8
+    # the default keeps an fp8 file's fp8 layers: a float compute dtype alone would dequantize them
     weight_dtype = WEIGHT_DTYPES[args.weight_dtype]
-    precision = {"weight_dtype": weight_dtype} if weight_dtype else {"keep_fp8": not args.device.startswith("mps")}
+    precision = {"weight_dtype": weight_dtype} if weight_dtype else {"keep_fp8": True}
     transformer = load_transformer(files.transformer, device=args.device, dtype=dtype, **precision)
     vae = load_vae(files.vae, device=args.device, dtype=dtype)
     text = load_text_encoder(
@@ -200,6 +199,12 @@ def _save(images, out: str, made_by: dict | None = None) -> list[Path]:
     return paths
 
 
+def _made_by(model: str, instruction: str, inputs: list, *, steps: int, seed: int, guidance: float) -> dict:
+    """What `_save` records about a generated image (`provenance.save_png`'s keywords)."""
+    return {"model": model, "instruction": instruction, "inputs": inputs,
+            "parameters": f"seed {seed}, steps {steps}, guidance {guidance}"}  # fmt: skip
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """One held-out task: the small model's edit beside the input and the rendered truth, judged."""
     from .provenance import model_name
@@ -211,19 +216,19 @@ def run_demo(args: argparse.Namespace) -> int:
     task = make_task(args.seed, args.kind)
     pipe = load_default_pipeline()
     print(f"task {task.kind} (seed {task.seed}): {task.instruction}", file=sys.stderr)
+    settings = {"steps": args.steps, "seed": 0, "guidance": 2.5}  # the noise seed; --seed picks the task
     progress = _progress(task.kind)
     if task.kind == "text_to_image":
         after = pipe.generate(task.instruction, width=task.target.width, height=task.target.height,
-                              steps=args.steps, callback=progress)  # fmt: skip
+                              callback=progress, **settings)  # fmt: skip
     else:
-        after = pipe.edit(task.images, task.instruction, steps=args.steps, callback=progress)
+        after = pipe.edit(task.images, task.instruction, callback=progress, **settings)
     out = Path(args.out)
     befores = [f"before{'' if i == 0 else f'_{i + 1}'}.png" for i in range(len(task.images))]
     for name, image in (*zip(befores, task.images), ("truth.png", task.target)):
         _save(image, str(out / name))
-    made_by = {"model": model_name(small_model_files().transformer.name, builtin=True), "inputs": task.images,
-               "instruction": task.instruction, "parameters": f"seed 0, steps {args.steps}, guidance 2.5"}  # fmt: skip
-    _save(after, str(out / "after.png"), made_by)
+    model = model_name(small_model_files().transformer.name, builtin=True)
+    _save(after, str(out / "after.png"), _made_by(model, task.instruction, task.images, **settings))
     verdict = judge(task, after)
     unedited = "" if verdict.psnr_unedited is None else f", unedited pixels {verdict.psnr_unedited:.1f} dB"
     print(f"{'success' if verdict.success else 'FAILED'}: PSNR to the truth {verdict.psnr_target:.1f} dB{unedited}")
@@ -280,8 +285,7 @@ def _run(args: argparse.Namespace) -> int:
         size = 64 if small else 1024
         result = pipe.generate(args.prompt, width=args.width or size, height=args.height or size, **common)
     inputs = images if args.command == "edit" else []
-    made_by = {"model": model, "instruction": args.prompt, "inputs": inputs,
-               "parameters": f"seed {args.seed}, steps {args.steps}, guidance {args.guidance}"}  # fmt: skip
+    made_by = _made_by(model, args.prompt, inputs, steps=args.steps, seed=args.seed, guidance=args.guidance)
     for path in _save(result, args.out, made_by):
         print(path)
     return 0

@@ -12,7 +12,6 @@ compiled code instead of recompiling (measured: none on a new text and image len
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

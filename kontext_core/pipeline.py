@@ -163,8 +163,6 @@ class KontextPipeline:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        if true_cfg_scale != 1.0 and negative_prompt is None:
-            raise ValueError(f"true_cfg_scale={true_cfg_scale} needs a negative_prompt; without one it would be ignored")
         if len(prompts) > 1 and num_images not in (1, len(prompts)):
             raise ValueError(f"got {len(prompts)} prompts and num_images={num_images}: give one prompt or one image each")
         batch = max(len(prompts), num_images)
@@ -179,7 +177,7 @@ class KontextPipeline:
             noise = noise.to(self.device, torch.float32)
             batch = noise.shape[0]
         txt, y = self.text_encoder.encode(prompts)
-        negative = None
+        negative = None  # true CFG without a negative prompt is refused by `sample`
         if negative_prompt is not None and true_cfg_scale != 1.0:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             negative = self.text_encoder.encode(negatives)

@@ -193,7 +193,7 @@ class _PromptFilter:
         self._combinations = rules["combinations"]
         numbers = "|".join(self._age_words)
         self._age = re.compile(
-            # "old" is required: "10 years younger", "in ten years", "15 years of lingerie" are no ages
+            # years read as time are no age: "in ten years", "10 years younger", "one year anniversary"
             rf"(?<! in)(?<! for)(?<! after)(?<! within) (\d{{1,3}}|{numbers}) (?:yo|y o|year olds?|years? old|yrs? old|yr old|(?:yrs?|years?)(?! (?:younger|older|ago|later|of|from|apart|long|anniversary|in|on|and|since|before|after)))(?= )|"
             rf" (?:aged?|age of) (\d{{1,3}}|{numbers})(?= )")
 

@@ -197,7 +197,8 @@ def sample(
     if not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number, got {guidance}")
     if true_cfg_scale != 1.0 and negative is None:
-        raise ValueError(f"true_cfg_scale={true_cfg_scale} needs a negative (txt, y); without one it would be ignored")
+        raise ValueError(f"true_cfg_scale={true_cfg_scale} needs a negative prompt (negative=(txt, y)); "
+                         "without one it would be ignored")
     if isinstance(reference_cache_every, bool) or not isinstance(reference_cache_every, int) or reference_cache_every < 0:
         raise ValueError(f"reference_cache_every must be 0 (exact) or a step count K > 0, got {reference_cache_every!r}")
     _check_text_widths(model, "txt/y", txt, y)

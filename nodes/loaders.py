@@ -82,9 +82,8 @@ class KontextCoreModelLoader(KontextNode):
         weights = WEIGHT_DTYPES[weight_dtype]
 
         def load():
-            # 'default' keeps an fp8 file's fp8 layers (a float compute dtype alone would dequantize them),
-            # except on MPS, which cannot hold fp8
-            options = {"weight_dtype": weights} if weights is not None else {"keep_fp8": device.type != "mps"}
+            # 'default' keeps an fp8 file's fp8 layers: a float compute dtype alone would dequantize them
+            options = {"weight_dtype": weights} if weights is not None else {"keep_fp8": True}
             return kontext_core.load_transformer(path, device=device, dtype=dtype, **options)
 
         return (cls._slot.get(path, (weight_dtype, dtype, str(device)), load),)

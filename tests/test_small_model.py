@@ -161,7 +161,7 @@ def test_edit_converts_references_to_rgb_before_resizing(pipe):
     ("options", "message"),
     [
         ({"seed": 1.5}, "seed must be an integer, got 1.5"),
-        ({"true_cfg_scale": 4.0}, "needs a negative_prompt"),
+        ({"true_cfg_scale": 4.0}, "needs a negative prompt"),
         ({"num_images": 4, "noise": torch.zeros(1, 16, 8, 8)}, "noise has 1 rows but 4 images were asked for"),
     ],
 )

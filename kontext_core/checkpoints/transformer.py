@@ -295,7 +295,8 @@ def load_transformer(
     and computes in bf16. A float `dtype` sets the compute precision: every tensor is cast to it and fp8
     weights are dequantized, unless `weight_dtype` is an fp8 type, which keeps (or casts) the block
     Linear weights in that fp8 type, or `keep_fp8`, which keeps exactly the layers the file stores in fp8 (a
-    mixed-precision file's 16-bit layers stay 16-bit), as ComfyUI's default weight dtype does. `fp8_matmul` multiplies fp8 e4m3 weights in fp8 with
+    mixed-precision file's 16-bit layers stay 16-bit) where the device can hold fp8 (MPS cannot: there they are
+    dequantized), as ComfyUI's default weight dtype does. `fp8_matmul` multiplies fp8 e4m3 weights in fp8 with
     `torch._scaled_mm` on GPUs that can (compute capability 8.9+). `axes_dim` sets the RoPE axes when
     neither a `flux_params` header nor a diffusers `config.json` names them (other axes than those it names
     are an error).
@@ -327,7 +328,7 @@ def load_transformer(
         block_linears = {k[: -len(".weight")] for k in linear_weights if is_block_linear_weight(k, layout.shapes[k])}
         fp8_layers = file_fp8 | block_linears
     else:
-        fp8_layers = file_fp8 if dtype is None or keep_fp8 else set()
+        fp8_layers = file_fp8 if dtype is None or (keep_fp8 and device.type != "mps") else set()
     compute = dtype or (torch.bfloat16 if fp8_layers else None)
     _check_device(path, device, dtype, compute or layout.dtype("img_in.weight"), bool(fp8_layers), fp8_matmul)
 

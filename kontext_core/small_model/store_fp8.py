@@ -21,8 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoints.safetensors_io import SCALED_FP8_MARKERS
-from ..files import written_whole
 from ..checkpoints.transformer import is_block_linear_weight
+from ..files import written_whole
 from ..quant import FP8_DTYPES, quantize_fp8
 
 MARKER = SCALED_FP8_MARKERS[0]
