@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from kontext_core.checkpoints.transformer import load_transformer, stored_fp8_dtype
+from kontext_core.cli_options import at_least
 from kontext_core.files import written_whole
 from kontext_core.pipeline import KontextPipeline
 from kontext_core.quality import judge, psnr
@@ -220,9 +221,9 @@ VARIANTS = ("exact", "vae", "fp8", "fast2", "fast4", "guidance1")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-kind", type=int, default=20, help="held-out tasks per kind")
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--drift-scenes", type=int, default=5)
+    parser.add_argument("--per-kind", type=at_least(1), default=20, help="held-out tasks per kind")
+    parser.add_argument("--steps", type=at_least(1), default=28)
+    parser.add_argument("--drift-scenes", type=at_least(0), default=5)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="what to measure beside the exact path (which always runs), comma-separated")  # fmt: skip
     parser.add_argument("--weights", type=Path, default=small_model_files().vae.parent)
@@ -235,12 +236,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.first_seed < 0 or args.first_seed < HELD_OUT_SEED <= last_seed:
         parser.error(f"--first-seed {args.first_seed} with --per-kind {args.per_kind} judges seeds up to {last_seed:,}: "
                      f"expected all of them below {HELD_OUT_SEED:,} (training tasks) or none, and none negative")  # fmt: skip
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
-    if args.per_kind < 1:
-        parser.error(f"--per-kind must be at least 1, got {args.per_kind}")
-    if args.drift_scenes < 0:
-        parser.error(f"--drift-scenes must be >= 0, got {args.drift_scenes}")
     variants = args.variants.split(",")
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; expected names from {', '.join(VARIANTS)}")

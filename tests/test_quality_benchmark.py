@@ -78,9 +78,9 @@ def test_fp8_storage_is_read_from_the_header(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--per-kind", "0"], "--per-kind must be at least 1, got 0"),
-        (["--steps", "0"], "--steps must be at least 1, got 0"),
-        (["--drift-scenes", "-1"], "--drift-scenes must be >= 0, got -1"),
+        (["--per-kind", "0"], "argument --per-kind: must be at least 1, got 0"),
+        (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["--drift-scenes", "-1"], "argument --drift-scenes: must be at least 0, got -1"),
         (["--variants", "exact,fast_k2"], "unknown fast_k2"),  # the report's key, not the option's name
         (["--first-seed", "999990"], "judges seeds up to 1,000,149: expected all of them below 1,000,000"),
         (["--first-seed", "-1"], "none negative"),

@@ -193,9 +193,11 @@ def test_first_task_must_pick_training_seeds(args, message, capsys, tmp_path):
         (["--blocks", "2"], "argument --blocks: expected two counts"),
         (["--blocks", "2,0"], "at least 1"),
         (["--blocks", "2,6", "--resume", "run"], "keeps its own"),
-        (["--save-every", "0"], "--save-every must be at least 1, got 0"),  # was a ZeroDivisionError after encoding
-        (["--batch", "0"], "--batch must be at least 1, got 0"),
-        (["--lr", "0"], "--lr must be positive, got 0.0"),
+        (["--save-every", "0"], "argument --save-every: must be at least 1, got 0"),  # was a ZeroDivisionError after encoding
+        (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+        (["--batch", "x"], "argument --batch: expected a whole number, got 'x'"),
+        (["--minutes", "inf"], "argument --minutes: must be positive, got inf"),
+        (["--lr", "0"], "argument --lr: must be positive, got 0.0"),
         (["--minutes", "10", "--distill-minutes", "11"], "--distill-minutes must lie in [0, --minutes 10.0], got 11.0"),
         (["--distill-minutes", "-1"], "--distill-minutes must lie in"),
         ([], "arguments are required: --out"),  # never the package's own weights folder by default
@@ -227,8 +229,8 @@ def test_vae_training_needs_an_out_folder(capsys):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--steps", "0"], "--steps must be at least 1, got 0"), (["--tasks", "0"], "--tasks must be at least 1, got 0"),
-     (["--lr", "-1"], "--lr must be positive, got -1.0")],
+    [(["--steps", "0"], "argument --steps: must be at least 1, got 0"), (["--tasks", "0"], "argument --tasks: must be at least 1, got 0"),
+     (["--lr", "-1"], "argument --lr: must be positive, got -1.0")],
 )  # fmt: skip
 def test_bad_vae_training_options_are_refused_by_name(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit):

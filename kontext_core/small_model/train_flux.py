@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
 from ..checkpoints.autoencoder import load_vae
+from ..cli_options import at_least, positive
 from ..files import written_whole
 from ..layers import DoubleStreamBlock, SingleStreamBlock
 from ..model import Flux
@@ -425,7 +426,7 @@ def save(model: Student, files: SmallModelFiles, info: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae", type=Path, default=small_model_files().vae)
-    parser.add_argument("--minutes", type=float, default=45.0,
+    parser.add_argument("--minutes", type=positive, default=45.0,
                         help="wall-clock budget, distillation included, and encoding the tasks when not cached")
     parser.add_argument("--distill-minutes", type=float, default=0.0, help="last part spent distilling guidance")
     parser.add_argument(
@@ -434,18 +435,18 @@ def main(argv: list[str] | None = None) -> None:
         default={},
         help="draw tasks of these kinds more or less often, e.g. move=3,background=2 (others 1)",
     )
-    parser.add_argument("--tasks", type=int, default=24000)
+    parser.add_argument("--tasks", type=at_least(1), default=24000)
     parser.add_argument(
         "--first-task",
         type=int,
         default=0,
         help="train on the tasks from this seed on (e.g. tasks a resumed model has not seen)",
     )
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch", type=at_least(1), default=32)
+    parser.add_argument("--lr", type=positive, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-every", type=int, default=1000)
-    parser.add_argument("--max-steps", type=int, default=10**9, help="stop earlier than --minutes (smoke runs)")
+    parser.add_argument("--save-every", type=at_least(1), default=1000)
+    parser.add_argument("--max-steps", type=at_least(1), default=10**9, help="stop earlier than --minutes (smoke runs)")
     parser.add_argument("--prepare-only", action="store_true", help="encode the tasks into the cache and stop")
     parser.add_argument("--resume", type=Path, help="a folder of saved small-model files to continue training")
     parser.add_argument(
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     # Required: a run saves every --save-every steps, and the package's own folder must never be the default.
     parser.add_argument("--out", type=Path, required=True, help="the folder the trained files are saved in")
     parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1 ...")
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering the tasks")
+    parser.add_argument("--workers", type=at_least(1), default=1, help="processes rendering the tasks")
     parser.add_argument(
         "--cache",
         action=argparse.BooleanOptionalAction,
@@ -473,13 +474,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.blocks is not None and args.resume is not None:
         parser.error("--blocks sets the depth of a new model; a --resume'd one keeps its own (--deepen doubles it)")
-    for option, value in (("--tasks", args.tasks), ("--batch", args.batch), ("--save-every", args.save_every),
-                          ("--workers", args.workers), ("--max-steps", args.max_steps)):  # fmt: skip
-        if value < 1:
-            parser.error(f"{option} must be at least 1, got {value}")
-    for option, value in (("--lr", args.lr), ("--minutes", args.minutes)):
-        if not value > 0:
-            parser.error(f"{option} must be positive, got {value}")
     if not 0 <= args.distill_minutes <= args.minutes:  # equal: a run that only distils a resumed model
         parser.error(f"--distill-minutes must lie in [0, --minutes {args.minutes}], got {args.distill_minutes}")
     try:  # checked here, not when the first chunk renders minutes later

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..autoencoder import AutoEncoder
 from ..checkpoints.autoencoder import load_vae
+from ..cli_options import at_least, positive
 from ..files import written_whole
 from ..tasks import HELD_OUT_SEED
 from . import SMALL_VAE, small_model_files
@@ -90,20 +91,15 @@ def save(vae: AutoEncoder, path: Path, info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2400)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--tasks", type=int, default=6000, help="training tasks whose images form the pool")
+    parser.add_argument("--steps", type=at_least(1), default=2400)
+    parser.add_argument("--batch", type=at_least(1), default=16)
+    parser.add_argument("--lr", type=positive, default=1e-3)
+    parser.add_argument("--tasks", type=at_least(1), default=6000, help="training tasks whose images form the pool")
     parser.add_argument("--seed", type=int, default=0)
     # Required: the shipped transformer was trained on the shipped VAE's latents; no run may overwrite it unasked.
     parser.add_argument("--out", type=Path, required=True, help="the folder ae-small.safetensors is saved in")
     parser.add_argument("--init", type=Path, help="a trained VAE whose decoder to fine-tune (encoder frozen)")
     args = parser.parse_args(argv)
-    for option, value in (("--steps", args.steps), ("--batch", args.batch), ("--tasks", args.tasks)):
-        if value < 1:
-            parser.error(f"{option} must be at least 1, got {value}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
     vae, info = train(args.steps, args.batch, args.lr, args.tasks, args.seed, init=args.init)
     args.out.mkdir(parents=True, exist_ok=True)
     save(vae, small_model_files(args.out).vae, info)
