@@ -24,6 +24,7 @@ from xml.sax.saxutils import escape
 from PIL import Image, PngImagePlugin
 
 from kontext_core import __version__
+from kontext_core.files import written_whole
 from kontext_core.safety import INSTALL_HINT  # one extra installs both the classifier and c2pa
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -119,23 +120,14 @@ def save_png(
     exif[_EXIF_IMAGE_DESCRIPTION] = description
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    temps: list[str] = []
-    try:
-        unsigned = _temp_beside(path, temps)
-        image.save(unsigned, format="PNG", pnginfo=info, exif=exif)
-        final = unsigned
-        if signing is not None:
-            final = _temp_beside(path, temps)
-            _sign(unsigned, final, signing, model=model, title=path.name, inputs=inputs)
-        with open(final, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp files are private (0600); a saved image should be as readable as any other output.
-        os.chmod(final, 0o644)
-        os.replace(final, path)
-    finally:
-        for temp in temps:
-            if os.path.exists(temp):
-                os.unlink(temp)
+    with written_whole(path) as partial:
+        if signing is None:
+            image.save(partial, format="PNG", pnginfo=info, exif=exif)
+        else:
+            with tempfile.TemporaryDirectory() as scratch:
+                unsigned = Path(scratch) / "unsigned.png"
+                image.save(unsigned, format="PNG", pnginfo=info, exif=exif)
+                _sign(str(unsigned), str(partial), signing, model=model, title=path.name, inputs=inputs)
     return path
 
 
@@ -259,14 +251,6 @@ def _command(args: argparse.Namespace) -> int:
     # with trust anchors given, "Valid" means intact but signed by someone else: not a pass
     accepted = ("Trusted",) if args.trust else ("Valid", "Trusted")
     return 0 if result["validation_state"] in accepted else 1
-
-
-def _temp_beside(path: Path, temps: list[str]) -> str:
-    # Same directory as the target, so os.replace is an atomic rename on one filesystem.
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    temps.append(temp)
-    return temp
 
 
 def _xmp(description: str, model: str, edited: bool) -> str:

@@ -179,3 +179,15 @@ def test_flip_helper_changes_image_data(tmp_path):
     length = int.from_bytes(after[start - 8:start - 4], "big")
     assert start <= after.index(b"IDAT") + 10 < start + length
     assert zlib.crc32(after[start - 4:start + length]) != int.from_bytes(after[start + length:start + length + 4], "big")
+
+
+@needs_c2pa
+def test_a_failed_signature_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, certs):
+    target = tmp_path / "keep.png"
+    target.write_bytes(b"old")
+    (tmp_path / "not-a-key.pem").write_text("not a key")
+    signing = SigningConfig(certs.cert_chain, tmp_path / "not-a-key.pem")
+    with pytest.raises(provenance.ProvenanceError, match="C2PA signing failed"):
+        save_png(_image(), target, signing=signing)
+    assert target.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["keep.png", "not-a-key.pem"]
