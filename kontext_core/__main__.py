@@ -17,12 +17,14 @@ import torch
 from .files import written_whole
 from .provenance import ProvenanceError
 from .quant import WEIGHT_DTYPES
+from .safety import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, SafetyUnavailableError
 from .tasks import HELD_OUT_SEED, KINDS, make_task
 
 if TYPE_CHECKING:  # the pipeline's imports load only when a command needs them
     from .pipeline import KontextPipeline
 
 DEMO_SEED = HELD_OUT_SEED  # the first held-out task: a recolour of a held-out (colour, shape, place)
+EXIT_BLOCKED = 3  # the safety checks refused the prompt, an input image or an output: not a usage error (2)
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -58,6 +60,23 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output PNG; with several images, _1, _2 … are appended")
 
 
+def _add_safety_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("safety checks (the FLUX.1 [dev] licence asks for content filtering or review of outputs)",
+                             "The prompt is checked before any model loads; with the image classifier installed (the "
+                             "safety extra), each --image before sampling and each result before it is written. What "
+                             "is blocked is named and not written (exit status 3).")
+    g.add_argument("--safety-tolerance", type=int, choices=range(MIN_TOLERANCE, MAX_TOLERANCE + 1),
+                   default=DEFAULT_TOLERANCE, metavar="{0..6}",
+                   help="0 the strictest, 6 the most permissive, 2 the default, as in BFL's API; content involving "
+                   "minors and non-consensual intimate imagery is blocked at every tolerance")
+    g.add_argument("--no-safety-check", action="store_true",
+                   help="check neither the prompt nor the images (then review the outputs yourself)")
+
+
+class SafetyBlocked(Exception):
+    """An input or output the safety checks refused."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kontext_core", description=__doc__)
     parser.add_argument("--traceback", action="store_true",
@@ -74,12 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--reference-method", choices=["offset", "index", "uxo"], default="offset")
     edit.add_argument("--fast", type=int, default=0, metavar="K", help="approximate fast mode: reuse reference K/V for K steps")
     _add_sampling_options(edit)
+    _add_safety_options(edit)
     _add_model_options(edit)
 
     gen = sub.add_parser("generate", help="text to image")
     gen.add_argument("--width", type=int, help="default 1024 (real model) or 64 (small model)")
     gen.add_argument("--height", type=int, help="default 1024 (real model) or 64 (small model)")
     _add_sampling_options(gen)
+    _add_safety_options(gen)
     _add_model_options(gen)
 
     demo = sub.add_parser("demo", help="a held-out synthetic edit with the built-in small model: before/after/truth PNGs")
@@ -179,24 +200,27 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
     return KontextPipeline(transformer, vae, text), model_name(str(files.transformer))
 
 
-def _save(images, out: str, made_by: dict | None = None) -> list[Path]:
-    """PNGs at `out` (numbered for several). Generated ones (`made_by`: `model`, `instruction`, `parameters`,
-    `inputs` for `provenance.save_png`) carry the AI disclosure, signed when KONTEXT_C2PA_* is set; inputs and
+def _output_paths(out: str, count: int) -> list[Path]:
+    """`out` for one image; `_1`, `_2` … appended to its name for several."""
+    target = Path(out)
+    if count == 1:
+        return [target]
+    return [target.with_name(f"{target.stem}_{i + 1}{target.suffix}") for i in range(count)]
+
+
+def _save(image, path: str | Path, made_by: dict | None = None) -> Path:
+    """A PNG at `path`, written whole. A generated image (`made_by`: `model`, `instruction`, `parameters`,
+    `inputs` for `provenance.save_png`) carries the AI disclosure, signed when KONTEXT_C2PA_* is set; inputs and
     truths are plain."""
     from . import provenance
 
-    images = images if isinstance(images, list) else [images]
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    paths = [target] if len(images) == 1 else [target.with_name(f"{target.stem}_{i + 1}{target.suffix}") for i in range(len(images))]
-    signing = provenance.SigningConfig.from_env() if made_by is not None else None
-    for image, path in zip(images, paths):
-        if made_by is not None:
-            provenance.save_png(image, path, signing=signing, **made_by)  # written whole, as below
-        else:
-            with written_whole(path) as partial:
-                image.save(partial, format="PNG")
-    return paths
+    path = Path(path)
+    if made_by is not None:
+        return provenance.save_png(image, path, signing=provenance.SigningConfig.from_env(), **made_by)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with written_whole(path) as partial:
+        image.save(partial, format="PNG")
+    return path
 
 
 def _made_by(model: str, instruction: str, inputs: list, *, steps: int, seed: int, guidance: float) -> dict:
@@ -226,9 +250,9 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     befores = [f"before{'' if i == 0 else f'_{i + 1}'}.png" for i in range(len(task.images))]
     for name, image in (*zip(befores, task.images), ("truth.png", task.target)):
-        _save(image, str(out / name))
+        _save(image, out / name)
     model = model_name(small_model_files().transformer.name, builtin=True)
-    _save(after, str(out / "after.png"), _made_by(model, task.instruction, task.images, **settings))
+    _save(after, out / "after.png", _made_by(model, task.instruction, task.images, **settings))
     verdict = judge(task, after)
     unedited = "" if verdict.psnr_unedited is None else f", unedited pixels {verdict.psnr_unedited:.1f} dB"
     print(f"{'success' if verdict.success else 'FAILED'}: PSNR to the truth {verdict.psnr_target:.1f} dB{unedited}")
@@ -240,6 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except SafetyBlocked as e:
+        print(f"python -m kontext_core {args.command}: blocked by the safety checks: {e}", file=sys.stderr)
+        return EXIT_BLOCKED
+    except SafetyUnavailableError as e:
+        if args.traceback:
+            raise
+        print(f"python -m kontext_core {args.command}: error: {e} (or pass --no-safety-check, and review the "
+              "outputs yourself)", file=sys.stderr)  # fmt: skip
+        return 2
     except (FileNotFoundError, ValueError, ProvenanceError) as e:  # ValueError includes CheckpointError
         # a missing file or a bad input (a seed, a size, a file of the wrong kind): its message, not a traceback,
         # unless asked for, since a genuine bug raising ValueError would look the same
@@ -264,6 +297,19 @@ def _run(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
+    from . import safety
+
+    if not args.no_safety_check:  # before anything loads: a refused prompt costs nothing
+        _refuse_if_blocked(safety.check_prompt(args.prompt, args.safety_tolerance), "--prompt")
+    checked = not args.no_safety_check and _image_classifier_ready(safety)
+    images = []
+    for path in args.image if args.command == "edit" else []:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--image {path}: cannot be read as an image ({e})") from None
+        if checked:
+            _refuse_if_blocked(safety.check_image(images[-1], args.safety_tolerance), f"--image {path}")
     small = _wants_small_model(args)
     pipe, model = load_pipeline(args, small)
     common = dict(
@@ -271,12 +317,6 @@ def _run(args: argparse.Namespace) -> int:
         true_cfg_scale=args.true_cfg_scale, num_images=args.num_images, callback=_progress(args.command),
     )  # fmt: skip
     if args.command == "edit":
-        images = []
-        for path in args.image:
-            try:
-                images.append(Image.open(path).convert("RGB"))
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"--image {path}: cannot be read as an image ({e})") from None
         result = pipe.edit(
             images, args.prompt, width=args.width, height=args.height, resize=args.resize,
             reference_method=args.reference_method, reference_cache_every=args.fast, **common,
@@ -284,11 +324,34 @@ def _run(args: argparse.Namespace) -> int:
     else:
         size = 64 if small else 1024
         result = pipe.generate(args.prompt, width=args.width or size, height=args.height or size, **common)
-    inputs = images if args.command == "edit" else []
-    made_by = _made_by(model, args.prompt, inputs, steps=args.steps, seed=args.seed, guidance=args.guidance)
-    for path in _save(result, args.out, made_by):
-        print(path)
+    results = result if isinstance(result, list) else [result]
+    made_by = _made_by(model, args.prompt, images, steps=args.steps, seed=args.seed, guidance=args.guidance)
+    withheld = []
+    for image, path in zip(results, _output_paths(args.out, len(results))):
+        verdict = safety.check_image(image, args.safety_tolerance) if checked else None
+        if verdict is not None and verdict.blocked:
+            withheld.append(f"{path} not written, {verdict.reason}")
+            continue
+        print(_save(image, path, made_by))
+    if withheld:
+        raise SafetyBlocked("; ".join(withheld))
     return 0
+
+
+def _image_classifier_ready(safety) -> bool:
+    """Whether the images can be checked; when they cannot (the optional classifier is not installed), the
+    command says so and goes on with the prompt checked only, as the core install has no classifier."""
+    try:
+        safety.require_image_classifier()
+    except SafetyUnavailableError as e:
+        print(f"note: the images are not checked for nudity: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+def _refuse_if_blocked(verdict, what: str) -> None:
+    if verdict.blocked:
+        raise SafetyBlocked(f"{what} {verdict.reason}")
 
 
 if __name__ == "__main__":

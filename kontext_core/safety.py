@@ -89,6 +89,12 @@ def check_image(image: Any, tolerance: int = DEFAULT_TOLERANCE) -> SafetyVerdict
     return SafetyVerdict(False, None, reason, score=score, tolerance=tolerance)
 
 
+def require_image_classifier() -> None:
+    """Load the image classifier now, or raise SafetyUnavailableError: for callers that must know before the
+    long work whose result they will check."""
+    _classifier()
+
+
 def image_threshold(tolerance: int = DEFAULT_TOLERANCE) -> float:
     """The open_nsfw score from which `check_image` blocks at this tolerance."""
     return _tables()["image_nsfw_threshold"][_validate_tolerance(tolerance)]

@@ -123,3 +123,85 @@ def test_small_model_refuses_options_it_would_ignore(extra, tmp_path):
     named = [option for option in extra if option.startswith("--")]
     with pytest.raises(SystemExit, match=f"--small-model cannot be combined with {', '.join(named)}: "):
         main(["generate", "--small-model", *extra, "--prompt", "x", "--out", str(tmp_path / "a.png")])
+
+
+def _fail_if_loaded(*args, **kwargs):
+    raise AssertionError("no model may load for a refused prompt or input")
+
+
+def test_a_refused_prompt_ends_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
+    out = tmp_path / "a.png"
+    assert main(["generate", "--small-model", "--prompt", "a nude woman", "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "generate: blocked by the safety checks: --prompt blocked (sexual)" in err
+    assert not any(tmp_path.iterdir())
+    # the tolerance is BFL's: the same prompt passes the rules at 3 (and reaches the model)
+    with pytest.raises(AssertionError, match="no model may load"):
+        main(["generate", "--small-model", "--safety-tolerance", "3", "--prompt", "a nude woman", "--out", str(out)])
+
+
+def test_a_refused_input_image_is_named_and_nothing_is_sampled(tmp_path, monkeypatch, capsys):
+    from kontext_core import safety
+
+    flagged = Image.new("RGB", (40, 24), (200, 30, 30))
+    flagged.save(tmp_path / "flagged.png")
+    real_check = safety.check_image
+
+    def flag_red(image, tolerance):  # the classifier's verdict on a real NSFW photo, which we do not ship
+        if image.getpixel((0, 0)) == (200, 30, 30):
+            return safety.SafetyVerdict(True, "sexual", "blocked (sexual): open_nsfw score 0.910 >= 0.40", score=0.91)
+        return real_check(image, tolerance)
+
+    monkeypatch.setattr(safety, "check_image", flag_red)
+    monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
+    args = ["edit", "--small-model", "--image", str(tmp_path / "flagged.png"), "--prompt", "make it blue"]
+    assert main([*args, "--out", str(tmp_path / "out.png")]) == 3
+    assert f"--image {tmp_path / 'flagged.png'} blocked (sexual): open_nsfw score 0.910" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flagged.png"]
+
+
+def test_a_refused_result_is_not_written_and_the_others_are(tmp_path, monkeypatch, capsys):
+    from kontext_core import safety
+
+    verdicts = []
+
+    def block_second(image, tolerance):
+        verdicts.append(tolerance)
+        blocked = len(verdicts) == 2
+        return safety.SafetyVerdict(blocked, "sexual" if blocked else None, "blocked (sexual): score 0.9" if blocked
+                                    else "score 0.0", score=0.9 if blocked else 0.0, tolerance=tolerance)  # fmt: skip
+
+    monkeypatch.setattr(safety, "check_image", block_second)
+    out = tmp_path / "gen.png"
+    assert main(["generate", "--small-model", "--steps", "1", "--num-images", "2", "--safety-tolerance", "1",
+                 "--prompt", "a red circle", "--out", str(out)]) == 3  # fmt: skip
+    assert verdicts == [1, 1]  # both results checked, at the tolerance asked for
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen_1.png"]
+    assert f"{tmp_path / 'gen_2.png'} not written, blocked (sexual)" in capsys.readouterr().err
+
+
+def test_without_the_classifier_the_prompt_is_still_checked_and_the_unchecked_images_are_said(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from kontext_core import safety
+
+    def missing():
+        raise safety.SafetyUnavailableError(f"not installed. Install it with: {safety.INSTALL_HINT}")
+
+    monkeypatch.setattr(safety, "_classifier_instance", None)
+    monkeypatch.setattr(safety, "_load_classifier", missing)
+    out = tmp_path / "gen.png"
+    assert main(["generate", "--small-model", "--prompt", "a nude woman", "--out", str(out)]) == 3
+    assert main(["generate", "--small-model", "--steps", "1", "--prompt", "a red circle", "--out", str(out)]) == 0
+    assert out.is_file()
+    err = capsys.readouterr().err
+    assert f"note: the images are not checked for nudity: not installed. Install it with: {safety.INSTALL_HINT}" in err
+    assert main(["generate", "--small-model", "--steps", "1", "--no-safety-check", "--prompt", "a nude woman",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert "not checked" not in capsys.readouterr().err  # asked for no checks: nothing to report
+
+
+def test_the_tolerance_must_be_bfls(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--safety-tolerance", "7", "--prompt", "x", "--out", str(tmp_path / "a.png")])
+    assert "--safety-tolerance: invalid choice: 7" in capsys.readouterr().err
