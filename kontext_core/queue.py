@@ -44,6 +44,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import written_whole
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 PROMPT_INPUTS = ("prompt", "text")
 SEED_INPUTS = ("seed", "noise_seed")
@@ -531,12 +533,6 @@ class State:
             self.done[entry["key"]] = entry
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def run_batch(runner: Runner, workflow: dict, slots: Slots, items: list[Item], out: Path) -> tuple[int, int, int]:
     """Runs every item not already done; returns (done now, skipped as done before, failed)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -562,7 +558,9 @@ def run_batch(runner: Runner, workflow: dict, slots: Slots, items: list[Item], o
             files = []
             for index, image_ref in enumerate(images):
                 name = f"{item.name}_{index}{Path(image_ref['filename']).suffix or '.png'}"
-                _write_atomic(out / name, runner.server.view(image_ref))
+                data = runner.server.view(image_ref)
+                with written_whole(out / name) as partial:
+                    partial.write_bytes(data)
                 files.append(name)
         except (QueueError, urllib.error.URLError, OSError, ValueError, KeyError) as e:
             failed += 1

@@ -530,3 +530,16 @@ def test_usage_errors_exit_with_status_2(tmp_path, capsys):
     assert queue.main(["--workflow", workflow, "--images", str(tmp_path / "nowhere"), "--prompt", "p",
                        "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_the_client_needs_nothing_beyond_the_standard_library():
+    # the docstring's promise: it runs from any Python, e.g. ComfyUI's embedded one, without torch or pip installs
+    import subprocess
+    import sys
+
+    code = ("import sys, kontext_core.queue; print(sorted({m.split('.')[0] for m in sys.modules}"
+            " - set(sys.stdlib_module_names) - {'kontext_core', '__main__'}))")
+    # -S: no site-packages at all, so an import of anything installed fails instead of being listed
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(queue.__file__).parents[1])  # fmt: skip
+    assert result.stdout.strip() == "[]"
