@@ -328,9 +328,16 @@ def _run(args: argparse.Namespace) -> int:
     made_by = _made_by(model, args.prompt, images, steps=args.steps, seed=args.seed, guidance=args.guidance)
     withheld = []
     for image, path in zip(results, _output_paths(args.out, len(results))):
-        verdict = safety.check_image(image, args.safety_tolerance) if checked else None
-        if verdict is not None and verdict.blocked:
-            withheld.append(f"{path} not written, {verdict.reason}")
+        refusal = None
+        if checked:
+            try:
+                verdict = safety.check_image(image, args.safety_tolerance)
+                refusal = verdict.reason if verdict.blocked else None
+            except SafetyUnavailableError as e:  # this result unchecked: the others are still checked and written
+                refusal = f"it could not be checked ({e})"
+        if refusal is not None:
+            earlier = " (the file there from before is left as it was)" if path.exists() else ""
+            withheld.append(f"{path} not written{earlier}, {refusal}")
             continue
         print(_save(image, path, made_by))
     if withheld:
@@ -339,13 +346,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _image_classifier_ready(safety) -> bool:
-    """Whether the images can be checked; when they cannot (the optional classifier is not installed), the
-    command says so and goes on with the prompt checked only, as the core install has no classifier."""
-    try:
-        safety.require_image_classifier()
-    except SafetyUnavailableError as e:
-        print(f"note: the images are not checked for nudity: {e}", file=sys.stderr)
+    """Whether the images will be checked. The core install has no classifier: the command says so and goes on
+    with the prompt checked only. An installed one that cannot load stops the command here, before sampling."""
+    if not safety.image_classifier_installed():
+        print(f"note: the images are not checked for nudity: the image classifier is not installed "
+              f"({safety.INSTALL_HINT})", file=sys.stderr)  # fmt: skip
         return False
+    safety.require_image_classifier()
     return True
 
 

