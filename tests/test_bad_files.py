@@ -178,3 +178,36 @@ def test_bad_flux_params_metadata(tiny, tmp_path):
     )
     wrong = json.dumps({**tiny.params.__dict__, "depth": 3})
     refused(save_state(tmp_path / "c.safetensors", state, {"flux_params": wrong}), "missing keys")
+
+
+def test_a_folder_of_several_models_is_never_merged(tiny, tmp_path):
+    # ComfyUI's models/diffusion_models (or vae/) holds models side by side: pointing at the folder must not
+    # load a mix of them
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    bfl_file(tiny, folder / "flux1-kontext-dev.safetensors")
+    bfl_file(tiny_flux_model(seed=32), folder / "flux1-kontext-dev-other.safetensors")
+    error = refused(folder, "several .safetensors files that are not the shards of one model")
+    assert "(flux1-kontext-dev-other.safetensors, flux1-kontext-dev.safetensors)" in str(error)
+
+
+def test_shards_without_an_index_load_only_as_a_whole_set(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in tiny.state_dict().items()}
+    keys = sorted(state)
+    halves = {1: keys[: len(keys) // 2], 2: keys[len(keys) // 2 :]}
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    for part, names in halves.items():
+        save_file({k: state[k] for k in names}, folder / f"model-0000{part}-of-00003.safetensors")
+    refused(folder, "not the shards of one model")  # part 3 of 3 is missing
+    (folder / "model-00002-of-00003.safetensors").rename(folder / "model-00002-of-00002.safetensors")
+    (folder / "model-00001-of-00003.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    assert sorted(open_tensors(folder).keys()) == keys
+    # one tensor in two shards: which copy wins would be an accident of reading order
+    save_file({keys[0]: state[keys[0]]}, folder / "extra.safetensors")
+    weight_map = {k: f"model-0000{p}-of-00002.safetensors" for p, names in halves.items() for k in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**weight_map, "x": "extra.safetensors"}}))
+    with pytest.raises(CheckpointError, match=f"tensor '{keys[0]}' is in both"):
+        open_tensors(folder, weights_name="model")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from safetensors import safe_open
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # A safetensors header is JSON; anything larger than this is not a real header.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Hugging Face's shard names: model-00001-of-00004.safetensors
+_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<part>\d+)-of-(?P<total>\d+)\.safetensors")
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -116,6 +119,8 @@ class TensorSource:
             entries, metadata = read_header(file)
             self.metadata.update(metadata)
             for key, entry in entries.items():
+                if key in self._file_of:  # two files in one folder that are not shards of one model
+                    raise CheckpointError(origin, f"tensor {key!r} is in both {self._file_of[key].name} and {file.name}")
                 self._entries[key] = entry
                 self._file_of[key] = file
         self._handles: dict[Path, object] = {}
@@ -184,12 +189,26 @@ def _folder_shards(folder: Path, weights_name: str) -> list[Path]:
     if single.is_file():
         return [single]
     found = sorted(folder.glob("*.safetensors"))
-    if found:
+    if len(found) == 1 or (found and _one_shard_set(found)):
         return found
+    if found:  # e.g. ComfyUI's models/vae: several models side by side, which must never be merged
+        names = ", ".join(f.name for f in found)
+        raise CheckpointError(folder, f"holds several .safetensors files that are not the shards of one model "
+                                      f"({names}): give one of them")  # fmt: skip
     pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
         raise _pickle_refusal(folder / pickles[0])
     raise CheckpointError(folder, "no .safetensors weights in this folder")
+
+
+def _one_shard_set(files: list[Path]) -> bool:
+    """Whether `files` are exactly the parts 1..N of one `<stem>-0000k-of-0000N.safetensors` set."""
+    matches = [_SHARD_NAME.fullmatch(f.name) for f in files]
+    if not all(matches):
+        return False
+    sets = {(m["stem"], int(m["total"])) for m in matches}
+    parts = sorted(int(m["part"]) for m in matches)
+    return len(sets) == 1 and parts == list(range(1, next(iter(sets))[1] + 1))
 
 
 def read_config_json(folder: str | os.PathLike) -> dict | None:
