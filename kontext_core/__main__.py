@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .cli_options import at_least
 from .files import written_whole
 from .provenance import ProvenanceError
 from .quant import WEIGHT_DTYPES
@@ -53,10 +54,10 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", help="enables true CFG together with --true-cfg-scale > 1")
     p.add_argument("--true-cfg-scale", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--steps", type=at_least(1), default=28)
     p.add_argument("--guidance", type=float, default=2.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--num-images", type=at_least(1), default=1)
     p.add_argument("--out", required=True, help="output PNG; with several images, _1, _2 … are appended")
 
 
@@ -86,19 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="edit one or more reference images following a prompt")
     edit.add_argument("--image", action="append", required=True, help="reference image; repeat for several")
-    edit.add_argument("--width", type=int)
-    edit.add_argument("--height", type=int)
+    edit.add_argument("--width", type=at_least(16), help="default: the first reference's (after --resize)")
+    edit.add_argument("--height", type=at_least(16), help="default: the first reference's (after --resize)")
     edit.add_argument("--resize", choices=["stretch", "crop", "keep"],
                       help="reference sizing; default stretch (real model) or keep (small model)")
     edit.add_argument("--reference-method", choices=["offset", "index", "uxo"], default="offset")
-    edit.add_argument("--fast", type=int, default=0, metavar="K", help="approximate fast mode: reuse reference K/V for K steps")
+    edit.add_argument("--fast", type=at_least(0), default=0, metavar="K", help="approximate fast mode: reuse reference K/V for K steps")
     _add_sampling_options(edit)
     _add_safety_options(edit)
     _add_model_options(edit)
 
     gen = sub.add_parser("generate", help="text to image")
-    gen.add_argument("--width", type=int, help="default 1024 (real model) or 64 (small model)")
-    gen.add_argument("--height", type=int, help="default 1024 (real model) or 64 (small model)")
+    gen.add_argument("--width", type=at_least(16), help="default 1024 (real model) or 64 (small model)")
+    gen.add_argument("--height", type=at_least(16), help="default 1024 (real model) or 64 (small model)")
     _add_sampling_options(gen)
     _add_safety_options(gen)
     _add_model_options(gen)
@@ -106,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a held-out synthetic edit with the built-in small model: before/after/truth PNGs")
     demo.add_argument("--out", default="kontext-demo", help="folder for before.png, after.png, truth.png")
     demo.add_argument("--seed", type=int, default=DEMO_SEED, help=f"task seed (held out from {HELD_OUT_SEED} up)")
-    demo.add_argument("--kind", help="task kind (default: the seed's); one of " + ", ".join(KINDS))
-    demo.add_argument("--steps", type=int, default=28)
+    demo.add_argument("--kind", choices=KINDS, help="task kind (default: the seed's)")
+    demo.add_argument("--steps", type=at_least(1), default=28, help="sampling steps (default 28)")
 
     inspect = sub.add_parser("inspect", help="tell what a model file is, without loading its tensors")
     inspect.add_argument("path")
@@ -156,7 +157,7 @@ def _wants_small_model(args: argparse.Namespace) -> bool:
         }  # fmt: skip
         given = [name for name, value in real_only.items() if value is not None]
         if given:
-            raise SystemExit(f"--small-model cannot be combined with {', '.join(given)}: options the built-in "
+            raise ValueError(f"--small-model cannot be combined with {', '.join(given)}: options the built-in "
                              "model does not use (it has its own files and runs in fp32)")  # fmt: skip
         return True
     return not any(tokenizers) and not any_model_configured(**files, comfyui_root=args.comfyui)
@@ -215,12 +216,29 @@ def _save(image, path: str | Path, made_by: dict | None = None) -> Path:
     from . import provenance
 
     path = Path(path)
-    if made_by is not None:
-        return provenance.save_png(image, path, signing=provenance.SigningConfig.from_env(), **made_by)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with written_whole(path) as partial:
-        image.save(partial, format="PNG")
+    try:
+        if made_by is not None:
+            return provenance.save_png(image, path, signing=provenance.SigningConfig.from_env(), **made_by)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with written_whole(path) as partial:
+            image.save(partial, format="PNG")
+    except OSError as e:  # named by the path asked for, not by the temporary file the error may name
+        raise ValueError(f"{path}: cannot be written ({e.strerror or e})") from e
     return path
+
+
+def _refuse_unwritable_out(out: str, *, folder: bool = False) -> None:
+    """Before any work: `--out` must be a PNG name (or, for `folder`, a folder) whose place can hold it."""
+    path = Path(out)
+    if not folder and path.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: the images are written as PNG; give a name ending in .png")
+    if not folder and path.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name in it, such as {path / 'edited.png'}")
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file; the demo writes its images into a folder")
+    above = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == Path(p.anchor))
+    if above.exists() and not above.is_dir():
+        raise ValueError(f"--out {out}: {above} is a file, not a folder")
 
 
 def _made_by(model: str, instruction: str, inputs: list, *, steps: int, seed: int, guidance: float) -> dict:
@@ -235,8 +253,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .quality import judge
     from .small_model import load_default_pipeline, small_model_files
 
-    if args.kind is not None and args.kind not in KINDS:
-        raise SystemExit(f"--kind {args.kind!r}: expected one of {', '.join(KINDS)}")
+    _refuse_unwritable_out(args.out, folder=True)
     task = make_task(args.seed, args.kind)
     pipe = load_default_pipeline()
     print(f"task {task.kind} (seed {task.seed}): {task.instruction}", file=sys.stderr)
@@ -299,6 +316,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from . import safety
 
+    _refuse_unwritable_out(args.out)
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and value % 16:
+            print(f"note: --{name} {value} is not a multiple of 16 and is rounded down", file=sys.stderr)
     if not args.no_safety_check:  # before anything loads: a refused prompt costs nothing
         _refuse_if_blocked(safety.check_prompt(args.prompt, args.safety_tolerance), "--prompt")
     checked = not args.no_safety_check and _image_classifier_ready(safety)
@@ -307,7 +329,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             images.append(Image.open(path).convert("RGB"))
         except (OSError, ValueError) as e:
-            raise SystemExit(f"--image {path}: cannot be read as an image ({e})") from None
+            raise ValueError(f"--image {path}: cannot be read as an image ({e})") from None
         if checked:
             _refuse_if_blocked(safety.check_image(images[-1], args.safety_tolerance), f"--image {path}")
     small = _wants_small_model(args)
@@ -323,7 +345,8 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     else:
         size = 64 if small else 1024
-        result = pipe.generate(args.prompt, width=args.width or size, height=args.height or size, **common)
+        width, height = (size if args.width is None else args.width), (size if args.height is None else args.height)
+        result = pipe.generate(args.prompt, width=width, height=height, **common)
     results = result if isinstance(result, list) else [result]
     made_by = _made_by(model, args.prompt, images, steps=args.steps, seed=args.seed, guidance=args.guidance)
     withheld = []

@@ -49,6 +49,11 @@ def test_inspect_names_the_kind(comfyui, capsys):
     assert "kind:      VAE" in capsys.readouterr().out
     main(["inspect", str(comfyui / "models" / "diffusion_models" / "flux1-kontext-dev.safetensors")])
     assert "FLUX transformer (BFL layout)" in capsys.readouterr().out
+    # a file it cannot use is an error (exit 2), not a description
+    assert main(["inspect", str(comfyui / "missing.safetensors")]) == 2
+    assert f"inspect: error: {comfyui / 'missing.safetensors'}: file not found" in capsys.readouterr().err
+    assert main(["inspect", str(comfyui / "models" / "text_encoders")]) == 2  # two models: never merged
+    assert "not the shards of one model (clip_l.safetensors, t5xxl_fp16.safetensors)" in capsys.readouterr().err
 
 
 def test_edit_and_generate_from_a_comfyui_folder(comfyui, tmp_path, capsys):
@@ -121,10 +126,10 @@ def test_traceback_raises_the_error_for_a_bug_report(tmp_path):
         ["--vae", "ae.safetensors", "--dtype", "fp32"],
     ],
 )
-def test_small_model_refuses_options_it_would_ignore(extra, tmp_path):
+def test_small_model_refuses_options_it_would_ignore(extra, tmp_path, capsys):
     named = [option for option in extra if option.startswith("--")]
-    with pytest.raises(SystemExit, match=f"--small-model cannot be combined with {', '.join(named)}: "):
-        main(["generate", "--small-model", *extra, "--prompt", "x", "--out", str(tmp_path / "a.png")])
+    assert main(["generate", "--small-model", *extra, "--prompt", "x", "--out", str(tmp_path / "a.png")]) == 2
+    assert f"generate: error: --small-model cannot be combined with {', '.join(named)}: " in capsys.readouterr().err
 
 
 def _fail_if_loaded(*args, **kwargs):
@@ -231,3 +236,42 @@ def test_the_tolerance_must_be_bfls(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--safety-tolerance", "7", "--prompt", "x", "--out", str(tmp_path / "a.png")])
     assert "--safety-tolerance: invalid choice: 7" in capsys.readouterr().err
+
+
+def test_bad_outputs_and_images_are_named_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "folder.png").mkdir()
+    base = ["generate", "--small-model", "--prompt", "a red circle", "--out"]
+    for out, said in [
+        ("a.jpg", "--out {}/a.jpg: the images are written as PNG; give a name ending in .png"),
+        ("folder.png", "--out {}/folder.png is a folder; give a file name in it, such as {}/folder.png/edited.png"),
+        ("notes.txt/deeper/a.png", "--out {}/notes.txt/deeper/a.png: {}/notes.txt is a file, not a folder"),
+    ]:
+        assert main([*base, str(tmp_path / out)]) == 2
+        assert said.format(tmp_path, tmp_path) in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "the demo writes its images into a folder" in capsys.readouterr().err
+    edit = ["edit", "--small-model", "--image", str(tmp_path / "notes.txt"), "--prompt", "x", "--out", str(tmp_path / "o.png")]
+    assert main(edit) == 2
+    assert f"edit: error: --image {tmp_path / 'notes.txt'}: cannot be read as an image" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cannot be read as an image"):
+        main(["--traceback", *edit])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png", "notes.txt"]
+
+
+def test_numbers_are_checked_by_the_option_that_takes_them(tmp_path, capsys):
+    for option, value, said in [("--num-images", "0", "must be at least 1, got 0"), ("--steps", "0", "must be at least 1"),
+                                ("--height", "8", "must be at least 16, got 8")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["generate", "--small-model", option, value, "--prompt", "x", "--out", str(tmp_path / "a.png")])
+        assert f"argument {option}: {said}" in capsys.readouterr().err
+
+
+def test_a_size_that_is_not_a_multiple_of_16_is_said_to_be_rounded(tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert main(["generate", "--small-model", "--steps", "1", "--width", "70", "--height", "48", "--no-safety-check",
+                 "--prompt", "a red circle", "--out", str(out)]) == 0  # fmt: skip
+    assert Image.open(out).size == (64, 48)
+    err = capsys.readouterr().err
+    assert "note: --width 70 is not a multiple of 16 and is rounded down" in err and "--height" not in err

@@ -6,22 +6,20 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from .safetensors_io import CheckpointError, open_tensors
+from .safetensors_io import open_tensors
 
 
 def describe(path: str | os.PathLike) -> str:
-    """A few lines naming the file's kind, precision, size and tensor count; never reads a tensor."""
+    """A few lines naming the file's kind, precision, size and tensor count; never reads a tensor. A file that is
+    not a safetensors checkpoint raises CheckpointError saying why."""
     path = Path(path)
-    try:
-        source = open_tensors(path)
-    except CheckpointError as e:
-        return f"{path}: unusable — {e.problem}"
+    source = open_tensors(path)
     keys = source.keys()
     dtypes = Counter(str(source.dtype(k)).replace("torch.", "") for k in keys)
     lines = [
         f"{path}",
         f"  kind:      {_kind(keys)}",
-        f"  tensors:   {len(keys)}, {source.nbytes() / 2**30:.2f} GiB",
+        f"  tensors:   {len(keys)}, {_size(source.nbytes())}",
         f"  dtypes:    {', '.join(f'{d} ×{n}' for d, n in dtypes.most_common())}",
     ]
     if "scaled_fp8" in keys or any(k.endswith((".scale_weight", ".weight_scale")) for k in keys):
@@ -29,6 +27,10 @@ def describe(path: str | os.PathLike) -> str:
     if source.metadata:
         lines.append(f"  metadata:  {', '.join(sorted(source.metadata))}")
     return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def _kind(keys: list[str]) -> str:
