@@ -144,7 +144,10 @@ def verify_png(path: str | os.PathLike, trust_anchor_pem: str | os.PathLike | No
         text = str(trust_anchor_pem)
         pem = text if "-----BEGIN" in text else Path(text).read_text()
         settings["trust"] = {"trust_anchors": pem}
-    context = c2pa.Context.from_dict(settings)
+    try:
+        context = c2pa.Context.from_dict(settings)
+    except c2pa.C2paError as e:
+        raise ProvenanceError(f"{trust_anchor_pem}: the trust anchors are not PEM certificates c2pa can use ({e})") from None
     with open(path, "rb") as f:
         try:
             reader = c2pa.Reader.try_create("image/png", f, None, context)
@@ -248,6 +251,8 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     result = verify_png(args.path, args.trust)
     print(json.dumps({"validation_state": result["validation_state"], "failures": result["failures"]}, indent=2))
+    if result["manifest_store"] is None:
+        print(f"{args.path}: no C2PA manifest (not signed)", file=sys.stderr)
     # with trust anchors given, "Valid" means intact but signed by someone else: not a pass
     accepted = ("Trusted",) if args.trust else ("Valid", "Trusted")
     return 0 if result["validation_state"] in accepted else 1

@@ -201,3 +201,14 @@ def test_a_failed_signature_keeps_the_previous_file_and_leaves_no_temporary(tmp_
     with pytest.raises(provenance.ProvenanceError, match="C2PA signing failed"):
         save_png(_image(), target, signing=certs.signing_config())
     assert target.read_bytes() == b"old" and os.listdir(out) == ["keep.png"] and os.listdir(scratch) == []
+
+
+@needs_c2pa
+def test_verify_says_when_a_file_is_unsigned_and_names_unusable_trust_anchors(tmp_path, certs, capsys):
+    unsigned = save_png(_image(), tmp_path / "u.png")
+    assert provenance.main(["verify", str(unsigned)]) == 1
+    assert f"{unsigned}: no C2PA manifest (not signed)" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a certificate")
+    signed = save_png(_image(), tmp_path / "s.png", signing=certs.signing_config())
+    assert provenance.main(["verify", str(signed), "--trust", str(tmp_path / "notes.txt")]) == 2
+    assert f"{tmp_path / 'notes.txt'}: the trust anchors are not PEM certificates c2pa can use" in capsys.readouterr().err
