@@ -72,11 +72,15 @@ class FileMeta:
     origin: str = "published on huggingface.co"  # where the expected values come from, for error messages
 
 
+UNREACHABLE = "unreachable"
+
+
 @dataclass
 class FetchResult:
     file: RemoteFile
     destination: Path
-    # "present" (kept), "linked" (hard link to the cache's copy), "copied" (from the cache), "would fetch" (dry run)
+    # "present" (kept), "linked" (hard link to the cache's copy), "copied" (from the cache), "would fetch" (dry run),
+    # UNREACHABLE (dry run: offline, and not in the cache, so the real run would fail on it)
     action: str
     size: int | None = None
     sha256: str | None = None
@@ -343,6 +347,8 @@ def _fetch_one(
         if _matches(dest, meta):
             return FetchResult(item, dest, "present", meta.size, meta.sha256, verified=meta.sha256 is not None)
         log(f"{dest}: differs from {item.label} (size or sha256), {'would replace' if dry_run else 'replacing'} it")
+    if dry_run and offline and cached is None:
+        return FetchResult(item, dest, UNREACHABLE)
     if dry_run:
         return FetchResult(item, dest, "would fetch", meta.size if meta else None, meta.sha256 if meta else None)
     if cached is None:
@@ -402,7 +408,8 @@ def _size(n: int | None) -> str:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    """The `fetch` command: 0 when every file is in place, 1 on a fetch error, 2 without a ComfyUI folder."""
+    """The `fetch` command: 0 when every file is in place (a dry run: could be), 1 on a fetch error (a dry run: when
+    offline and a file is not in the cache), 2 without a ComfyUI folder."""
     root = args.comfyui or os.environ.get("COMFYUI_ROOT")
     if not root:
         print("error: fetch needs a ComfyUI folder: pass --comfyui DIR or set COMFYUI_ROOT.", file=sys.stderr)
@@ -413,10 +420,15 @@ def run_fetch(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for r in results:
-        note = "" if r.verified or r.action == "would fetch" else " (sha256 not verified)"
+        note = "" if r.verified or r.action in ("would fetch", UNREACHABLE) else " (sha256 not verified)"
         print(f"{r.action:>12}  {r.destination}  [{_size(r.size)}]{note}")
     pending = [r for r in results if r.action == "would fetch"]
     if pending:
         total = None if any(r.size is None for r in pending) else sum(r.size for r in pending)
         print(f"dry run: {len(pending)} file(s) to fetch, {_size(total)} in all.")
+    unreachable = [r.file.label for r in results if r.action == UNREACHABLE]
+    if unreachable:
+        print(f"error: {', '.join(unreachable)}: not in the Hugging Face cache, and offline: fetching would fail",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0

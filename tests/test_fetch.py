@@ -275,6 +275,21 @@ def test_dry_run_writes_nothing(comfyui, hub, monkeypatch, capsys):
     assert hub.info_calls == [KONTEXT_REPO, TEXT_ENCODERS_REPO]  # access is still checked
 
 
+def test_a_dry_run_without_network_fails_on_what_the_cache_lacks(comfyui, hub, monkeypatch, capsys):
+    monkeypatch.setattr(fetch_mod, "fetch", lambda root, **kw: fetch(root, cache_dir=hub.cache, **kw))
+    hub.info_error = ConnectionError("Failed to resolve 'huggingface.co'")
+    hub.put_in_cache(KONTEXT_REPO, "flux1-kontext-dev.safetensors")
+    parser = argparse.ArgumentParser()
+    add_fetch_parser(parser.add_subparsers(dest="command"))
+    monkeypatch.setenv("COMFYUI_ROOT", str(comfyui))
+    assert run_fetch(parser.parse_args(["fetch", "--dry-run"])) == 1  # the real run would fail on the other three
+    captured = capsys.readouterr()
+    assert captured.out.count("would fetch") == 1 and captured.out.count("unreachable") == 3
+    assert "not in the Hugging Face cache, and offline: fetching would fail" in captured.err
+    assert "ae.safetensors" in captured.err and "flux1-kontext-dev" not in captured.err
+    assert hub.downloads == [] and list((comfyui / "models").rglob("*.safetensors")) == []
+
+
 def test_bad_arguments(tmp_path, hub, capsys):
     assert run_fetch(argparse.Namespace(comfyui=None, t5="fp16", token=None, dry_run=False)) == 2
     assert "--comfyui DIR or set COMFYUI_ROOT" in capsys.readouterr().err
