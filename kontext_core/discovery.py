@@ -190,7 +190,7 @@ def resolve_model_files(
     """Explicit paths win; what is missing is looked up in `<comfyui_root>/models` (or $COMFYUI_ROOT), then in
     the Hugging Face cache (`hf_cache`, else the environment's). Raises FileNotFoundError naming what is missing."""
     if comfyui_root and not Path(comfyui_root).is_dir():  # a typo must not quietly fall through to the HF cache
-        raise FileNotFoundError(f"comfyui_root: {comfyui_root} is not a folder (expected a ComfyUI install)")
+        raise FileNotFoundError(f"comfyui_root (--comfyui): {comfyui_root} is not a folder (expected a ComfyUI install)")
     root = Path(comfyui_root) if comfyui_root else comfyui_root_from_env()
     cache = hf_cache_dir(hf_cache)
     given = {"transformer": transformer, "vae": vae, "t5": t5, "clip": clip}

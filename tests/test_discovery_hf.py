@@ -172,7 +172,7 @@ def test_missing_roles_name_the_cache_and_the_fetch_command(tmp_path):
 def test_a_comfyui_folder_that_does_not_exist_is_named(tmp_path):
     cache = tmp_path / "hub"
     add_snapshot(cache, KONTEXT_REPO, ["flux1-kontext-dev.safetensors", "ae.safetensors", *DIFFUSERS])
-    with pytest.raises(FileNotFoundError, match="comfyui_root: .*ComfyUl is not a folder"):
+    with pytest.raises(FileNotFoundError, match=r"comfyui_root \(--comfyui\): .*ComfyUl is not a folder"):
         resolve_model_files(comfyui_root=tmp_path / "ComfyUl", hf_cache=cache)  # a typo: not the cache's files
 
 

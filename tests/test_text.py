@@ -296,7 +296,7 @@ def test_comfyui_shipped_tokenizers_and_real_clip_pooling():
 def test_missing_tokenizer_says_which_folder_to_provide(tiny, tmp_path, monkeypatch):
     monkeypatch.delenv("COMFYUI_ROOT", raising=False)
     files = tiny["files"]
-    with pytest.raises(TokenizerNotFoundError, match=r"no T5 tokenizer.*t5_tokenizer=.*tokenizer_2/.*COMFYUI_ROOT"):
+    with pytest.raises(TokenizerNotFoundError, match=r"no T5 tokenizer.*t5_tokenizer= \(the command line.s --t5-tokenizer\).*tokenizer_2/.*COMFYUI_ROOT"):
         load_text_encoder(t5=files["t5"], clip=files["clip"], clip_tokenizer=files["clip_tokenizer"])
     with pytest.raises(TokenizerNotFoundError, match=r"clip_tokenizer=.*not a CLIP tokenizer folder.*vocab\.json"):
         with_files(tiny, clip_tokenizer=tmp_path)
