@@ -227,7 +227,7 @@ def _save(image, path: str | Path, made_by: dict | None = None) -> Path:
     return path
 
 
-def _refuse_unwritable_out(out: str, *, folder: bool = False) -> None:
+def _refuse_bad_out(out: str, *, folder: bool = False) -> None:
     """Before any work: `--out` must be a PNG name (or, for `folder`, a folder) whose place can hold it."""
     path = Path(out)
     if not folder and path.suffix.lower() != ".png":
@@ -253,7 +253,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .quality import judge
     from .small_model import load_default_pipeline, small_model_files
 
-    _refuse_unwritable_out(args.out, folder=True)
+    _refuse_bad_out(args.out, folder=True)
     task = make_task(args.seed, args.kind)
     pipe = load_default_pipeline()
     print(f"task {task.kind} (seed {task.seed}): {task.instruction}", file=sys.stderr)
@@ -316,7 +316,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from . import safety
 
-    _refuse_unwritable_out(args.out)
+    _refuse_bad_out(args.out)
     for name in ("width", "height"):
         value = getattr(args, name)
         if value is not None and value % 16:
