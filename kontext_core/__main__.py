@@ -232,13 +232,20 @@ def _refuse_bad_out(out: str, *, folder: bool = False) -> None:
     path = Path(out)
     if not folder and path.suffix.lower() != ".png":
         raise ValueError(f"--out {out}: the images are written as PNG; give a name ending in .png")
-    if not folder and path.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name in it, such as {path / 'edited.png'}")
-    if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"--out {out} is a file; the demo writes its images into a folder")
-    above = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == Path(p.anchor))
-    if above.exists() and not above.is_dir():
-        raise ValueError(f"--out {out}: {above} is a file, not a folder")
+    try:
+        if not folder and path.is_dir():
+            raise ValueError(f"--out {out} is a folder; give a file name in it, such as {path / 'edited.png'}")
+        if folder and path.exists() and not path.is_dir():
+            raise ValueError(f"--out {out} is a file; the demo writes its images into a folder")
+        for above in (path.parent, *path.parent.parents):
+            if above.is_symlink() and not above.exists():
+                raise ValueError(f"--out {out}: {above} is a link to nothing")
+            if above.exists():
+                if not above.is_dir():
+                    raise ValueError(f"--out {out}: {above} is a file, not a folder")
+                break
+    except OSError as e:  # e.g. a folder on the way that may not be looked into
+        raise ValueError(f"--out {out}: cannot be checked ({e.strerror or e})") from None
 
 
 def _made_by(model: str, instruction: str, inputs: list, *, steps: int, seed: int, guidance: float) -> dict:

@@ -250,6 +250,10 @@ def test_bad_outputs_and_images_are_named_before_any_model_loads(tmp_path, monke
     ]:
         assert main([*base, str(tmp_path / out)]) == 2
         assert said.format(tmp_path, tmp_path) in capsys.readouterr().err
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert main([*base, str(tmp_path / "dangling" / "a.png")]) == 2
+    assert f"--out {tmp_path}/dangling/a.png: {tmp_path}/dangling is a link to nothing" in capsys.readouterr().err
+    (tmp_path / "dangling").unlink()
     assert main(["demo", "--out", str(tmp_path / "notes.txt")]) == 2
     assert "the demo writes its images into a folder" in capsys.readouterr().err
     edit = ["edit", "--small-model", "--image", str(tmp_path / "notes.txt"), "--prompt", "x", "--out", str(tmp_path / "o.png")]
@@ -275,3 +279,16 @@ def test_a_size_that_is_not_a_multiple_of_16_is_said_to_be_rounded(tmp_path, cap
     assert Image.open(out).size == (64, 48)
     err = capsys.readouterr().err
     assert "note: --width 70 is not a multiple of 16 and is rounded down" in err and "--height" not in err
+
+
+def test_an_out_path_that_cannot_be_looked_into_is_one_line(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    def denied(self):  # what a folder without search permission gives a user who is not its owner
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_dir", denied)
+    monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
+    out = tmp_path / "private" / "a.png"
+    assert main(["generate", "--small-model", "--prompt", "x", "--out", str(out)]) == 2
+    assert f"generate: error: --out {out}: cannot be checked (Permission denied)" in capsys.readouterr().err
