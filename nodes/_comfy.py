@@ -11,7 +11,8 @@ import gc
 import importlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -414,6 +415,29 @@ def step_callback(total: int) -> Callable[[Any], None]:
             bar.update_absolute(info.step, info.total, image)
 
     return callback
+
+
+@contextmanager
+def interruptible(model: torch.nn.Module) -> Iterator[None]:
+    """ComfyUI's interrupt also checked before every transformer block, not only after each step: one step of a
+    large image on a CPU takes minutes, and Cancel should not wait for it."""
+    from kontext_core.layers import DoubleStreamBlock, SingleStreamBlock
+
+    management = comfy_module("comfy.model_management")
+    if management is None:
+        yield
+        return
+
+    def check(module, args) -> None:
+        management.throw_exception_if_processing_interrupted()
+
+    blocks = [m for m in model.modules() if isinstance(m, (DoubleStreamBlock, SingleStreamBlock))]
+    handles = [block.register_forward_pre_hook(check) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _previewer():

@@ -6,7 +6,7 @@ import torch
 
 from kontext_core import sampling
 
-from ._comfy import Input, KontextNode, Output, conditioning_input, latent_input, step_callback
+from ._comfy import Input, KontextNode, Output, conditioning_input, interruptible, latent_input, step_callback
 from .conditioning import DEFAULT_GUIDANCE, reference_method
 
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
@@ -122,7 +122,7 @@ class KontextCoreSampler(KontextNode):
             raise ValueError(f"{cls.NODE_ID}: input 'positive': {e}") from None
         device = next(model.parameters()).device
         noise = sampling.get_noise(batch_size, height, width, seed, device=device)
-        with torch.no_grad():
+        with torch.no_grad(), interruptible(model):
             out = sampling.sample(
                 model, noise, txt, meta["pooled_output"], references=references, reference_method=method,
                 steps=steps, guidance=guidance, denoise=denoise, init_latent=init, negative=neg,

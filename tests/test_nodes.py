@@ -286,28 +286,44 @@ class _FakeBar:
 
 
 def test_sampler_reports_progress_and_stops_on_interrupt(monkeypatch, model, encoder):
-    utils = types.SimpleNamespace(ProgressBar=_FakeBar)
-    calls = []
+    interrupt = {"at_update": None, "checks": 0}
+
+    class Bar(_FakeBar):
+        def update_absolute(self, value, total=None, preview=None):
+            super().update_absolute(value, total, preview)
+            if value == interrupt["at_update"]:
+                interrupt["set"] = True  # the user presses Cancel while step `value + 1` begins
 
     def interrupted():
-        calls.append(1)
-        if len(calls) == 2:
+        interrupt["checks"] += 1
+        if interrupt.get("set"):
             raise KeyboardInterrupt("interrupted")
 
     management = types.SimpleNamespace(throw_exception_if_processing_interrupted=interrupted)
-    fake = {"comfy.utils": utils, "comfy.model_management": management}
+    fake = {"comfy.utils": types.SimpleNamespace(ProgressBar=Bar), "comfy.model_management": management}
     monkeypatch.setattr(_comfy, "comfy_module", lambda name: fake.get(name))
+    blocks = len(model.double_blocks) + len(model.single_blocks)
     cond, _ = _edit_inputs(encoder)
     inputs = dict(model=model, positive=cond, seed=0, guidance=-1.0, denoise=1.0, width=32, height=16,
                   batch_size=1, true_cfg_scale=1.0)  # fmt: skip
+
+    _FakeBar.updates, interrupt["at_update"] = [], 1
+    with pytest.raises(KeyboardInterrupt):
+        run("KontextCoreSampler", steps=3, **inputs)
+    assert _FakeBar.updates == [(1, 3)]  # step 1 reported, step 2 stopped at its first block
+    assert interrupt["checks"] == blocks + 1 + 1  # step 1's blocks, its callback, step 2's first block
+
+    interrupt.update(set=True, checks=0)  # Cancel pressed before the run starts: not even one block runs
     _FakeBar.updates = []
     with pytest.raises(KeyboardInterrupt):
         run("KontextCoreSampler", steps=3, **inputs)
-    assert _FakeBar.updates == [(1, 3)]  # step 1 reported, stopped in the callback of step 2
-    calls.append("reset")  # further calls do not interrupt
+    assert _FakeBar.updates == [] and interrupt["checks"] == 1
+
+    interrupt.update(set=False, at_update=None)
     _FakeBar.updates = []
     run("KontextCoreSampler", steps=2, **inputs)
     assert _FakeBar.updates == [(1, 2), (2, 2)]
+    assert not any(block._forward_pre_hooks for block in (*model.double_blocks, *model.single_blocks))  # removed
 
 
 # ---------------------------------------------------------------- images
