@@ -17,7 +17,7 @@ import torch
 from .cli_options import at_least
 from .files import written_whole
 from .provenance import ProvenanceError
-from .quant import WEIGHT_DTYPES
+from .quant import WEIGHT_DTYPES, weight_options
 from .safety import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, SafetyUnavailableError
 from .tasks import HELD_OUT_SEED, KINDS, make_task
 
@@ -188,10 +188,7 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
     if dtype is None:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     print(f"transformer: {files.transformer}\nvae: {files.vae}\nt5: {files.t5}\nclip: {files.clip}", file=sys.stderr)
-    # the default keeps an fp8 file's fp8 layers: a float compute dtype alone would dequantize them
-    weight_dtype = WEIGHT_DTYPES[args.weight_dtype]
-    precision = {"weight_dtype": weight_dtype} if weight_dtype else {"keep_fp8": True}
-    transformer = load_transformer(files.transformer, device=args.device, dtype=dtype, **precision)
+    transformer = load_transformer(files.transformer, device=args.device, dtype=dtype, **weight_options(args.weight_dtype))
     vae = load_vae(files.vae, device=args.device, dtype=dtype)
     text = load_text_encoder(
         t5=files.t5, clip=files.clip, t5_tokenizer=args.t5_tokenizer or files.t5_tokenizer,

@@ -18,6 +18,13 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
+def weight_options(choice: str) -> dict:
+    """`load_transformer`'s keywords for a `WEIGHT_DTYPES` choice. 'default' keeps an fp8 file's fp8 layers: a
+    float compute dtype alone would dequantize them."""
+    weight_dtype = WEIGHT_DTYPES[choice]
+    return {"keep_fp8": True} if weight_dtype is None else {"weight_dtype": weight_dtype}
+
+
 def quantize_fp8(weight: Tensor, fp8: torch.dtype = torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
     """`weight` as fp8 with a per-tensor float32 scale (ComfyUI's scaled fp8): the largest magnitude maps to
     the format's largest finite value, so small weights keep their bits instead of falling into subnormals."""

@@ -6,7 +6,7 @@ import torch
 
 import kontext_core
 from kontext_core import math as kmath
-from kontext_core.quant import WEIGHT_DTYPES
+from kontext_core.quant import WEIGHT_DTYPES, weight_options
 from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
 from ._comfy import (
@@ -79,11 +79,9 @@ class KontextCoreModelLoader(KontextNode):
             )
         kmath.set_attention_backend(attention)
         dtype = COMPUTE_DTYPES[compute_dtype] or auto_compute_dtype(device)
-        weights = WEIGHT_DTYPES[weight_dtype]
+        options = weight_options(weight_dtype)
 
         def load():
-            # 'default' keeps an fp8 file's fp8 layers: a float compute dtype alone would dequantize them
-            options = {"weight_dtype": weights} if weights is not None else {"keep_fp8": True}
             return kontext_core.load_transformer(path, device=device, dtype=dtype, **options)
 
         return (cls._slot.get(path, (weight_dtype, dtype, str(device)), load),)
