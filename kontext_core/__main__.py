@@ -18,7 +18,7 @@ from .cli_options import at_least
 from .files import written_whole
 from .provenance import ProvenanceError
 from .quant import WEIGHT_DTYPES, weight_options
-from .safety import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, SafetyUnavailableError
+from .safety import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, TOLERANCE_HELP, SafetyUnavailableError
 from .tasks import HELD_OUT_SEED, KINDS, make_task
 
 if TYPE_CHECKING:  # the pipeline's imports load only when a command needs them
@@ -67,9 +67,7 @@ def _add_safety_options(p: argparse.ArgumentParser) -> None:
                              "safety extra), each --image before sampling and each result before it is written. What "
                              "is blocked is named and not written (exit status 3).")
     g.add_argument("--safety-tolerance", type=int, choices=range(MIN_TOLERANCE, MAX_TOLERANCE + 1),
-                   default=DEFAULT_TOLERANCE, metavar="{0..6}",
-                   help="0 the strictest, 6 the most permissive, 2 the default, as in BFL's API; content involving "
-                   "minors and non-consensual intimate imagery is blocked at every tolerance")
+                   default=DEFAULT_TOLERANCE, metavar="{0..6}", help=TOLERANCE_HELP)
     g.add_argument("--no-safety-check", action="store_true",
                    help="check neither the prompt nor the images (then review the outputs yourself)")
 

@@ -24,6 +24,10 @@ from PIL import Image
 
 CATEGORIES = ("minors", "ncii", "sexual", "violence", "hate")
 MIN_TOLERANCE, MAX_TOLERANCE, DEFAULT_TOLERANCE = 0, 6, 2
+TOLERANCE_HELP = (
+    "0 is the strictest, 6 the most permissive, 2 the default (as in BFL's API). Content involving minors "
+    "and non-consensual intimate imagery is blocked at every tolerance."
+)
 INSTALL_HINT = 'pip install "comfyui-kontext[safety]"'
 
 _DATA_DIR = Path(__file__).with_name("safety_data")

@@ -8,13 +8,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from kontext_core.safety import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, TOLERANCE_HELP
+
 from ._comfy import Input, KontextNode, Output, image_input
 
 CATEGORY = "Kontext Core/safety"
-TOLERANCE_TOOLTIP = (
-    "0 is the strictest, 6 the most permissive, 2 the default (as in BFL's API). Content involving minors "
-    "and non-consensual intimate imagery is blocked at every tolerance."
-)
 
 
 class SafetyBlockedError(RuntimeError):
@@ -22,7 +20,8 @@ class SafetyBlockedError(RuntimeError):
 
 
 def _engine():
-    # imported when a filter runs: the image classifier is an optional extra
+    # the engine's checks behind one seam, which the tests replace with a fake classifier (the real one loads
+    # only when an image is checked)
     from kontext_core import safety
 
     return safety
@@ -47,7 +46,7 @@ class KontextCoreSafetyFilter(KontextNode):
     )
     INPUTS = (
         Input("prompt", "STRING", "The prompt to check.", default="", multiline=True),
-        Input("tolerance", "INT", TOLERANCE_TOOLTIP, default=2, min=0, max=6),
+        Input("tolerance", "INT", TOLERANCE_HELP, default=DEFAULT_TOLERANCE, min=MIN_TOLERANCE, max=MAX_TOLERANCE),
         Input("action", "COMBO", "'block' raises an error and stops the run; 'flag' only reports.",
               default="block", options=("block", "flag")),
     )  # fmt: skip
@@ -88,7 +87,7 @@ class KontextCoreSafetyFilterImage(KontextNode):
     )
     INPUTS = (
         Input("image", "IMAGE", "The image batch to check."),
-        Input("tolerance", "INT", TOLERANCE_TOOLTIP, default=2, min=0, max=6),
+        Input("tolerance", "INT", TOLERANCE_HELP, default=DEFAULT_TOLERANCE, min=MIN_TOLERANCE, max=MAX_TOLERANCE),
         Input("action", "COMBO", "'block' raises an error; 'blur' blurs flagged images beyond recognition; "
               "'blank' replaces them with black.", default="block", options=("block", "blur", "blank")),
     )  # fmt: skip
