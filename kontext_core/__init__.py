@@ -21,7 +21,9 @@ _EXPORTS = {
     "load_text_encoder": "kontext_core.text",
     "load_default_pipeline": "kontext_core.small_model",
     "apply_lora": "kontext_core.lora",
+    "load_lora": "kontext_core.lora",
     "remove_lora": "kontext_core.lora",
+    "use_loras": "kontext_core.lora",
 }
 
 __all__ = sorted(_EXPORTS)

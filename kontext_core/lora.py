@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,7 @@ from .checkpoints.flux_diffusers import (
 from .checkpoints.safetensors_io import CheckpointError, first_items, open_tensors
 from .quant import Fp8Linear
 
-__all__ = ["LoraFactor", "LoraResult", "apply_lora", "remove_lora"]
+__all__ = ["LoraFactor", "LoraPatch", "LoraResult", "apply_lora", "load_lora", "remove_lora", "use_loras"]
 
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 _UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_")
@@ -127,11 +128,25 @@ def _read(lora: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Ten
     return dict(source.items()), str(lora)
 
 
-def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], strength: float = 1.0) -> LoraResult:
-    """Add a LoRA (a safetensors file or a state dict) to `model`'s Linear weights, in place.
+@dataclass(eq=False)
+class LoraPatch:
+    """A LoRA matched against one model's layers and checked, not yet applied (`load_lora`). It holds the
+    factors, so `use_loras` can put it on and take it off again without reading the file twice."""
 
-    Nothing is changed if any matched tensor has the wrong shape (a LoRA for another model); keys that
-    match no layer, or lack their up/down partner, are listed in `unmatched`, never dropped silently.
+    origin: str
+    strength: float
+    layers: list[str]
+    unmatched: list[str]
+    factors: list[LoraFactor] = field(repr=False, default_factory=list)
+    model: weakref.ref | None = field(repr=False, default=None)
+
+
+def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], strength: float = 1.0) -> LoraPatch:
+    """Read a LoRA (a safetensors file or a state dict) and match it to `model`'s Linear layers, changing nothing.
+
+    Refused (CheckpointError) when no key names a layer of `model`, or when any matched tensor has the wrong
+    shape (a LoRA for another model); keys that match no layer, or lack their up/down partner, are listed in
+    `unmatched`, never dropped silently.
     """
     tensors, origin = _read(lora)
     targets = _targets(model)
@@ -174,12 +189,49 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor],
         raise CheckpointError(
             origin, f"no LoRA layer names a layer of this FLUX model (a LoRA for another model?): {first_items(unmatched)}"
         )
+    layers = sorted({f.layer + ("" if f.rows == slice(None) else f"[{f.rows.start}:{f.rows.stop}]") for f in factors})
+    return LoraPatch(origin, strength, layers, sorted(unmatched), factors, weakref.ref(model))
 
-    for layer in dict.fromkeys(f.layer for f in factors):
-        mine = [f for f in factors if f.layer == layer]
-        _set_factors(model.get_submodule(layer), _factors_of(model.get_submodule(layer)) + mine)
-    applied = sorted({f.layer + ("" if f.rows == slice(None) else f"[{f.rows.start}:{f.rows.stop}]") for f in factors})
-    return LoraResult(applied, sorted(unmatched), factors, model)
+
+def apply_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], strength: float = 1.0) -> LoraResult:
+    """Add a LoRA (a safetensors file or a state dict) to `model`'s Linear weights, in place (`load_lora` says
+    what is refused and what is listed as unmatched)."""
+    return _attach(model, load_lora(model, lora, strength))
+
+
+def use_loras(model: nn.Module, patches: Sequence[LoraPatch]) -> None:
+    """Make `patches`, in this order, exactly the LoRAs this function has put on `model`.
+
+    Those already on in the same leading order stay merged, so a run repeated with the same LoRAs costs
+    nothing; the others come off (restoring the weights exactly) and the new ones go on. An empty list takes
+    every one off. LoRAs added with `apply_lora` are not touched. For a graph whose branches share one loaded
+    transformer with different LoRAs, as ComfyUI's model patcher does.
+    """
+    for patch in patches:
+        if patch.model is None or patch.model() is not model:
+            raise ValueError(f"LoRA {patch.origin} was matched to another model (load_lora it for this one)")
+    if len(set(map(id, patches))) != len(patches):
+        raise ValueError("the same LoRA patch is listed twice (load_lora it again to add it twice)")
+    stack: list[tuple[LoraPatch, LoraResult]] = model.__dict__.setdefault("_lora_stack", [])
+    keep = 0
+    while keep < min(len(stack), len(patches)) and stack[keep][0] is patches[keep]:
+        keep += 1
+    while len(stack) > keep:
+        stack.pop()[1].remove()
+    for patch in patches[keep:]:
+        stack.append((patch, _attach(model, patch)))
+
+
+def _attach(model: nn.Module, patch: LoraPatch) -> LoraResult:
+    result = LoraResult(patch.layers, patch.unmatched, patch.factors, model)
+    try:
+        for layer in dict.fromkeys(f.layer for f in patch.factors):
+            mine = [f for f in patch.factors if f.layer == layer]
+            _set_factors(model.get_submodule(layer), _factors_of(model.get_submodule(layer)) + mine)
+    except BaseException:  # out of memory half-way: the layers done so far come off again
+        result.remove()
+        raise
+    return result
 
 
 def remove_lora(result: LoraResult) -> None:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
-_HIDDEN_V1 = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+_HIDDEN_V1 = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}
 
 
 def comfy_module(name: str):
@@ -144,6 +144,25 @@ def latent_input(node: type[KontextNode], name: str, latent: Any) -> torch.Tenso
             f"{node.NODE_ID}: input '{name}' must be a FLUX LATENT {{'samples': [B, 16, h, w]}}, got {shape}"
         )
     return samples
+
+
+@dataclass(frozen=True)
+class LoraModel:
+    """A KONTEXT_MODEL with LoRAs: the loader's transformer, left as loaded, and the LoRAs to put on it for a run.
+    The sampler applies them (`kontext_core.lora.use_loras`), so branches of one graph that share a loaded
+    transformer, with and without LoRAs, each sample with their own."""
+
+    transformer: torch.nn.Module
+    loras: tuple  # kontext_core.lora.LoraPatch, in the order the LoRA loaders were chained
+
+
+def model_input(node: type[KontextNode], name: str, model: Any) -> tuple[torch.nn.Module, tuple]:
+    """The transformer of a KONTEXT_MODEL and the LoRAs it carries, or a ValueError naming the input."""
+    if isinstance(model, LoraModel):
+        return model.transformer, model.loras
+    if isinstance(model, torch.nn.Module):
+        return model, ()
+    raise ValueError(f"{node.NODE_ID}: input '{name}' must be a KONTEXT_MODEL, got {type(model).__name__}")
 
 
 def conditioning_input(node: type[KontextNode], name: str, conditioning: Any) -> list:

@@ -6,17 +6,22 @@ import torch
 
 import kontext_core
 from kontext_core import math as kmath
+from kontext_core.checkpoints import CheckpointError
+from kontext_core.checkpoints.safetensors_io import first_items
+from kontext_core.lora import load_lora
 from kontext_core.quant import WEIGHT_DTYPES, weight_options
 from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
 from ._comfy import (
     Input,
     KontextNode,
+    LoraModel,
     ModelSlot,
     Output,
     check_model_name,
     comfyui_root,
     list_models,
+    model_input,
     model_path,
     torch_device,
 )
@@ -161,4 +166,43 @@ class KontextCoreVAELoader(KontextNode):
         return (cls._slot.get(path, (str(device),), lambda: kontext_core.load_vae(path, device=device, dtype=dtype)),)
 
 
-NODES = [KontextCoreModelLoader, KontextCoreTextEncoderLoader, KontextCoreVAELoader]
+class KontextCoreLoraLoader(KontextNode):
+    NODE_ID = "KontextCoreLoraLoader"
+    DISPLAY_NAME = "Kontext LoRA Loader"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Adds a FLUX LoRA from models/loras to a Kontext model (kohya/ComfyUI, diffusers/PEFT and fal/ai-toolkit "
+        "files). Chain several for several LoRAs. The loaded model is not changed: the sampler puts the LoRAs on "
+        "for its run, so other branches of the graph can use the same model without them. Only the transformer "
+        "is patched; a LoRA's text-encoder parts are reported and left out."
+    )
+    INPUTS = (
+        Input("model", "KONTEXT_MODEL", "From Kontext Model Loader, or another Kontext LoRA Loader."),
+        Input("lora_name", "COMBO", "LoRA file in models/loras.", options=lambda: list_models("loras")),
+        Input("strength", "FLOAT", "How much of the LoRA to add: 1.0 as trained, 0 leaves the model as it is, "
+              "negative values subtract it.", default=1.0, min=-100.0, max=100.0, step=0.01),
+    )  # fmt: skip
+    OUTPUTS = (Output("KONTEXT_MODEL", "model", "The model with this LoRA added."),)
+
+    @classmethod
+    def validate_inputs(cls, lora_name: str):
+        return check_model_name("loras", lora_name, "lora_name")
+
+    @classmethod
+    def run(cls, model, lora_name: str, strength: float = 1.0):
+        transformer, loras = model_input(cls, "model", model)
+        path = model_path("loras", lora_name, "lora_name")
+        if strength == 0:
+            return (model,)
+        try:
+            lora = load_lora(transformer, path, strength)
+        except CheckpointError as e:
+            raise ValueError(f"{cls.NODE_ID}: input 'lora_name': {e}") from None
+        if lora.unmatched:
+            print(f"{cls.NODE_ID}: {len(lora.unmatched)} tensors of {lora_name} name no layer of the transformer "
+                  f"and are not applied (text-encoder parts are left out): {first_items(lora.unmatched)}",
+                  flush=True)  # fmt: skip
+        return (LoraModel(transformer, (*loras, lora)),)
+
+
+NODES = [KontextCoreModelLoader, KontextCoreLoraLoader, KontextCoreTextEncoderLoader, KontextCoreVAELoader]

@@ -5,8 +5,18 @@ from __future__ import annotations
 import torch
 
 from kontext_core import sampling
+from kontext_core.lora import use_loras
 
-from ._comfy import Input, KontextNode, Output, conditioning_input, interruptible, latent_input, step_callback
+from ._comfy import (
+    Input,
+    KontextNode,
+    Output,
+    conditioning_input,
+    interruptible,
+    latent_input,
+    model_input,
+    step_callback,
+)
 from .conditioning import DEFAULT_GUIDANCE, reference_method
 
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
@@ -43,7 +53,7 @@ class KontextCoreSampler(KontextNode):
         "positive conditioning. Without references it is plain text-to-image. Outputs a LATENT for VAE Decode."
     )
     INPUTS = (
-        Input("model", "KONTEXT_MODEL", "From Kontext Model Loader."),
+        Input("model", "KONTEXT_MODEL", "From Kontext Model Loader (or Kontext LoRA Loader)."),
         Input("positive", "CONDITIONING", "The instruction, with the images to edit attached by Kontext "
               "Reference Latent."),
         Input("seed", "INT", "Seed of the starting noise, drawn on the CPU in fp32 as BFL's code draws it there: a "
@@ -77,8 +87,7 @@ class KontextCoreSampler(KontextNode):
         width: int = 1024, height: int = 1024, batch_size: int = 1, true_cfg_scale: float = 1.0,
         negative=None, latent=None,
     ):  # fmt: skip
-        if not isinstance(model, torch.nn.Module):
-            raise ValueError(f"{cls.NODE_ID}: input 'model' must be a KONTEXT_MODEL")
+        model, loras = model_input(cls, "model", model)
         txt, meta = _single(cls, "positive", positive)
         if guidance < 0:
             stored = meta.get("guidance")
@@ -123,6 +132,7 @@ class KontextCoreSampler(KontextNode):
         device = next(model.parameters()).device
         noise = sampling.get_noise(batch_size, height, width, seed, device=device)
         with torch.no_grad(), interruptible(model):
+            use_loras(model, loras)  # exactly this branch's LoRAs: those of an earlier run come off
             out = sampling.sample(
                 model, noise, txt, meta["pooled_output"], references=references, reference_method=method,
                 steps=steps, guidance=guidance, denoise=denoise, init_latent=init, negative=neg,

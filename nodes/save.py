@@ -72,21 +72,42 @@ def signing_config(c2pa_cert: str, c2pa_key: str) -> provenance.SigningConfig | 
     return config
 
 
-def model_label(prompt) -> str:
-    """The model the saved images' metadata names: the file of the one Kontext Model Loader in the queued graph
-    (ComfyUI's hidden `prompt`); with none or several, only the family, since naming one the images may not
-    come from would be a false record."""
-    names = {
-        node["inputs"]["model_name"]
-        for node in (prompt.values() if isinstance(prompt, dict) else ())
-        if isinstance(node, dict) and node.get("class_type") == "KontextCoreModelLoader"
-        and isinstance(node.get("inputs"), dict) and isinstance(node["inputs"].get("model_name"), str)
-    }  # fmt: skip
+def _upstream(prompt: dict, node_id) -> list[dict]:
+    """The nodes of the queued graph whose outputs lead into `node_id` (links are `[node id, output index]`)."""
+    seen, todo = set(), [str(node_id)]
+    while todo:
+        current = prompt.get(todo.pop())
+        inputs = current.get("inputs") if isinstance(current, dict) else None
+        for value in inputs.values() if isinstance(inputs, dict) else ():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt and str(value[0]) not in seen:
+                seen.add(str(value[0]))
+                todo.append(str(value[0]))
+    return [prompt[i] for i in sorted(seen)]
+
+
+def model_label(prompt, node_id=None) -> str:
+    """The model the saved images' metadata names: the file of the one Kontext Model Loader upstream of the save
+    node `node_id` in the queued graph (ComfyUI's hidden `prompt` and `unique_id`; the whole graph when the node
+    is not known), with the LoRAs upstream of it; with no loader or several, only the family, since naming one
+    the images may not come from would be a false record."""
+    graph = prompt if isinstance(prompt, dict) else {}
+    nodes = _upstream(graph, node_id) if node_id is not None and str(node_id) in graph else list(graph.values())
+
+    def inputs_of(class_type: str) -> list[dict]:
+        return [n["inputs"] for n in nodes if isinstance(n, dict) and n.get("class_type") == class_type
+                and isinstance(n.get("inputs"), dict)]  # fmt: skip
+
+    names = {i["model_name"] for i in inputs_of("KontextCoreModelLoader") if isinstance(i.get("model_name"), str)}
     if len(names) != 1:
         return "FLUX.1 Kontext"
     name = names.pop()
-    builtin = name.startswith(BUILTIN_PREFIX)
-    return provenance.model_name(name.removeprefix(BUILTIN_PREFIX), builtin=builtin)
+    label = provenance.model_name(name.removeprefix(BUILTIN_PREFIX), builtin=name.startswith(BUILTIN_PREFIX))
+    loras = sorted(
+        os.path.basename(i["lora_name"]) + (f" ({strength:g})" if isinstance(strength := i.get("strength"), (int, float)) else "")
+        for i in inputs_of("KontextCoreLoraLoader")
+        if isinstance(i.get("lora_name"), str) and i.get("strength") != 0
+    )  # fmt: skip
+    return label + (f" with LoRA {', '.join(loras)}" if loras else "")
 
 
 class KontextCoreSaveImage(KontextNode):
@@ -108,16 +129,16 @@ class KontextCoreSaveImage(KontextNode):
         Input("source_image", "IMAGE", "Optional: the image that was edited. Its presence records the result as an "
               "edit (C2PA 'edited', with the source as ingredient) instead of a new creation.", optional=True),
     )  # fmt: skip
-    HIDDEN = ("prompt", "extra_pnginfo")
+    HIDDEN = ("prompt", "extra_pnginfo", "unique_id")
     OUTPUT_NODE = True
 
     @classmethod
     def run(cls, images, filename_prefix: str, c2pa_cert: str = "", c2pa_key: str = "", source_image=None,
-            prompt=None, extra_pnginfo=None):  # fmt: skip
+            prompt=None, extra_pnginfo=None, unique_id=None):  # fmt: skip
         images = image_input(cls, "images", images)
         signing = signing_config(c2pa_cert.strip(), c2pa_key.strip())
         sources = [_to_pil(s) for s in image_input(cls, "source_image", source_image)] if source_image is not None else []
-        model = model_label(prompt)
+        model = model_label(prompt, unique_id)
         if _comfy.metadata_disabled():  # the user's privacy choice; the AI disclosure and C2PA stay
             prompt, extra_pnginfo = None, None
         extra = dict(extra_pnginfo or {})

@@ -9,7 +9,7 @@ from tiny_models import tiny_flux_model
 
 from kontext_core import load_transformer
 from kontext_core.checkpoints import CheckpointError
-from kontext_core.lora import apply_lora, remove_lora
+from kontext_core.lora import apply_lora, load_lora, remove_lora, use_loras
 from kontext_core.quant import Fp8Linear
 
 H = 64  # tiny model hidden size; its MLP is 4 × 64 = 256 wide
@@ -202,3 +202,87 @@ def test_on_the_gpu_the_original_weight_waits_in_host_memory():
     result.remove()
     assert all(model.state_dict(keep_vars=True)[k] is before[k] for k in before)
     assert all(v.is_cuda for v in model.state_dict().values())
+
+
+@torch.no_grad()
+def test_load_lora_matches_without_changing_the_model():
+    model = tiny_flux_model(seed=13)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors, _ = make_lora(model, "kohya")
+    tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"] = torch.tensor(1.0)
+    patch = load_lora(model, tensors, strength=0.5)
+    assert patch.strength == 0.5 and len(patch.layers) == len(BFL_TARGETS)
+    assert patch.unmatched == ["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"]
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+@torch.no_grad()
+def test_use_loras_switches_sets_and_keeps_what_is_already_on():
+    model = tiny_flux_model(seed=14)
+    original = model.state_dict(keep_vars=True)
+    loras = make_lora(model, "kohya", seed=1)[0], make_lora(model, "peft", seed=2)[0]
+    first, second = load_lora(model, loras[0], strength=0.7), load_lora(model, loras[1], strength=-0.4)
+
+    def weights_with(*applied):  # what apply_lora makes of the same LoRAs, taken off again after
+        results = [apply_lora(model, tensors, strength) for tensors, strength in applied]
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        for result in reversed(results):
+            result.remove()
+        return weights
+
+    want_both = weights_with((loras[0], 0.7), (loras[1], -0.4))
+    want_first = weights_with((loras[0], 0.7))
+    key = "double_blocks.0.img_attn.qkv.weight"  # both LoRAs update it
+    assert not torch.equal(want_both[key], want_first[key]) and not torch.equal(want_first[key], original[key])
+
+    use_loras(model, [first, second])
+    assert all(torch.equal(model.state_dict()[k], want_both[k]) for k in want_both)
+    qkv = model.double_blocks[0].img_attn.qkv
+    merged = qkv.weight
+    use_loras(model, [first, second])  # the same set again: nothing re-merged
+    assert qkv.weight is merged
+    use_loras(model, [first])
+    assert all(torch.equal(model.state_dict()[k], want_first[k]) for k in want_first)
+    use_loras(model, [])
+    assert all(model.state_dict(keep_vars=True)[k] is original[k] for k in original)
+
+
+@torch.no_grad()
+def test_use_loras_leaves_apply_lora_alone_and_refuses_foreign_patches():
+    model, other = tiny_flux_model(seed=15), tiny_flux_model(seed=16)
+    by_hand = apply_lora(model, make_lora(model, "kohya", seed=3)[0])
+    with_by_hand = {k: v.clone() for k, v in model.state_dict().items()}
+    patch = load_lora(model, make_lora(model, "peft", seed=4)[0])
+    use_loras(model, [patch])
+    use_loras(model, [])
+    assert all(torch.equal(model.state_dict()[k], with_by_hand[k]) for k in with_by_hand)
+    by_hand.remove()
+    with pytest.raises(ValueError, match="matched to another model"):
+        use_loras(other, [patch])
+    with pytest.raises(ValueError, match="listed twice"):
+        use_loras(model, [patch, patch])
+
+
+@torch.no_grad()
+def test_a_lora_that_fails_half_way_comes_off_again(monkeypatch):
+    model = tiny_flux_model(seed=17)
+    original = model.state_dict(keep_vars=True)
+    patch = load_lora(model, make_lora(model, "kohya", seed=5)[0])
+    calls = []
+    add_to = type(patch.factors[0]).add_to
+
+    def failing(self, weight):
+        calls.append(self.layer)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return add_to(self, weight)
+
+    monkeypatch.setattr(type(patch.factors[0]), "add_to", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        use_loras(model, [patch])
+    assert len(calls) == 3
+    assert all(model.state_dict(keep_vars=True)[k] is original[k] for k in original)
+    monkeypatch.undo()
+    use_loras(model, [patch])  # nothing was left half on: the same patch goes on whole
+    use_loras(model, [])
+    assert all(model.state_dict(keep_vars=True)[k] is original[k] for k in original)

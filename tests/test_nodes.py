@@ -49,7 +49,7 @@ def test_pack_imports_outside_comfyui_with_v1_fallback():
 
 
 def test_every_node_is_prefixed_documented_and_tooltipped():
-    assert len(BY_ID) == len(nodes.NODES) == 14
+    assert len(BY_ID) == len(nodes.NODES) == 15
     for node_id, node in BY_ID.items():
         assert node_id.startswith("KontextCore") and node.DISPLAY_NAME and not node.DISPLAY_NAME.startswith("Kontext" "Core")
         assert node.DESCRIPTION and node.CATEGORY.startswith("Kontext Core/")
@@ -114,7 +114,7 @@ def test_v1_input_types_mirror_the_spec():
     style = pack.NODE_CLASS_MAPPINGS["KontextCoreStylePreset"].INPUT_TYPES()["required"]["style"]
     assert style[0] == list(STYLE_PRESETS) and style[1]["default"] == "cinematic"
     assert pack.NODE_CLASS_MAPPINGS["KontextCoreSaveImage"].INPUT_TYPES()["hidden"] == {
-        "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}  # fmt: skip
+        "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}  # fmt: skip
 
 
 # ---------------------------------------------------------------- conditioning
@@ -463,6 +463,84 @@ def test_model_loader_keeps_an_fp8_file_fp8_by_default(monkeypatch):
     assert model.compute_dtype == torch.float32
 
 
+def _kohya_lora(model, seed: int, layers=("double_blocks.0.img_attn.qkv", "single_blocks.0.linear2")):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in layers:
+        linear = model.get_submodule(layer)
+        stem = "lora_unet_" + layer.replace(".", "_")
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(linear.out_features, 4, generator=gen)
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(4, linear.in_features, generator=gen)
+        tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+    return tensors
+
+
+@pytest.fixture
+def lora_folder(monkeypatch, tmp_path, model):
+    from _flux_files import save_state
+
+    save_state(tmp_path / "style.safetensors", _kohya_lora(model, seed=1))
+    te = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2),
+          "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8)}  # fmt: skip
+    (tmp_path / "sub").mkdir()
+    save_state(tmp_path / "sub" / "detail.safetensors", _kohya_lora(model, seed=2, layers=("img_in",)) | te)
+    save_state(tmp_path / "sdxl.safetensors", {"lora_unet_down_blocks_0_proj_in.lora_up.weight": torch.zeros(8, 2),
+                                               "lora_unet_down_blocks_0_proj_in.lora_down.weight": torch.zeros(2, 8)})  # fmt: skip
+    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(tmp_path)] if kind == "loras" else [])
+    return tmp_path
+
+
+@torch.no_grad()
+def test_lora_loader_leaves_the_model_and_the_sampler_applies_its_loras(model, encoder, lora_folder, capsys):
+    from kontext_core.lora import apply_lora
+
+    assert _comfy.list_models("loras") == ["sdxl.safetensors", "style.safetensors", "sub/detail.safetensors"]
+    cond, _ = _edit_inputs(encoder)
+    common = dict(positive=cond, seed=5, steps=2, guidance=-1.0, denoise=1.0, width=48, height=32, batch_size=1,
+                  true_cfg_scale=1.0)  # fmt: skip
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    (plain,) = run("KontextCoreSampler", model=model, **common)
+
+    (styled,) = run("KontextCoreLoraLoader", model=model, lora_name="style.safetensors", strength=0.8)
+    (both,) = run("KontextCoreLoraLoader", model=styled, lora_name="sub/detail.safetensors", strength=-0.5)
+    assert "lora_te1_text_model_encoder_layers_0_mlp_fc1" in capsys.readouterr().out  # reported, not applied
+    assert all(torch.equal(model.state_dict()[k], original[k]) for k in original)  # the loaders change nothing
+
+    (with_both,) = run("KontextCoreSampler", model=both, **common)
+    (with_style,) = run("KontextCoreSampler", model=styled, **common)
+    (plain_again,) = run("KontextCoreSampler", model=model, **common)  # a branch without LoRAs
+    assert torch.equal(plain_again["samples"], plain["samples"])
+    assert all(torch.equal(model.state_dict()[k], original[k]) for k in original)
+
+    txt, y = encoder.encode(["swap the hat"])
+    refs = cond[0][1]["reference_latents"]
+
+    def engine(*loras):  # the library: apply_lora by hand, then the engine's own loop
+        results = [apply_lora(model, lora_folder / name, strength) for name, strength in loras]
+        out = sampling.sample(model, sampling.get_noise(1, 32, 48, 5), txt, y, steps=2, guidance=2.5,
+                              references=[sampling.latent_to_model(r) for r in refs])  # fmt: skip
+        for result in reversed(results):
+            result.remove()
+        return sampling.latent_from_model(out)
+
+    assert torch.equal(with_style["samples"], engine(("style.safetensors", 0.8)))
+    assert torch.equal(with_both["samples"], engine(("style.safetensors", 0.8), ("sub/detail.safetensors", -0.5)))
+    assert not torch.equal(with_style["samples"], plain["samples"])
+    assert not torch.equal(with_both["samples"], with_style["samples"])
+
+
+def test_lora_loader_passes_strength_zero_and_refuses_other_models_loras(model, lora_folder):
+    (same,) = run("KontextCoreLoraLoader", model=model, lora_name="style.safetensors", strength=0.0)
+    assert same is model
+    with pytest.raises(ValueError, match=r"KontextCoreLoraLoader: input 'lora_name': .*sdxl.safetensors.*another model"):
+        run("KontextCoreLoraLoader", model=model, lora_name="sdxl.safetensors", strength=1.0)
+    with pytest.raises(ValueError, match="'lora_name'"):
+        run("KontextCoreLoraLoader", model=model, lora_name="../elsewhere.safetensors", strength=1.0)
+    assert BY_ID["KontextCoreLoraLoader"].validate_inputs(lora_name="missing.safetensors") != True  # noqa: E712
+    with pytest.raises(ValueError, match="input 'model' must be a KONTEXT_MODEL"):
+        run("KontextCoreLoraLoader", model="not a model", lora_name="style.safetensors", strength=1.0)
+
+
 # ---------------------------------------------------------------- safety
 
 
@@ -569,6 +647,29 @@ def test_saved_images_name_the_model_of_the_graph(loaders, label):
     prompt["9"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "other.safetensors"}}
     assert save.model_label(prompt) == label
     assert save.model_label(None) == "FLUX.1 Kontext"  # run outside a queued graph
+
+
+def test_saved_images_name_the_model_and_loras_upstream_of_their_save_node():
+    save = sys.modules[f"{pack.__name__}.nodes.save"]
+    prompt = {  # two branches: "7" saves the LoRA branch of model a, "8" the plain branch of model b
+        "1": {"class_type": "KontextCoreModelLoader", "inputs": {"model_name": "a.safetensors"}},
+        "2": {"class_type": "KontextCoreLoraLoader", "inputs": {"model": ["1", 0], "lora_name": "s/style.safetensors",
+                                                                "strength": 0.8}},
+        "3": {"class_type": "KontextCoreLoraLoader", "inputs": {"model": ["2", 0], "lora_name": "off.safetensors",
+                                                                "strength": 0}},
+        "4": {"class_type": "KontextCoreLoraLoader", "inputs": {"model": ["3", 0], "lora_name": "detail.safetensors",
+                                                                "strength": ["9", 0]}},
+        "5": {"class_type": "KontextCoreSampler", "inputs": {"model": ["4", 0]}},
+        "6": {"class_type": "KontextCoreModelLoader", "inputs": {"model_name": "b.safetensors"}},
+        "10": {"class_type": "KontextCoreSampler", "inputs": {"model": ["6", 0]}},
+        "7": {"class_type": "KontextCoreSaveImage", "inputs": {"images": ["5", 0]}},
+        "8": {"class_type": "KontextCoreSaveImage", "inputs": {"images": ["10", 0]}},
+        "9": {"class_type": "PrimitiveFloat", "inputs": {"value": 0.5}},
+    }  # fmt: skip
+    assert save.model_label(prompt, "7") == "FLUX.1 Kontext (a.safetensors) with LoRA detail.safetensors, style.safetensors (0.8)"
+    assert save.model_label(prompt, "8") == "FLUX.1 Kontext (b.safetensors)"
+    assert save.model_label(prompt) == "FLUX.1 Kontext"  # save node unknown: two loaders in the graph
+    assert save.model_label(prompt, "missing") == "FLUX.1 Kontext"
 
 
 # ---------------------------------------------------------------- the graph equals the engine's pipeline

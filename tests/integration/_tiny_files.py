@@ -4,6 +4,8 @@ flux1-kontext-dev.safetensors   BFL keys, bf16, `flux_params` header (tests/tiny
 ae.safetensors                  BFL VAE keys, fp32 (the real file's precision), every width cut to 32
 t5xxl_fp16.safetensors          transformers T5EncoderModel keys, fp16, `config` header
 clip_l.safetensors              ComfyUI's clip_l layout: `text_model.` keys + `text_projection.weight`, fp16
+kontext_tiny_style.safetensors  a kohya LoRA (`lora_unet_…`, rank 4, alpha 2, bf16) on every block Linear of the
+                                transformer, plus one text-encoder pair (`lora_te1_…`) the transformer cannot take
 The vocabularies are the real ones (CLIP 49408, T5 32128) because inside ComfyUI the text encoder uses the
 tokenizers ComfyUI ships; the widths match TINY_FLUX (T5 → context_in_dim, CLIP pooled → vec_in_dim).
 """
@@ -26,6 +28,7 @@ TRANSFORMER = "flux1-kontext-dev.safetensors"
 VAE = "ae.safetensors"
 T5 = "t5xxl_fp16.safetensors"
 CLIP = "clip_l.safetensors"
+LORA = "kontext_tiny_style.safetensors"
 # GroupNorm uses 32 groups, so 32 channels is the narrowest VAE; four levels keep the 8× downsampling
 TINY_VAE = AutoEncoderParams(resolution=64, ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1)
 # (name, width, height): non-square, multiples of 16 so that "keep" leaves them as they are
@@ -39,6 +42,20 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, meta
 
 def write_transformer(path: Path, seed: int = 1) -> None:
     _save(tiny_flux_model(seed).state_dict(), path, torch.bfloat16, {"flux_params": json.dumps(asdict(TINY_FLUX))})
+
+
+def write_lora(path: Path, seed: int = 5) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8)}  # fmt: skip
+    for name, linear in tiny_flux_model(1).named_modules():
+        if isinstance(linear, torch.nn.Linear) and "blocks." in name:
+            stem = "lora_unet_" + name.replace(".", "_")
+            tensors[f"{stem}.lora_up.weight"] = torch.randn(linear.out_features, 4, generator=gen) * 0.5
+            tensors[f"{stem}.lora_down.weight"] = torch.randn(4, linear.in_features, generator=gen) * 0.5
+            tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(tensors, path, torch.bfloat16, {})
 
 
 def write_vae(path: Path, seed: int = 2) -> None:
@@ -87,6 +104,7 @@ def write_all(base: Path) -> None:
     write_vae(models / "vae" / VAE)
     write_t5(models / "text_encoders" / T5)
     write_clip(models / "text_encoders" / CLIP)
+    write_lora(models / "loras" / LORA)
     for seed, (name, width, height) in enumerate(INPUT_IMAGES + BATCH_IMAGES):
         random_png(base / "input" / name, width, height, seed)
     # the inputs shipped with the workflows (the small model's scene), as they are

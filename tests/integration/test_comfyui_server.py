@@ -262,9 +262,12 @@ from PIL import Image
 sys.path.insert(0, sys.argv[1])
 import kontext_core
 
-transformer, vae, t5, clip, comfyui, image, prompt, seed, steps, out = sys.argv[2:]
+transformer, vae, t5, clip, comfyui, image, prompt, seed, steps, out, *lora = sys.argv[2:]
+model = kontext_core.load_transformer(transformer, dtype=torch.float32)
+if lora:
+    kontext_core.apply_lora(model, lora[0], strength=float(lora[1]))
 pipeline = kontext_core.KontextPipeline(
-    kontext_core.load_transformer(transformer, dtype=torch.float32),
+    model,
     kontext_core.load_vae(vae, dtype=torch.float32),
     kontext_core.load_text_encoder(t5=t5, clip=clip, t5_max_length=512, dtype=torch.float32, comfyui_root=comfyui),
 )
@@ -275,9 +278,22 @@ assert "comfy" not in sys.modules
 """
 
 
-def test_the_sampler_inside_comfyui_matches_the_engine_outside(comfy, tmp_path):
+def engine_edit(comfy: ComfyServer, out: Path, prompt: str, seed: int, *lora: str) -> np.ndarray:
+    """The example edit by the engine alone (ENGINE_EDIT), with the LoRA (path, strength) if given."""
     from _tiny_files import CLIP, T5, TRANSFORMER, VAE
 
+    models = comfy.base / "models"
+    files = [models / "diffusion_models" / TRANSFORMER, models / "vae" / VAE, models / "text_encoders" / T5,
+             models / "text_encoders" / CLIP, comfy.root]  # fmt: skip
+    subprocess.run(
+        [str(comfy.python), "-c", ENGINE_EDIT, str(ROOT), *map(str, files),
+         str(comfy.base / "input" / "kontext_example.png"), prompt, str(seed), str(STEPS), str(out), *lora],
+        check=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    return np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+
+
+def test_the_sampler_inside_comfyui_matches_the_engine_outside(comfy, tmp_path):
     seed, prompt = 1234, "Turn the sky purple."
     workflow = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "parity")
     workflow[_first(workflow, "KontextCoreSampler")]["inputs"]["seed"] = seed
@@ -286,15 +302,7 @@ def test_the_sampler_inside_comfyui_matches_the_engine_outside(comfy, tmp_path):
     (saved,) = saved_images(comfy, entry)
     inside = np.asarray(Image.open(saved).convert("RGB"), dtype=np.int16)
 
-    models, out = comfy.base / "models", tmp_path / "engine.png"
-    files = [models / "diffusion_models" / TRANSFORMER, models / "vae" / VAE, models / "text_encoders" / T5,
-             models / "text_encoders" / CLIP, comfy.root]  # fmt: skip
-    subprocess.run(
-        [str(comfy.python), "-c", ENGINE_EDIT, str(ROOT), *map(str, files),
-         str(comfy.base / "input" / "kontext_example.png"), prompt, str(seed), str(STEPS), str(out)],
-        check=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    outside = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    outside = engine_edit(comfy, tmp_path / "engine.png", prompt, seed)
     assert inside.shape == outside.shape
     assert len(np.unique(inside)) > 50  # a real picture, not a flat image that would match anything flat
     difference = np.abs(inside - outside)
@@ -302,6 +310,42 @@ def test_the_sampler_inside_comfyui_matches_the_engine_outside(comfy, tmp_path):
           f"{(difference > 0).mean():.4%} of values differ")  # fmt: skip
     # same files, seed, settings and torch build: the node graph must give the engine's pixels exactly
     assert difference.max() == 0
+
+
+def test_a_lora_branch_and_a_plain_branch_share_one_loaded_model(comfy, tmp_path):
+    from _tiny_files import LORA
+
+    seed, prompt, strength = 99, "Make the car green.", 0.9
+    plain = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "lora_plain")
+    plain[_first(plain, "KontextCoreSampler")]["inputs"]["seed"] = seed
+    plain[_first(plain, "KontextCoreTextEncode")]["inputs"]["prompt"] = prompt
+    with_lora = shrink(plain, "lora_on")
+    loader, sampler = _first(with_lora, "KontextCoreModelLoader"), _first(with_lora, "KontextCoreSampler")
+    with_lora["90"] = {"class_type": "KontextCoreLoraLoader",
+                       "inputs": {"model": [loader, 0], "lora_name": LORA, "strength": strength}}  # fmt: skip
+    with_lora[sampler]["inputs"]["model"] = ["90", 0]
+    # the plain graph again, its sampler made to run again (a latent is connected, so width changes nothing)
+    plain_again = shrink(plain, "lora_plain_again")
+    plain_again[_first(plain_again, "KontextCoreSampler")]["inputs"]["width"] += 16
+
+    images = {}
+    for name, workflow in (("plain", plain), ("lora", with_lora), ("plain_again", plain_again)):
+        entry, _ = run(comfy, workflow)
+        (saved,) = saved_images(comfy, entry)
+        images[name] = np.asarray(Image.open(saved).convert("RGB"), dtype=np.int16)
+        if name == "lora":
+            label = Image.open(saved).text["model"]
+    engine = engine_edit(comfy, tmp_path / "engine_lora.png", prompt, seed,
+                         str(comfy.base / "models" / "loras" / LORA), str(strength))  # fmt: skip
+
+    lora_effect = np.abs(images["lora"] - images["plain"]).max()
+    print(f"\n[lora] max |with LoRA − without| = {lora_effect}/255; "
+          f"max |with LoRA − engine with apply_lora| = {np.abs(images['lora'] - engine).max()}/255")  # fmt: skip
+    assert lora_effect > 10  # the LoRA acts
+    assert np.array_equal(images["lora"], engine)  # as the library's apply_lora does
+    assert np.array_equal(images["plain_again"], images["plain"])  # and comes off for the branch without it
+    assert label == f"FLUX.1 Kontext (flux1-kontext-dev.safetensors) with LoRA {LORA} (0.9)"
+    assert "lora_te1_text_model_encoder_layers_0_mlp_fc1" in comfy.log()  # the part it could not take, reported
 
 
 # ---------------------------------------------------------------- the batch client against the live server
