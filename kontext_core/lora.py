@@ -5,14 +5,21 @@ Layouts (one file may mix them):
 - kohya, diffusers names: `lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight`
 - diffusers / PEFT: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`, `.lora_B.weight`
 - fal / ai-toolkit, BFL names: `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`
+- SimpleTuner LyCORIS names: `lycoris_transformer_blocks_0_attn_to_q.lora_down.weight`
+- full differences, as ComfyUI's LoRA trainer and extractor write them beside the low-rank pairs:
+  `diffusion_model.double_blocks.0.img_attn.proj.diff` (weight), `.diff_b` (bias), and
+  `diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale.diff` for a parameter of another kind
+  (LyCORIS' `.w_norm` / `.b_norm` are the same as `.diff` / `.diff_b`)
 
 A diffusers target that is part of a fused BFL weight (to_q/to_k/to_v of `qkv`, to_q/to_k/to_v/proj_mlp of
-single-block `linear1`) updates its row slice; `norm_out.linear` updates the final modulation with its
-halves swapped, as the weights themselves are. Each update is W[rows] += strength · alpha/rank · up @ down.
+single-block `linear1`; `linear1_qkv` for all three) updates its row slice; `norm_out.linear` updates the final
+modulation with its halves swapped, as the weights themselves are. Each update is
+W[rows] += strength · alpha/rank · up @ down, or W[rows] += strength · diff. DoRA (`dora_scale`), LoKr and LoHa
+files are refused: their updates are not low-rank pairs, and applying part of one would be wrong.
 
-Plain Linear weights are recomputed from the kept base weight, so removing every LoRA gives back the
-very tensor that was there before. Fp8Linear weights stay fp8: the low-rank factors ride along and are
-added to the dequantized weight at each call, so the fp8 memory saving survives and removal is exact.
+Plain parameters are recomputed from the kept original, so removing every LoRA gives back the very tensor that
+was there before. Fp8Linear weights stay fp8: their updates ride along and are added to the dequantized weight at
+each call, so the fp8 memory saving survives and removal is exact.
 """
 
 from __future__ import annotations
@@ -39,27 +46,37 @@ from .quant import Fp8Linear
 __all__ = ["LoraFactor", "LoraPatch", "LoraResult", "apply_lora", "load_lora", "remove_lora", "use_loras"]
 
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
-_UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_")
+_UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
 _PART = re.compile(
     r"^(?P<module>.+?)\.(?:(?P<down>lora_down|lora_A|lora\.down)|(?P<up>lora_up|lora_B|lora\.up))(?:\.[^.]+)?\.weight$"
     r"|^(?P<amodule>.+?)\.alpha$"
+    r"|^(?P<dmodule>.+?)\.(?P<diff>diff|w_norm|diff_b|b_norm)$"
 )
+_DIFF_ROLES = {"diff": "diff", "w_norm": "diff", "diff_b": "diff_b", "b_norm": "diff_b"}
+# kinds of update this module does not apply, by a key suffix that only they use
+_UNSUPPORTED = {".dora_scale": "DoRA (`dora_scale`)", ".lokr_w1": "LyCORIS LoKr", ".lokr_w1_a": "LyCORIS LoKr",
+                ".hada_w1_a": "LyCORIS LoHa", ".oft_blocks": "OFT"}  # fmt: skip
 
 
 @dataclass(eq=False)
 class LoraFactor:
-    """One low-rank update: rows `rows` of `layer`'s weight += scale · up @ down (halves swapped if asked)."""
+    """One update: rows `rows` of `layer`'s parameter `param` += scale · up @ down, or scale · up when `down` is
+    None (a full difference); halves swapped if asked."""
 
     layer: str
     up: Tensor
-    down: Tensor
+    down: Tensor | None
     scale: float
     rows: slice = field(default_factory=lambda: slice(None))
     swap_halves: bool = False
+    param: str = "weight"
 
     def add_to(self, weight: Tensor) -> Tensor:
-        """`weight` plus this update, in `weight`'s dtype (the product is taken in float32)."""
-        delta = (self.up.to(weight.device, torch.float32) @ self.down.to(weight.device, torch.float32)) * self.scale
+        """`weight` plus this update, in `weight`'s dtype (the update is taken in float32)."""
+        delta = self.up.to(weight.device, torch.float32)
+        if self.down is not None:
+            delta = delta @ self.down.to(weight.device, torch.float32)
+        delta = delta * self.scale
         if self.swap_halves:
             first, second = delta.chunk(2, dim=0)
             delta = torch.cat((second, first), dim=0)
@@ -105,6 +122,8 @@ def _targets(model: nn.Module) -> dict[str, tuple[str, slice, bool]]:
                 for part, size in zip(fused[inner], sizes):
                     targets[block + part] = (name, slice(start, start + size), False)
                     start += size
+            if kind == "single" and inner == "linear1":  # q, k and v in one (XLabs / USO)
+                targets[f"single_blocks.{index}.linear1_qkv"] = (name, slice(0, 3 * linear.in_features), False)
     # kohya writes the same names with every dot as an underscore
     for name, target in list(targets.items()):
         for prefix in _UNDERSCORE_PREFIXES:
@@ -112,13 +131,18 @@ def _targets(model: nn.Module) -> dict[str, tuple[str, slice, bool]]:
     return targets
 
 
-def _resolve(module: str, targets: dict[str, tuple[str, slice, bool]]) -> tuple[str, slice, bool] | None:
+def _resolve(module: str, targets: dict) -> tuple | None:
     if module in targets:
         return targets[module]
     for prefix in _PREFIXES:
         if module.startswith(prefix) and module[len(prefix) :] in targets:
             return targets[module[len(prefix) :]]
     return None
+
+
+def _other_parameters(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Parameters a `.diff` may name directly (norm scales, biases): full name → (module, parameter)."""
+    return {name: tuple(name.rsplit(".", 1)) for name, _ in model.named_parameters() if "." in name}
 
 
 def _read(lora: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
@@ -149,6 +173,10 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
     `unmatched`, never dropped silently.
     """
     tensors, origin = _read(lora)
+    unsupported = sorted({kind for key in tensors for suffix, kind in _UNSUPPORTED.items() if key.endswith(suffix)})
+    if unsupported:
+        raise CheckpointError(origin, f"{' and '.join(unsupported)} LoRAs are not supported (only low-rank pairs "
+                                      "and full differences): applying part of one would give a wrong result")  # fmt: skip
     targets = _targets(model)
     groups: dict[str, dict[str, Tensor]] = {}
     unmatched: list[str] = []
@@ -157,39 +185,65 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
         if m is None:
             unmatched.append(key)
             continue
-        role = "alpha" if m["amodule"] else "down" if m["down"] else "up"
-        groups.setdefault(m["amodule"] or m["module"], {})[role] = value
+        if m["diff"]:
+            role, module = _DIFF_ROLES[m["diff"]], m["dmodule"]
+        else:
+            role, module = ("alpha" if m["amodule"] else "down" if m["down"] else "up"), m["amodule"] or m["module"]
+        groups.setdefault(module, {})[role] = value
     if not groups:
-        raise CheckpointError(origin, "no LoRA tensors (`lora_down`/`lora_up` or `lora_A`/`lora_B`) found")
+        raise CheckpointError(origin, "no LoRA tensors (`lora_down`/`lora_up`, `lora_A`/`lora_B` or `.diff`) found")
 
     factors: list[LoraFactor] = []
     wrong: list[str] = []
+    others = _other_parameters(model)
     for module, parts in groups.items():
+        keys = sorted(k for k in tensors if k.startswith(module + "."))
         target = _resolve(module, targets)
-        if target is None or "up" not in parts or "down" not in parts:
-            unmatched.extend(sorted(k for k in tensors if k.startswith(module + ".")))
+        if target is None and set(parts) == {"diff"} and (parameter := _resolve(module, others)) is not None:
+            layer, param = parameter  # a parameter named in full: a norm's scale, a bias
+            expected = tuple(getattr(model.get_submodule(layer), param).shape)
+            if tuple(parts["diff"].shape) != expected:
+                wrong.append(f"{module}.diff ({tuple(parts['diff'].shape)} for {layer}.{param} {expected})")
+            else:
+                factors.append(LoraFactor(layer, parts["diff"], None, strength, param=param))
+            continue
+        pair = "up" in parts and "down" in parts
+        if target is None or not (pair or "diff" in parts or "diff_b" in parts):
+            unmatched.extend(keys)
             continue
         layer, rows, swap = target
         linear = model.get_submodule(layer)
-        up, down = parts["up"], parts["down"]
-        rank = down.shape[0]
         out_rows = len(range(linear.out_features)[rows])
-        if down.ndim != 2 or up.ndim != 2 or up.shape != (out_rows, rank) or down.shape[1] != linear.in_features:
-            wrong.append(
-                f"{module} (up {tuple(up.shape)}, down {tuple(down.shape)} for {layer} {out_rows}×{linear.in_features})"
-            )
-            continue
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
-        if isinstance(linear, Fp8Linear):  # it adds the update at every call: on its device, in float32, once
-            up, down = (t.to(linear.weight.device, torch.float32) for t in (up, down))
-        factors.append(LoraFactor(layer, up, down, strength * alpha / rank, rows, swap))
+        if pair:
+            up, down = parts["up"], parts["down"]
+            rank = down.shape[0]
+            if down.ndim != 2 or up.ndim != 2 or up.shape != (out_rows, rank) or down.shape[1] != linear.in_features:
+                wrong.append(f"{module} (up {tuple(up.shape)}, down {tuple(down.shape)} for {layer} "
+                             f"{out_rows}×{linear.in_features})")  # fmt: skip
+            else:
+                alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+                if isinstance(linear, Fp8Linear):  # it adds the update at every call: on its device, in float32, once
+                    up, down = (t.to(linear.weight.device, torch.float32) for t in (up, down))
+                factors.append(LoraFactor(layer, up, down, strength * alpha / rank, rows, swap))
+        elif "up" in parts or "down" in parts:  # half a pair beside a difference
+            unmatched.extend(k for k in keys if _PART.match(k)["up"] or _PART.match(k)["down"])
+        for role, param, shape in (("diff", "weight", (out_rows, linear.in_features)), ("diff_b", "bias", (out_rows,))):
+            if role not in parts:
+                continue
+            diff = parts[role]
+            if tuple(diff.shape) != shape or getattr(linear, param) is None:
+                wrong.append(f"{module}.{role} ({tuple(diff.shape)} for {layer}.{param} {shape})")
+                continue
+            if isinstance(linear, Fp8Linear) and param == "weight":
+                diff = diff.to(linear.weight.device, torch.float32)
+            factors.append(LoraFactor(layer, diff, None, strength, rows, swap, param))
     if wrong:
         raise CheckpointError(origin, f"LoRA shapes do not fit this model (a LoRA for another model?): {first_items(wrong)}")
     if not factors:
         raise CheckpointError(
             origin, f"no LoRA layer names a layer of this FLUX model (a LoRA for another model?): {first_items(unmatched)}"
         )
-    layers = sorted({f.layer + ("" if f.rows == slice(None) else f"[{f.rows.start}:{f.rows.stop}]") for f in factors})
+    layers = sorted({_label(f) for f in factors})
     return LoraPatch(origin, strength, layers, sorted(unmatched), factors, weakref.ref(model))
 
 
@@ -222,12 +276,18 @@ def use_loras(model: nn.Module, patches: Sequence[LoraPatch]) -> None:
         stack.append((patch, _attach(model, patch)))
 
 
+def _label(factor: LoraFactor) -> str:
+    rows = "" if factor.rows == slice(None) else f"[{factor.rows.start}:{factor.rows.stop}]"
+    return factor.layer + ("" if factor.param == "weight" else f".{factor.param}") + rows
+
+
 def _attach(model: nn.Module, patch: LoraPatch) -> LoraResult:
     result = LoraResult(patch.layers, patch.unmatched, patch.factors, model)
     try:
-        for layer in dict.fromkeys(f.layer for f in patch.factors):
-            mine = [f for f in patch.factors if f.layer == layer]
-            _set_factors(model.get_submodule(layer), _factors_of(model.get_submodule(layer)) + mine)
+        for target in dict.fromkeys((f.layer, f.param) for f in patch.factors):
+            module = model.get_submodule(target[0])
+            mine = [f for f in patch.factors if (f.layer, f.param) == target]
+            _set_factors(module, target[1], _factors_of(module, target[1]) + mine)
     except BaseException:  # out of memory half-way: the layers done so far come off again
         result.remove()
         raise
@@ -238,37 +298,40 @@ def remove_lora(result: LoraResult) -> None:
     """Undo one `apply_lora`; other LoRAs stay. With none left, every weight is its original tensor again."""
     if result.model is None:
         return
-    for layer in dict.fromkeys(f.layer for f in result.factors):
-        linear = result.model.get_submodule(layer)
-        _set_factors(linear, [f for f in _factors_of(linear) if all(f is not g for g in result.factors)])
+    for layer, param in dict.fromkeys((f.layer, f.param) for f in result.factors):
+        module = result.model.get_submodule(layer)
+        _set_factors(module, param, [f for f in _factors_of(module, param) if all(f is not g for g in result.factors)])
     result.model = None
 
 
-def _factors_of(linear: nn.Linear) -> list[LoraFactor]:
-    return list(getattr(linear, "lora_factors", []))
+def _factors_of(module: nn.Module, param: str) -> list[LoraFactor]:
+    return list(module.__dict__.get("_lora_factors", {}).get(param, []))
 
 
-def _set_factors(linear: nn.Linear, factors: list[LoraFactor]) -> None:
-    if isinstance(linear, Fp8Linear):
-        linear.lora_factors = factors  # added to the dequantized weight at each call
+def _set_factors(module: nn.Module, param: str, factors: list[LoraFactor]) -> None:
+    applied = module.__dict__.setdefault("_lora_factors", {})
+    applied[param] = factors
+    if isinstance(module, Fp8Linear) and param == "weight":
+        module.lora_factors = factors  # added to the dequantized weight at each call
         return
     # The original parameter, kept outside the module's registry so the state dict stays the BFL keys. While
     # merged copies are in use it waits in host memory, as ComfyUI's LoRA backup does: on the device it would
     # double the memory of every patched layer (+23 GB for all block linears of the 12B model in bf16).
-    if "_lora_base" not in linear.__dict__:
+    originals = module.__dict__.setdefault("_lora_base", {})
+    if param not in originals:
         if not factors:
             return
-        linear.__dict__["_lora_base"], linear.__dict__["_lora_device"] = linear.weight, linear.weight.device
-    base, device = linear.__dict__["_lora_base"], linear.__dict__["_lora_device"]
-    linear.lora_factors = factors
+        original = getattr(module, param)
+        originals[param] = (original, original.device)
+    base, device = originals[param]
     if not factors:  # the very parameter again, back on its device
         base.data = base.data.to(device)
-        linear.weight = base
-        del linear.__dict__["_lora_base"], linear.__dict__["_lora_device"]
+        setattr(module, param, base)
+        del originals[param], applied[param]
         return
     with torch.no_grad():
-        weight = base.detach().to(device)
+        value = base.detach().to(device)
         for f in factors:
-            weight = f.add_to(weight)
+            value = f.add_to(value)
     base.data = base.data.to("cpu")
-    linear.weight = nn.Parameter(weight, requires_grad=base.requires_grad)
+    setattr(module, param, nn.Parameter(value, requires_grad=base.requires_grad))

@@ -117,12 +117,12 @@ def test_unmatched_keys_are_reported_not_dropped():
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8),  # a text encoder
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(8, 2),
         "lora_unet_double_blocks_0_img_mlp_2.lora_down.weight": torch.randn(2, 256),  # no up
-        "diffusion_model.double_blocks.0.img_attn.proj.diff_b": torch.randn(H),  # bias diff
+        "diffusion_model.double_blocks.0.img_attn.nonexistent.diff": torch.randn(H),  # names no parameter
     }
     result = apply_lora(model, tensors)
     assert result.unmatched == sorted(
         [
-            "diffusion_model.double_blocks.0.img_attn.proj.diff_b",
+            "diffusion_model.double_blocks.0.img_attn.nonexistent.diff",
             "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
             "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
             "lora_unet_double_blocks_0_img_mlp_2.lora_down.weight",
@@ -177,10 +177,16 @@ def test_lora_on_fp8_layers_keeps_them_fp8(tmp_path):
 
     twin = model_from_state(model.params, dequantized)
     tensors, expected = make_lora(twin, "ai-toolkit")
+    gen = torch.Generator().manual_seed(9)
+    for param in ("double_blocks.1.img_attn.proj.weight", "double_blocks.1.img_attn.proj.bias"):  # full differences
+        diff = torch.randn(twin.state_dict()[param].shape, generator=gen) * 0.1
+        tensors["diffusion_model.double_blocks.1.img_attn.proj." + ("diff" if param.endswith("weight") else "diff_b")] = diff
+        expected[param] = twin.state_dict()[param] + 0.7 * diff
     result = apply_lora(loaded, tensors, strength=0.7)
     assert result.unmatched == [] and "double_blocks.0.img_attn.qkv" in result.applied
-    qkv = loaded.double_blocks[0].img_attn.qkv
+    qkv, proj = loaded.double_blocks[0].img_attn.qkv, loaded.double_blocks[1].img_attn.proj
     assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == torch.float8_e4m3fn
+    assert isinstance(proj, Fp8Linear) and proj.weight.dtype == torch.float8_e4m3fn
     twin.load_state_dict({**twin.state_dict(), **expected})
     out = loaded(*inputs)
     assert ((out - twin(*inputs)).abs().max() / out.abs().max()).item() <= 1e-5
@@ -198,7 +204,7 @@ def test_on_the_gpu_the_original_weight_waits_in_host_memory():
     tensors, _ = make_lora(model, "kohya")
     result = apply_lora(model, {k: v.cuda() for k, v in tensors.items()})
     qkv = model.get_submodule(result.applied[0].split("[")[0])
-    assert qkv.weight.is_cuda and qkv.__dict__["_lora_base"].device.type == "cpu"  # one copy on the device
+    assert qkv.weight.is_cuda and qkv.__dict__["_lora_base"]["weight"][0].device.type == "cpu"  # one copy on the device
     result.remove()
     assert all(model.state_dict(keep_vars=True)[k] is before[k] for k in before)
     assert all(v.is_cuda for v in model.state_dict().values())
@@ -286,3 +292,74 @@ def test_a_lora_that_fails_half_way_comes_off_again(monkeypatch):
     use_loras(model, [patch])  # nothing was left half on: the same patch goes on whole
     use_loras(model, [])
     assert all(model.state_dict(keep_vars=True)[k] is original[k] for k in original)
+
+
+@torch.no_grad()
+def test_full_differences_add_to_weights_biases_and_norm_scales():
+    """ComfyUI's trainer and extractor write `.diff` (weight) and `.diff_b` (bias) beside the low-rank pairs, and
+    `.diff` on a parameter named in full (a norm's scale); each adds strength · diff, no alpha."""
+    model = tiny_flux_model(seed=18)
+    before = model.state_dict(keep_vars=True)
+    state = model.state_dict()
+    gen = torch.Generator().manual_seed(6)
+    tensors, expected = make_lora(model, "ai-toolkit")  # low-rank pairs at 0.7, on BFL_TARGETS
+    diffs = {
+        # (key in the file, parameter, rows of it, halves swapped)
+        "diffusion_model.double_blocks.0.img_attn.qkv.diff_b": ("double_blocks.0.img_attn.qkv.bias", slice(None), False),
+        "diffusion_model.double_blocks.1.img_attn.proj.diff": ("double_blocks.1.img_attn.proj.weight", slice(None), False),
+        "diffusion_model.double_blocks.1.img_attn.proj.diff_b": ("double_blocks.1.img_attn.proj.bias", slice(None), False),
+        "transformer.single_transformer_blocks.1.attn.to_k.diff": ("single_blocks.1.linear1.weight", slice(H, 2 * H), False),
+        "transformer.norm_out.linear.diff_b": ("final_layer.adaLN_modulation.1.bias", slice(None), True),
+        "diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale.diff": (
+            "double_blocks.0.img_attn.norm.key_norm.scale", slice(None), False),
+        "lycoris_single_transformer_blocks_0_proj_out.w_norm": ("single_blocks.0.linear2.weight", slice(None), False),
+    }  # fmt: skip
+    for key, (param, rows, swap) in diffs.items():
+        diff = torch.randn(state[param][rows].shape, generator=gen)
+        tensors[key] = diff
+        change = 0.7 * diff
+        if swap:
+            change = torch.cat(change.chunk(2)[::-1])
+        value = expected.get(param, state[param]).clone()
+        value[rows] += change
+        expected[param] = value
+
+    result = apply_lora(model, tensors, strength=0.7)
+    assert result.unmatched == []
+    assert {"double_blocks.0.img_attn.qkv.bias", "double_blocks.0.img_attn.norm.key_norm.scale",
+            "single_blocks.1.linear1[64:128]"} <= set(result.applied)  # fmt: skip
+    after = model.state_dict()
+    for key, value in after.items():
+        want = expected.get(key, before[key])
+        assert (value - want).abs().max().item() <= 1e-6, key
+        assert (key in expected) == (not torch.equal(value, before[key])), key
+    result.remove()
+    assert all(model.state_dict(keep_vars=True)[k] is before[k] for k in before)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "kind"), [("dora_scale", "DoRA"), ("lokr_w1", "LoKr"), ("hada_w1_a", "LoHa")]
+)
+def test_dora_lokr_and_loha_are_refused_not_half_applied(suffix, kind):
+    model = tiny_flux_model(seed=19)
+    tensors, _ = make_lora(model, "kohya")
+    tensors[f"lora_unet_double_blocks_0_img_attn_qkv.{suffix}"] = torch.ones(1, H)
+    with pytest.raises(CheckpointError, match=f"{kind}.* not supported"):
+        load_lora(model, tensors)
+
+
+@torch.no_grad()
+def test_linear1_qkv_and_a_wrong_difference():
+    model = tiny_flux_model(seed=20)
+    gen = torch.Generator().manual_seed(8)
+    up, down = torch.randn(3 * H, 2, generator=gen), torch.randn(2, H, generator=gen)
+    weight = model.single_blocks[0].linear1.weight.clone()
+    result = apply_lora(model, {"diffusion_model.single_blocks.0.linear1_qkv.lora_up.weight": up,
+                                "diffusion_model.single_blocks.0.linear1_qkv.lora_down.weight": down})  # fmt: skip
+    assert result.applied == [f"single_blocks.0.linear1[0:{3 * H}]"]
+    want = weight.clone()
+    want[: 3 * H] += up @ down
+    assert (model.single_blocks[0].linear1.weight - want).abs().max().item() <= 1e-6
+    result.remove()
+    with pytest.raises(CheckpointError, match=r"img_attn.proj.diff_b \(\(3,\) for double_blocks.0.img_attn.proj.bias"):
+        load_lora(model, {"diffusion_model.double_blocks.0.img_attn.proj.diff_b": torch.ones(3)})
