@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .cli_options import at_least
+from .cli_options import at_least, lora_option
 from .files import written_whole
 from .provenance import ProvenanceError
 from .quant import WEIGHT_DTYPES, weight_options
@@ -48,6 +48,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="transformer weights in memory: default keeps the file's (an fp8 file stays fp8); "
                    "an fp8 type casts a 16-bit file's block weights to it, halving their memory")
     g.add_argument("--attention", default="auto", help="attention kernel: auto, sdpa, flash, sage")
+    g.add_argument("--lora", action="append", type=lora_option, default=[], metavar="PATH[:STRENGTH]",
+                   help="a FLUX LoRA (.safetensors) added to the transformer, at STRENGTH (default 1.0); repeat for "
+                   "several")  # fmt: skip
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -196,6 +199,24 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
     return KontextPipeline(transformer, vae, text), model_name(str(files.transformer))
 
 
+def _add_loras(pipe: KontextPipeline, loras: list[tuple[str, float]], model: str) -> str:
+    """Each `--lora` added to the transformer; the name provenance gives the model, with them."""
+    from .checkpoints.safetensors_io import CheckpointError, first_items
+    from .lora import apply_lora
+
+    names = []
+    for path, strength in loras:
+        try:
+            result = apply_lora(pipe.transformer, path, strength)
+        except CheckpointError as e:  # its message starts with the file
+            raise ValueError(f"--lora {e}") from None
+        if result.unmatched:
+            print(f"note: --lora {path}: {len(result.unmatched)} tensors name no layer of the transformer and are not "
+                  f"applied (text-encoder parts are left out): {first_items(result.unmatched)}", file=sys.stderr)  # fmt: skip
+        names.append(f"{Path(path).name} ({strength:g})")
+    return model + (f" with LoRA {', '.join(names)}" if names else "")
+
+
 def _output_paths(out: str, count: int) -> list[Path]:
     """`out` for one image; `_1`, `_2` … appended to its name for several."""
     target = Path(out)
@@ -319,6 +340,9 @@ def _run(args: argparse.Namespace) -> int:
     from . import safety
 
     _refuse_bad_out(args.out)
+    for path, _ in args.lora:
+        if not Path(path).is_file():
+            raise ValueError(f"--lora {path}: no such file")
     for name in ("width", "height"):
         value = getattr(args, name)
         if value is not None and value % 16:
@@ -336,6 +360,7 @@ def _run(args: argparse.Namespace) -> int:
             _refuse_if_blocked(safety.check_image(images[-1], args.safety_tolerance), f"--image {path}")
     small = _wants_small_model(args)
     pipe, model = load_pipeline(args, small)
+    model = _add_loras(pipe, args.lora, model)
     common = dict(
         steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale, num_images=args.num_images, callback=_progress(args.command),

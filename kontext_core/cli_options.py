@@ -31,3 +31,17 @@ def positive(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def lora_option(text: str) -> tuple[str, float]:
+    """`PATH` or `PATH:STRENGTH`, strength 1.0 when not given (a colon followed by no number is part of the path)."""
+    path, colon, tail = text.rpartition(":")
+    if not (colon and path):
+        return text, 1.0
+    try:
+        strength = float(tail)
+    except ValueError:
+        return text, 1.0
+    if not math.isfinite(strength):
+        raise argparse.ArgumentTypeError(f"the strength must be a finite number, got {tail!r}")
+    return path, strength

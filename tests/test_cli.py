@@ -292,3 +292,56 @@ def test_an_out_path_that_cannot_be_looked_into_is_one_line(tmp_path, monkeypatc
     out = tmp_path / "private" / "a.png"
     assert main(["generate", "--small-model", "--prompt", "x", "--out", str(out)]) == 2
     assert f"generate: error: --out {out}: cannot be checked (Permission denied)" in capsys.readouterr().err
+
+
+def test_loras_are_added_named_and_equal_the_library(comfyui, tmp_path, capsys):
+    from kontext_core.lora import apply_lora
+
+    transformer = load_transformer(comfyui / "models" / "diffusion_models" / "flux1-kontext-dev.safetensors")
+    gen = torch.Generator().manual_seed(3)
+    lora = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2),
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8)}  # fmt: skip
+    for layer in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear2", "final_layer.linear"):
+        linear = transformer.get_submodule(layer)
+        stem = "lora_unet_" + layer.replace(".", "_")
+        lora[f"{stem}.lora_up.weight"] = torch.randn(linear.out_features, 4, generator=gen)
+        lora[f"{stem}.lora_down.weight"] = torch.randn(4, linear.in_features, generator=gen)
+    path = tmp_path / "style.safetensors"
+    save_file(lora, path)
+    common = ["generate", "--comfyui", str(comfyui), "--steps", "2", "--width", "64", "--height", "32", "--seed", "4",
+              "--prompt", "a red car"]  # fmt: skip
+
+    assert main([*common, "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--lora", f"{path}:0.8", "--out", str(tmp_path / "lora.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: --lora {path}: 2 tensors name no layer" in err and "lora_te1_text_model" in err
+    with_lora = Image.open(tmp_path / "lora.png")
+    assert with_lora.text["model"] == "FLUX.1 Kontext (flux1-kontext-dev.safetensors) with LoRA style.safetensors (0.8)"
+
+    pipe, _ = load_pipeline(build_parser().parse_args([*common, "--out", "x.png"]), small=False)
+    apply_lora(pipe.transformer, path, strength=0.8)
+    library = pipe.generate("a red car", width=64, height=32, steps=2, seed=4, guidance=2.5)
+    pixels = np.asarray(with_lora.convert("RGB"))
+    assert np.array_equal(pixels, np.asarray(library))
+    assert not np.array_equal(pixels, np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")))
+
+    assert main([*common, "--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "m.png")]) == 2
+    assert f"--lora {tmp_path / 'missing.safetensors'}: no such file" in capsys.readouterr().err
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"lora_unet_down_blocks_0_proj_in.lora_up.weight": torch.zeros(8, 2),
+               "lora_unet_down_blocks_0_proj_in.lora_down.weight": torch.zeros(2, 8)}, sdxl)  # fmt: skip
+    assert main([*common, "--lora", str(sdxl), "--out", str(tmp_path / "s.png")]) == 2
+    assert f"--lora {sdxl}: no LoRA layer names a layer of this FLUX model" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_lora_option_takes_a_path_and_an_optional_strength(capsys):
+    from kontext_core.cli_options import lora_option
+
+    assert lora_option("style.safetensors") == ("style.safetensors", 1.0)
+    assert lora_option("style.safetensors:-0.5") == ("style.safetensors", -0.5)
+    assert lora_option("C:\\loras\\style.safetensors") == ("C:\\loras\\style.safetensors", 1.0)
+    assert lora_option("odd:name.safetensors:2") == ("odd:name.safetensors", 2.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--prompt", "x", "--out", "o.png", "--lora", "a.safetensors:nan"])
+    assert "--lora: the strength must be a finite number, got 'nan'" in capsys.readouterr().err
