@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import FluxParams
+from .lora import weights_version
 from .model import Flux
 from .reference_cache import ReferenceCache
 
@@ -73,6 +74,7 @@ class CudaGraphForward:
         self.max_graphs = max_graphs
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor | None], Tensor]] = {}
+        self.weights_version = weights_version(model)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -88,6 +90,9 @@ class CudaGraphForward:
     def __call__(self, *args: Tensor | None, ref_cache: ReferenceCache | None = None) -> Tensor:
         if ref_cache is not None:
             raise RuntimeError("CudaGraphForward runs the exact path only; reference_cache_every must be 0")
+        if weights_version(self.model) != self.weights_version:  # a LoRA went on or came off: new weight tensors
+            self.graphs.clear()
+            self.weights_version = weights_version(self.model)
         key = tuple(None if a is None else (tuple(a.shape), a.dtype, a.device) for a in args)
         if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:

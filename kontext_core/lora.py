@@ -43,7 +43,9 @@ from .checkpoints.flux_diffusers import (
 from .checkpoints.safetensors_io import CheckpointError, first_items, open_tensors
 from .quant import Fp8Linear
 
-__all__ = ["LoraFactor", "LoraPatch", "LoraResult", "apply_lora", "load_lora", "remove_lora", "use_loras"]
+__all__ = [
+    "LoraFactor", "LoraPatch", "LoraResult", "apply_lora", "load_lora", "remove_lora", "use_loras", "weights_version",
+]  # fmt: skip
 
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 _UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
@@ -281,7 +283,23 @@ def _label(factor: LoraFactor) -> str:
     return factor.layer + ("" if factor.param == "weight" else f".{factor.param}") + rows
 
 
+def weights_version(model: nn.Module) -> int:
+    """A number that changes whenever LoRAs go on or come off `model` (for what keeps copies of its weights,
+    such as captured CUDA graphs)."""
+    return model.__dict__.get("_weights_version", 0)
+
+
+def _changing(model: nn.Module) -> None:
+    if model.__dict__.get("_block_offload") is not None:
+        raise ValueError(
+            "LoRAs cannot go on or come off while the transformer is offloaded (kontext_core.offload keeps its own "
+            "copies of the block weights): change them before offload(), or after its remove()"
+        )
+    model.__dict__["_weights_version"] = weights_version(model) + 1
+
+
 def _attach(model: nn.Module, patch: LoraPatch) -> LoraResult:
+    _changing(model)
     result = LoraResult(patch.layers, patch.unmatched, patch.factors, model)
     try:
         for target in dict.fromkeys((f.layer, f.param) for f in patch.factors):
@@ -298,6 +316,7 @@ def remove_lora(result: LoraResult) -> None:
     """Undo one `apply_lora`; other LoRAs stay. With none left, every weight is its original tensor again."""
     if result.model is None:
         return
+    _changing(result.model)
     for layer, param in dict.fromkeys((f.layer, f.param) for f in result.factors):
         module = result.model.get_submodule(layer)
         _set_factors(module, param, [f for f in _factors_of(module, param) if all(f is not g for g in result.factors)])

@@ -96,6 +96,7 @@ class BlockOffload:
         for weights in self.weights:
             weights.release()
         self.handles = []
+        model.__dict__["_block_offload"] = self  # LoRAs must not change underneath the host copies
         for i, block in enumerate(blocks):
             self.handles.append(block.register_forward_pre_hook(lambda _m, _a, i=i: self._before(i)))
             self.handles.append(block.register_forward_hook(lambda _m, _a, _o, i=i: self._after(i)))
@@ -130,6 +131,7 @@ class BlockOffload:
                 _set(module, name, is_param, host.to(self.device))
             weights.on_device = None
         self.handles = []
+        self.model.__dict__.pop("_block_offload", None)
         return self.model
 
 

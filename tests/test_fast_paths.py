@@ -257,3 +257,47 @@ def test_the_reference_cache_holds_only_the_reference_tokens():
         torch.testing.assert_close(kept, full[:, :, -3:], rtol=0, atol=0)
         # its own storage: a view would keep all ten tokens' keys/values alive between recordings
         assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()
+
+
+# ---------------------------------------------------------------- LoRAs and the paths that keep weight copies
+
+
+def _a_lora(model):
+    gen = torch.Generator().manual_seed(4)
+    qkv = model.double_blocks[0].img_attn.qkv
+    return {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(qkv.out_features, 2, generator=gen),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, qkv.in_features, generator=gen)}  # fmt: skip
+
+
+@torch.no_grad()
+def test_loras_do_not_change_underneath_an_offload():
+    from kontext_core.lora import apply_lora
+
+    model = tiny_flux_model(seed=9)
+    args = kontext_inputs(model.params, batch=1)
+    result = apply_lora(model, _a_lora(model))  # before offload: its host copies hold the LoRA
+    with_lora = model(*args)
+    handle = offload(model, "cpu")
+    assert torch.equal(model(*args), with_lora)
+    with pytest.raises(ValueError, match="while the transformer is offloaded"):
+        result.remove()  # it would come off the module, not off the copies the offload installs
+    with pytest.raises(ValueError, match="while the transformer is offloaded"):
+        apply_lora(model, _a_lora(model))
+    handle.remove()
+    result.remove()
+    assert not torch.equal(model(*args), with_lora)
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_graphs_are_captured_again_when_a_lora_changes_the_weights():
+    from kontext_core.lora import apply_lora
+
+    model = tiny_flux_model(seed=10).cuda()
+    args = [a.cuda() if a is not None else None for a in kontext_inputs(model.params, batch=1)]
+    graphed = CudaGraphForward(model)
+    plain = graphed(*args)
+    result = apply_lora(model, {k: v.cuda() for k, v in _a_lora(model).items()})
+    torch.testing.assert_close(graphed(*args), model(*args), rtol=1e-5, atol=1e-5)
+    result.remove()
+    torch.testing.assert_close(graphed(*args), plain, rtol=1e-5, atol=1e-5)
