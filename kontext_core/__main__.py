@@ -206,6 +206,8 @@ def _add_loras(pipe: KontextPipeline, loras: list[tuple[str, float]], model: str
 
     names = []
     for path, strength in loras:
+        if strength == 0:  # as ComfyUI's LoRA loaders: nothing added, nothing named
+            continue
         try:
             result = apply_lora(pipe.transformer, path, strength)
         except CheckpointError as e:  # its message starts with the file

@@ -54,10 +54,11 @@ _PART = re.compile(
     r"|^(?P<amodule>.+?)\.alpha$"
     r"|^(?P<dmodule>.+?)\.(?P<diff>diff|w_norm|diff_b|b_norm)$"
 )
+_TEXT_ENCODER_KEY = r"lora_te\d?_|text_encoders?(_2)?\."
 _DIFF_ROLES = {"diff": "diff", "w_norm": "diff", "diff_b": "diff_b", "b_norm": "diff_b"}
-# kinds of update this module does not apply, by a key suffix that only they use
-_UNSUPPORTED = {".dora_scale": "DoRA (`dora_scale`)", ".lokr_w1": "LyCORIS LoKr", ".lokr_w1_a": "LyCORIS LoKr",
-                ".hada_w1_a": "LyCORIS LoHa", ".oft_blocks": "OFT"}  # fmt: skip
+# kinds of update this module does not apply, by a key part that only they use
+_UNSUPPORTED = {".dora_scale": "DoRA (`dora_scale`)", ".lora_magnitude_vector": "DoRA (`lora_magnitude_vector`)",
+                ".lokr_w1": "LyCORIS LoKr", ".hada_w1_a": "LyCORIS LoHa", ".oft_blocks": "OFT"}  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -175,7 +176,7 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
     `unmatched`, never dropped silently.
     """
     tensors, origin = _read(lora)
-    unsupported = sorted({kind for key in tensors for suffix, kind in _UNSUPPORTED.items() if key.endswith(suffix)})
+    unsupported = sorted({kind for key in tensors for part, kind in _UNSUPPORTED.items() if part in key})
     if unsupported:
         raise CheckpointError(origin, f"{' and '.join(unsupported)} LoRAs are not supported (only low-rank pairs "
                                       "and full differences): applying part of one would give a wrong result")  # fmt: skip
@@ -236,12 +237,15 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
             if tuple(diff.shape) != shape or getattr(linear, param) is None:
                 wrong.append(f"{module}.{role} ({tuple(diff.shape)} for {layer}.{param} {shape})")
                 continue
-            if isinstance(linear, Fp8Linear) and param == "weight":
-                diff = diff.to(linear.weight.device, torch.float32)
+            if isinstance(linear, Fp8Linear) and param == "weight":  # in its file's precision: a full-size copy
+                diff = diff.to(linear.weight.device)
             factors.append(LoraFactor(layer, diff, None, strength, rows, swap, param))
     if wrong:
         raise CheckpointError(origin, f"LoRA shapes do not fit this model (a LoRA for another model?): {first_items(wrong)}")
     if not factors:
+        if unmatched and all(re.match(_TEXT_ENCODER_KEY, key) for key in unmatched):
+            raise CheckpointError(origin, "it holds only text-encoder parts (`lora_te…`, `text_encoder…`), which "
+                                          f"apply to CLIP or T5, not to the FLUX transformer: {first_items(unmatched)}")  # fmt: skip
         raise CheckpointError(
             origin, f"no LoRA layer names a layer of this FLUX model (a LoRA for another model?): {first_items(unmatched)}"
         )
@@ -272,8 +276,11 @@ def use_loras(model: nn.Module, patches: Sequence[LoraPatch]) -> None:
     keep = 0
     while keep < min(len(stack), len(patches)) and stack[keep][0] is patches[keep]:
         keep += 1
+    if len(stack) > keep or len(patches) > keep:
+        _changing(model)  # refused while offloaded before anything comes off
     while len(stack) > keep:
-        stack.pop()[1].remove()
+        stack[-1][1].remove()
+        stack.pop()  # only once it is off: a failed removal stays on the stack, to be retried
     for patch in patches[keep:]:
         stack.append((patch, _attach(model, patch)))
 
@@ -329,28 +336,31 @@ def _factors_of(module: nn.Module, param: str) -> list[LoraFactor]:
 
 def _set_factors(module: nn.Module, param: str, factors: list[LoraFactor]) -> None:
     applied = module.__dict__.setdefault("_lora_factors", {})
-    applied[param] = factors
     if isinstance(module, Fp8Linear) and param == "weight":
         module.lora_factors = factors  # added to the dequantized weight at each call
+        applied[param] = factors
         return
     # The original parameter, kept outside the module's registry so the state dict stays the BFL keys. While
     # merged copies are in use it waits in host memory, as ComfyUI's LoRA backup does: on the device it would
     # double the memory of every patched layer (+23 GB for all block linears of the 12B model in bf16).
     originals = module.__dict__.setdefault("_lora_base", {})
+    current = getattr(module, param)  # where the model is now, and in what dtype (it may have moved since)
     if param not in originals:
         if not factors:
             return
-        original = getattr(module, param)
-        originals[param] = (original, original.device)
-    base, device = originals[param]
-    if not factors:  # the very parameter again, back on its device
-        base.data = base.data.to(device)
+        originals[param] = current
+    base = originals[param]
+    if not factors:  # the very parameter again, back where the model is
+        base.data = base.data.to(current.device, current.dtype)
         setattr(module, param, base)
-        del originals[param], applied[param]
+        del originals[param]
+        applied.pop(param, None)
         return
     with torch.no_grad():
-        value = base.detach().to(device)
+        merged = base.detach().to(current.device, torch.float32)  # summed in float32, rounded once
         for f in factors:
-            value = f.add_to(value)
-    base.data = base.data.to("cpu")
-    setattr(module, param, nn.Parameter(value, requires_grad=base.requires_grad))
+            merged = f.add_to(merged)
+        merged = merged.to(current.dtype)
+    base.data = base.data.to("cpu", current.dtype)
+    setattr(module, param, nn.Parameter(merged, requires_grad=base.requires_grad))
+    applied[param] = factors  # recorded once installed, so a failure above leaves the record true

@@ -47,9 +47,12 @@ class Fp8Linear(nn.Linear):
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         weight = self.weight.to(dtype) * self.scale_weight.to(dtype)
+        if not self.lora_factors:
+            return weight
+        merged = weight.float()  # LoRA updates summed in float32 and rounded once, whatever their order
         for factor in self.lora_factors:
-            weight = factor.add_to(weight)
-        return weight
+            merged = factor.add_to(merged)
+        return merged.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fp8_matmul and not self.lora_factors and _scaled_mm_fits(x, self.weight):

@@ -102,12 +102,24 @@ def model_label(prompt, node_id=None) -> str:
         return "FLUX.1 Kontext"
     name = names.pop()
     label = provenance.model_name(name.removeprefix(BUILTIN_PREFIX), builtin=name.startswith(BUILTIN_PREFIX))
-    loras = sorted(
-        os.path.basename(i["lora_name"]) + (f" ({strength:g})" if isinstance(strength := i.get("strength"), (int, float)) else "")
-        for i in inputs_of("KontextCoreLoraLoader")
-        if isinstance(i.get("lora_name"), str) and i.get("strength") != 0
-    )  # fmt: skip
-    return label + (f" with LoRA {', '.join(loras)}" if loras else "")
+    loras = []
+    for i in inputs_of("KontextCoreLoraLoader"):
+        strength = _value(graph, i.get("strength"))
+        if isinstance(i.get("lora_name"), str) and strength != 0:  # at 0 the node passes the model on untouched
+            shown = f"{strength:g}" if isinstance(strength, (int, float)) else "strength from a linked node"
+            loras.append(f"{os.path.basename(i['lora_name'])} ({shown})")
+    return label + (f" with LoRA {', '.join(sorted(loras))}" if loras else "")
+
+
+def _value(graph: dict, value):
+    """A widget's value, or for a link the value of the node it comes from when that node holds just one
+    (a primitive node); None when it cannot be known from the graph."""
+    if not isinstance(value, list):
+        return value
+    source = graph.get(str(value[0])) if len(value) == 2 else None
+    inputs = source.get("inputs") if isinstance(source, dict) else None
+    literal = list(inputs.values()) if isinstance(inputs, dict) else []
+    return literal[0] if len(literal) == 1 and isinstance(literal[0], (int, float)) else None
 
 
 class KontextCoreSaveImage(KontextNode):

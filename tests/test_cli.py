@@ -325,6 +325,11 @@ def test_loras_are_added_named_and_equal_the_library(comfyui, tmp_path, capsys):
     assert np.array_equal(pixels, np.asarray(library))
     assert not np.array_equal(pixels, np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")))
 
+    assert main([*common, "--lora", f"{path}:0", "--out", str(tmp_path / "zero.png")]) == 0  # as without it
+    zero = Image.open(tmp_path / "zero.png")
+    assert np.array_equal(np.asarray(zero.convert("RGB")), np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")))
+    assert "LoRA" not in zero.text["model"]
+
     assert main([*common, "--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "m.png")]) == 2
     assert f"--lora {tmp_path / 'missing.safetensors'}: no such file" in capsys.readouterr().err
     sdxl = tmp_path / "sdxl.safetensors"

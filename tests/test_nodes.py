@@ -666,7 +666,13 @@ def test_saved_images_name_the_model_and_loras_upstream_of_their_save_node():
         "8": {"class_type": "KontextCoreSaveImage", "inputs": {"images": ["10", 0]}},
         "9": {"class_type": "PrimitiveFloat", "inputs": {"value": 0.5}},
     }  # fmt: skip
-    assert save.model_label(prompt, "7") == "FLUX.1 Kontext (a.safetensors) with LoRA detail.safetensors, style.safetensors (0.8)"
+    label = "FLUX.1 Kontext (a.safetensors) with LoRA detail.safetensors (0.5), style.safetensors (0.8)"
+    assert save.model_label(prompt, "7") == label
+    prompt["9"]["inputs"]["value"] = 0  # a linked strength of 0: the node passes the model on untouched
+    assert save.model_label(prompt, "7") == "FLUX.1 Kontext (a.safetensors) with LoRA style.safetensors (0.8)"
+    prompt["9"]["inputs"] = {"a": ["11", 0]}  # not knowable from the graph
+    assert save.model_label(prompt, "7").endswith("with LoRA detail.safetensors (strength from a linked node), "
+                                                  "style.safetensors (0.8)")  # fmt: skip
     assert save.model_label(prompt, "8") == "FLUX.1 Kontext (b.safetensors)"
     assert save.model_label(prompt) == "FLUX.1 Kontext"  # save node unknown: two loaders in the graph
     assert save.model_label(prompt, "missing") == "FLUX.1 Kontext"

@@ -1,8 +1,8 @@
 """Our LoRA application against ComfyUI's own LoRA patcher, the reference FLUX users' LoRAs are made for.
 
-The tiny transformer file and LoRAs in every layout both tools read are patched by ComfyUI (its Python, in a
-fresh process: `comfy.sd.load_lora_for_models`, then `patch_model`) and by `kontext_core.apply_lora`; the patched
-weights must agree to float32 rounding. Skipped unless COMFYUI_ROOT and COMFYUI_PYTHON are set (no server needed).
+The tiny transformer file (float32 and bfloat16) and LoRAs in every layout both tools read, one at a time and all
+stacked, are patched by ComfyUI (its Python, in a fresh process: `comfy.sd.load_lora_for_models`, then
+`patch_model`) and by `kontext_core.apply_lora` / `use_loras`; the patched weights must agree to float32 rounding. Skipped unless COMFYUI_ROOT and COMFYUI_PYTHON are set (no server needed).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ STRENGTH = 0.7
 # ComfyUI's FLUX detection fixes the real model's widths; for the tiny file they are read from its tensors
 COMFY_PATCH = """
 import sys, torch
-comfy_root, transformer, out, strength, *loras = sys.argv[1:]
+comfy_root, transformer, out, strength, dtype, *loras = sys.argv[1:]
 sys.path.insert(0, comfy_root)
 sys.argv = [sys.argv[0], "--cpu"]
 import comfy.options
@@ -43,13 +43,18 @@ def tiny(state_dict, key_prefix, *args, **kwargs):
     return config
 comfy.model_detection.detect_unet_config = tiny
 
-model = comfy.sd.load_diffusion_model(transformer, model_options={"dtype": torch.float32})
+model = comfy.sd.load_diffusion_model(transformer, model_options={"dtype": getattr(torch, dtype)})
 patched = {}
 for lora in loras:
     clone, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(lora), float(strength), 0)
     clone.patch_model()
     patched[lora] = {k: v.clone() for k, v in clone.model.diffusion_model.state_dict().items()}
     clone.unpatch_model()
+stacked = model
+for lora in loras:  # all of them at once, in order: ComfyUI sums the updates in float32, then rounds
+    stacked, _ = comfy.sd.load_lora_for_models(stacked, None, comfy.utils.load_torch_file(lora), float(strength), 0)
+stacked.patch_model()
+patched["stacked"] = {k: v.clone() for k, v in stacked.model.diffusion_model.state_dict().items()}
 torch.save(patched, out)
 """
 
@@ -120,17 +125,18 @@ def lora_files(folder: Path) -> list[Path]:
     return paths
 
 
-def test_apply_lora_equals_comfyuis_lora_patcher(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_apply_lora_equals_comfyuis_lora_patcher(tmp_path, dtype):
     root, python = comfyui_paths()
     transformer = tmp_path / "flux1-kontext-dev.safetensors"
     write_transformer(transformer)
     loras = lora_files(tmp_path)
     out = tmp_path / "comfy.pt"
-    subprocess.run([str(python), "-c", COMFY_PATCH, str(root), str(transformer), str(out), str(STRENGTH),
+    subprocess.run([str(python), "-c", COMFY_PATCH, str(root), str(transformer), str(out), str(STRENGTH), dtype,
                     *map(str, loras)], check=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     reference = torch.load(out)
 
-    model = kontext_core.load_transformer(transformer, dtype=torch.float32)
+    model = kontext_core.load_transformer(transformer, dtype=getattr(torch, dtype))
     original = {k: v.clone() for k, v in model.state_dict().items()}
     for lora in loras:
         comfy = reference[str(lora)]
@@ -140,11 +146,20 @@ def test_apply_lora_equals_comfyuis_lora_patcher(tmp_path):
         assert comfy.keys() == ours.keys()
         changed = {k for k in ours if not torch.equal(comfy[k], original[k])}
         assert changed == {k for k in ours if not torch.equal(ours[k], original[k])}, lora.name
-        worst = max((ours[k] - comfy[k]).abs().max().item() / comfy[k].abs().max().item() for k in changed)
-        print(f"\n[lora vs ComfyUI] {lora.stem}: {len(changed)} tensors changed, max |ours − ComfyUI| / max |W| = {worst:.1e}")
-        assert len(changed) >= 10 and worst <= 1e-6, lora.name  # float32 rounding of the same sums
+        assert all(ours[k].dtype == comfy[k].dtype == getattr(torch, dtype) for k in changed)
+        worst = max((ours[k] - comfy[k]).float().abs().max().item() / comfy[k].float().abs().max().item() for k in changed)
+        print(f"\n[lora vs ComfyUI, {dtype}] {lora.stem}: {len(changed)} tensors changed, "
+              f"max |ours − ComfyUI| / max |W| = {worst:.1e}")  # fmt: skip
+        # the same float32 sums rounded once to the weight's dtype: float32 rounding of the sum at most
+        assert len(changed) >= 10 and worst <= 1e-6, lora.name
         result.remove()
         assert all(torch.equal(model.state_dict()[k], original[k]) for k in original)
+
+    kontext_core.use_loras(model, [kontext_core.load_lora(model, lora, STRENGTH) for lora in loras])
+    ours, comfy = model.state_dict(), reference["stacked"]
+    worst = max((ours[k] - comfy[k]).float().abs().max().item() / comfy[k].float().abs().max().item() for k in ours)
+    print(f"[lora vs ComfyUI, {dtype}] all {len(loras)} stacked: max |ours − ComfyUI| / max |W| = {worst:.1e}")
+    assert worst <= 1e-6 and not all(torch.equal(ours[k], original[k]) for k in ours)
 
 
 @pytest.fixture(autouse=True)
