@@ -36,6 +36,7 @@ from kontext_core.cli_options import at_least
 from kontext_core.files import written_whole
 from kontext_core.pipeline import KontextPipeline
 from kontext_core.quality import judge, psnr
+from kontext_core.recomposite import keep_unchanged
 from kontext_core.sampling import get_noise, sample
 from kontext_core.small_model import load_default_pipeline, small_model_files
 from kontext_core.tasks import HELD_OUT_SEED, KINDS, EditTask, make_task
@@ -43,9 +44,6 @@ from kontext_core.tasks_render import Scene, Shape, coverage, render
 
 DRIFT_ROUNDS = 10
 DRIFT_METHODS = ("plain", "recomposite", "latent")  # without drift control, then the two controls
-# A pixel counts as changed by an edit when a channel moves more than this (8-bit), before dilation.
-RECOMPOSITE_THRESHOLD = 40
-RECOMPOSITE_DILATION = 2
 
 
 def run_task(pipe: KontextPipeline, task: EditTask, **options) -> Image.Image:
@@ -115,14 +113,14 @@ def _recolor_round(scene: Scene, shape: Shape, colour: str) -> tuple[EditTask, S
 
 
 def recomposite(before: Image.Image, after: Image.Image) -> Image.Image:
-    """Keep `before`'s pixels wherever the edit did not visibly change them (no truth used): the pixels whose
-    largest channel change exceeds the threshold, dilated, come from `after`."""
-    a, b = np.asarray(before, dtype=np.int16), np.asarray(after, dtype=np.int16)
-    changed = np.abs(a - b).max(-1) > RECOMPOSITE_THRESHOLD
-    grown = torch.nn.functional.max_pool2d(
-        torch.from_numpy(changed)[None, None].float(), 2 * RECOMPOSITE_DILATION + 1, 1, RECOMPOSITE_DILATION
-    )[0, 0].numpy() > 0  # fmt: skip
-    return Image.fromarray(np.where(grown[..., None], b, a).astype(np.uint8))
+    """Keep `before`'s pixels wherever the edit did not visibly change them (no truth used; the engine's
+    `keep_unchanged` with its defaults, which the Keep Unchanged node offers too)."""
+    kept, _ = keep_unchanged(image_to_unit(before), image_to_unit(after))
+    return Image.fromarray((kept[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+
+
+def image_to_unit(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
 
 
 def drift(pipe: KontextPipeline, seed: int, method: str, steps: int) -> list[dict]:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from kontext_core.recomposite import DEFAULT_GROW, DEFAULT_THRESHOLD, keep_unchanged
 from kontext_core.resize import RESIZE_MODES, resize_to_kontext
 
 from . import _comfy
@@ -43,6 +44,45 @@ class KontextCoreImageScale(KontextNode):
     @classmethod
     def run(cls, image, mode: str = "stretch"):
         return (resize_to_kontext(image_input(cls, "image", image), mode),)
+
+
+class KontextCoreKeepUnchanged(KontextNode):
+    NODE_ID = "KontextCoreKeepUnchanged"
+    DISPLAY_NAME = "Kontext Keep Unchanged"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Puts the original's pixels back wherever the edit did not visibly change them, so an image edited round "
+        "after round does not drift (colours, detail) outside what each instruction changed. The edited region is "
+        "found by comparing the two images: no mask to draw."
+    )
+    INPUTS = (
+        Input("original", "IMAGE", "The image that was edited, at the edited image's size (the Kontext Image Scale "
+              "output that went into the edit)."),
+        Input("edited", "IMAGE", "The edited image (from Kontext VAE Decode)."),
+        Input("threshold", "INT", "A pixel counts as changed when a colour channel moved by more than this many "
+              "8-bit levels. Lower keeps less of the original.", default=DEFAULT_THRESHOLD, min=0, max=255),
+        Input("grow", "INT", "Pixels added around the changed region, so the edit's soft edges come from the "
+              "edited image.", default=DEFAULT_GROW, min=0, max=64),
+    )  # fmt: skip
+    OUTPUTS = (
+        Output("IMAGE", "image", "The edited image with the original's unchanged pixels."),
+        Output("MASK", "changed", "1 where the pixels come from the edited image."),
+    )
+
+    @classmethod
+    def run(cls, original, edited, threshold: int = DEFAULT_THRESHOLD, grow: int = DEFAULT_GROW):
+        original, edited = image_input(cls, "original", original), image_input(cls, "edited", edited)
+        if original.shape[1:3] != edited.shape[1:3]:
+            raise ValueError(
+                f"{cls.NODE_ID}: input 'original' is {original.shape[2]}×{original.shape[1]} pixels and 'edited' "
+                f"{edited.shape[2]}×{edited.shape[1]}; connect the scaled image that went into the edit"
+            )
+        if original.shape[0] not in (1, edited.shape[0]):
+            raise ValueError(f"{cls.NODE_ID}: input 'original' holds {original.shape[0]} images; expected 1 or the "
+                             f"{edited.shape[0]} of 'edited'")  # fmt: skip
+        before, after = (x[..., :3].movedim(-1, 1).float() for x in (original, edited))
+        image, changed = keep_unchanged(before, after, threshold=threshold, grow=grow)
+        return image.movedim(1, -1), changed
 
 
 class KontextCoreVAEEncode(KontextNode):
@@ -162,4 +202,6 @@ class KontextCoreLoadImageBatch(KontextNode):
         return (pixels, os.path.splitext(files[index])[0], len(files))
 
 
-NODES = [KontextCoreImageScale, KontextCoreVAEEncode, KontextCoreVAEDecode, KontextCoreLoadImageBatch]
+NODES = [
+    KontextCoreImageScale, KontextCoreKeepUnchanged, KontextCoreVAEEncode, KontextCoreVAEDecode, KontextCoreLoadImageBatch,
+]  # fmt: skip

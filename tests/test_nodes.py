@@ -49,7 +49,7 @@ def test_pack_imports_outside_comfyui_with_v1_fallback():
 
 
 def test_every_node_is_prefixed_documented_and_tooltipped():
-    assert len(BY_ID) == len(nodes.NODES) == 15
+    assert len(BY_ID) == len(nodes.NODES) == 16
     for node_id, node in BY_ID.items():
         assert node_id.startswith("KontextCore") and node.DISPLAY_NAME and not node.DISPLAY_NAME.startswith("Kontext" "Core")
         assert node.DESCRIPTION and node.CATEGORY.startswith("Kontext Core/")
@@ -724,3 +724,24 @@ def test_loaders_validate_model_names_before_queueing(monkeypatch, tmp_path):
     import inspect
 
     assert list(inspect.signature(v1.VALIDATE_INPUTS).parameters) == ["vae_name"]  # no **kwargs
+
+
+def test_keep_unchanged_takes_the_original_where_the_edit_did_not_reach():
+    gen = torch.Generator().manual_seed(5)
+    original = torch.rand(1, 24, 32, 3, generator=gen)
+    edited = (original + (torch.rand(2, 24, 32, 3, generator=gen) - 0.5) * 0.05).clamp(0, 1)  # drift everywhere
+    edited[:, 8:12, 10:14] = torch.tensor([1.0, 0.0, 0.0])  # and one edit
+    image, changed = run("KontextCoreKeepUnchanged", original=original, edited=edited, threshold=40, grow=2)
+    assert image.shape == edited.shape and changed.shape == (2, 24, 32)
+    inside = torch.zeros(24, 32, dtype=torch.bool)
+    inside[6:14, 8:16] = True  # the edit, grown by 2
+    assert changed.bool()[:, inside].all() and not changed.bool()[:, ~inside].any()
+    assert torch.equal(image[:, ~inside], original.expand_as(edited)[:, ~inside])
+    assert torch.equal(image[:, inside], edited[:, inside])
+
+    gray = original.mean(-1, keepdim=True)  # one channel: compared as RGB
+    assert run("KontextCoreKeepUnchanged", original=gray, edited=gray, threshold=40, grow=0)[1].sum() == 0
+    with pytest.raises(ValueError, match="'original' is 32×24 pixels and 'edited' 16×24"):
+        run("KontextCoreKeepUnchanged", original=original, edited=edited[:, :, :16], threshold=40, grow=2)
+    with pytest.raises(ValueError, match="'original' holds 2 images; expected 1 or the 3"):
+        run("KontextCoreKeepUnchanged", original=edited, edited=torch.cat([edited, edited[:1]]), threshold=40, grow=2)

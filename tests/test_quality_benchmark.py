@@ -22,6 +22,7 @@ from benchmarks.quality import (
     vae_round_trips,
 )
 from kontext_core.checkpoints import stored_fp8_dtype
+from kontext_core.recomposite import DEFAULT_GROW
 from kontext_core.small_model import load_default_pipeline
 from kontext_core.small_model.store_fp8 import store_fp8
 from kontext_core.tasks import HELD_OUT_SEED, KINDS, make_task
@@ -99,7 +100,7 @@ def test_recomposite_takes_only_the_visibly_changed_pixels():
     after[10:14, 20:24] += 128  # a visible edit: every channel moves by 128 (mod 256)
     faint = np.clip(after.astype(np.int16) + rng.integers(-3, 4, after.shape), 0, 255).astype(np.uint8)  # drift
     out = np.asarray(recomposite(Image.fromarray(before), Image.fromarray(faint)))
-    d = quality.RECOMPOSITE_DILATION
+    d = DEFAULT_GROW
     edited = np.zeros((32, 32), dtype=bool)
     edited[10 - d : 14 + d, 20 - d : 24 + d] = True
     assert (out[~edited] == before[~edited]).all()  # the faint change everywhere else is undone
