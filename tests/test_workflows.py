@@ -26,8 +26,8 @@ CORE = {
     "PreviewImage": ({"images": "IMAGE"}, [], []),
     "SaveImage": ({"images": "IMAGE"}, [], ["filename_prefix"]),
 }
-NAMES = ["batch_folder", "multi_reference", "multi_round_edit", "safety_filtered_edit", "single_edit", "small_model_edit",
-         "style_preset", "text_to_image"]  # fmt: skip
+NAMES = ["batch_folder", "multi_reference", "multi_round_edit", "multi_round_keep_unchanged", "safety_filtered_edit",
+         "single_edit", "small_model_edit", "style_preset", "text_to_image"]  # fmt: skip
 
 
 def load(name: str) -> tuple[dict, dict]:
@@ -210,7 +210,20 @@ def test_api_graph_runs_with_tiny_models(tiny_comfy, name):
     assert all(len(kw["inputs"]) == (name != "text_to_image") for _, _, kw in saved)  # an edit names its source
     if name == "text_to_image":
         assert saved[0][1] == (48, 32)
-    if name == "multi_round_edit":
+    if name.startswith("multi_round"):
         assert len({size for _, size, _ in saved}) == 1  # size locked across rounds
     if name == "batch_folder":
         assert saved[0][0].endswith("a_00001_.png")
+
+
+def test_kept_rounds_edit_the_previous_kept_result():
+    _, api = load("multi_round_keep_unchanged")
+    keeps = sorted(int(i) for i, n in api.items() if n["class_type"] == "KontextCoreKeepUnchanged")
+    assert len(keeps) >= 3
+    for keep in (api[str(k)] for k in keeps):
+        sampler = api[api[keep["inputs"]["edited"][0]]["inputs"]["samples"][0]]
+        encode = api[sampler["inputs"]["latent"][0]]
+        # the pixels put back are those of the image this round edited
+        assert encode["class_type"] == "KontextCoreVAEEncode" and encode["inputs"]["pixels"] == keep["inputs"]["original"]
+    for previous, following in zip(keeps, keeps[1:]):
+        assert api[str(following)]["inputs"]["original"] == [str(previous), 0]  # the next round edits the kept image

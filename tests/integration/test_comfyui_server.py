@@ -97,7 +97,7 @@ def expected_size(workflow: dict, save_id: str) -> tuple[int, int]:
             return BATCH_IMAGES[inputs["index"]][1:]
         if kind == "KontextCoreSampler" and "latent" not in inputs:
             return inputs["width"], inputs["height"]
-        links = ("images", "samples", "latent", "pixels", "image")
+        links = ("images", "samples", "latent", "pixels", "image", "edited")
         node_id = next(inputs[name][0] for name in links if isinstance(inputs.get(name), list))
 
 
