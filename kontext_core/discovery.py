@@ -22,7 +22,8 @@ from pathlib import Path
 KNOWN_FILES = {
     "transformer": (
         "diffusion_models",
-        ["flux1-kontext-dev.safetensors", "flux1-dev-kontext_fp8_scaled.safetensors", "*kontext*.safetensors"],
+        ["flux1-kontext-dev.safetensors", "flux1-dev-kontext_fp8_scaled.safetensors", "*kontext*.safetensors",
+         "*kontext*.gguf"],  # fmt: skip
     ),
     "t5": (
         "text_encoders",
@@ -153,7 +154,8 @@ def find_in_models_folder(models_dir: Path, role: str) -> Path | None:
         folders.append(models_dir / "clip")
     for folder in folders:
         # ComfyUI lists subfolders too (vae/FLUX1/ae.safetensors); names match whatever their case (Flux_vae)
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors")) if folder.is_dir() else []
+        files = [f for ext in ("safetensors", "gguf") for f in sorted(folder.glob(f"*.{ext}")) + sorted(folder.glob(f"*/*.{ext}"))
+                 if folder.is_dir()]  # fmt: skip
         for pattern in patterns:
             found = [f for f in files if fnmatch.fnmatchcase(f.name.lower(), pattern)]
             if found:

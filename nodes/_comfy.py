@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 import torch
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
+# ComfyUI-GGUF's quantized transformers sit beside the others; GGUF text encoders and VAEs are not read here
+EXTRA_EXTENSIONS = {"diffusion_models": (".gguf",)}
 _HIDDEN_V1 = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}
 
 
@@ -311,7 +313,7 @@ def list_models(kind: str) -> list[str]:
     for root in model_folders(kind):
         for folder, _, files in os.walk(root, followlinks=True):
             for file in files:
-                if file.lower().endswith(MODEL_EXTENSIONS):
+                if file.lower().endswith(MODEL_EXTENSIONS + EXTRA_EXTENSIONS.get(kind, ())):
                     names.add(os.path.relpath(os.path.join(folder, file), root).replace(os.sep, "/"))
     return sorted(names) + list(builtin_models(kind))
 

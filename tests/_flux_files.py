@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -130,3 +131,35 @@ def diffusers_folder(model: Flux, folder: Path, shard_bytes: int = 200_000) -> P
     }  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def write_gguf(path, state: dict[str, torch.Tensor], *, prefix: str = "", architecture: str = "flux", fields=(),
+               quantized_kinds=None) -> dict[str, torch.Tensor]:
+    """A GGUF file as ComfyUI-GGUF's converter writes one (the `gguf` package's writer and quantizers): each 2-D
+    weight whose rows fit 32-value blocks in one of `quantized_kinds` in turn (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16
+    by default), the others F16 (2-D) or F32. Returns {key: the weight its reader should give}."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    kinds = (q.Q8_0, q.Q4_0, q.Q4_1, q.Q5_0, q.Q5_1, q.BF16) if quantized_kinds is None else quantized_kinds
+    writer = gguf.GGUFWriter(str(path), architecture)
+    for key, value in fields:
+        writer.add_array(key, value)
+    expected, quantized = {}, 0
+    for key, value in state.items():
+        array = value.float().numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            kind = kinds[quantized % len(kinds)]
+            quantized += 1
+            data = gguf.quants.quantize(array, kind)
+            writer.add_tensor(prefix + key, data, raw_dtype=kind)
+            expected[key] = torch.from_numpy(gguf.quants.dequantize(data, kind)).reshape(array.shape)
+        else:
+            stored = array.astype(np.float16) if array.ndim > 1 else array
+            writer.add_tensor(prefix + key, stored)
+            expected[key] = torch.from_numpy(stored.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected

@@ -410,12 +410,15 @@ def test_load_image_from_folder_reruns_when_its_file_changes(monkeypatch, tmp_pa
 def test_loader_lists_only_safetensors_and_refuses_other_names(monkeypatch, tmp_path):
     root = tmp_path / "diffusion_models"
     (root / "sub").mkdir(parents=True)
-    for name in ("kontext.safetensors", "sub/fp8.sft", "old.ckpt", "readme.txt"):
+    for name in ("kontext.safetensors", "sub/fp8.sft", "kontext-Q4_K_M.gguf", "old.ckpt", "readme.txt"):
         (root / name).write_bytes(b"x")
     (tmp_path / "outside.safetensors").write_bytes(b"x")
-    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(root)] if kind == "diffusion_models" else [])
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "ae-Q8_0.gguf").write_bytes(b"x")  # GGUF is read for transformers only
+    folders = {"diffusion_models": [str(root)], "vae": [str(tmp_path / "vae")]}
+    monkeypatch.setattr(_comfy, "model_folders", lambda kind: folders.get(kind, []))
     builtin = f"{BUILTIN_PREFIX}flux1-kontext-small.safetensors"
-    assert _comfy.list_models("diffusion_models") == ["kontext.safetensors", "sub/fp8.sft", builtin]
+    assert _comfy.list_models("diffusion_models") == ["kontext-Q4_K_M.gguf", "kontext.safetensors", "sub/fp8.sft", builtin]
     assert _comfy.model_path("diffusion_models", "sub/fp8.sft", "model_name") == str(root / "sub" / "fp8.sft")
     assert _comfy.model_path("diffusion_models", builtin, "model_name") == str(small_model_files().transformer)
     assert _comfy.list_models("vae") == [f"{BUILTIN_PREFIX}ae-small.safetensors"]  # offered with no files at all

@@ -11,7 +11,7 @@ from .safetensors_io import open_tensors
 
 def describe(path: str | os.PathLike) -> str:
     """A few lines naming the file's kind, precision, size and tensor count; never reads a tensor. A file that is
-    not a safetensors checkpoint raises CheckpointError saying why."""
+    not a safetensors (or GGUF) checkpoint raises CheckpointError saying why."""
     path = Path(path)
     source = open_tensors(path)
     keys = source.keys()
@@ -22,6 +22,10 @@ def describe(path: str | os.PathLike) -> str:
         f"  tensors:   {len(keys)}, {_size(source.nbytes())}",
         f"  dtypes:    {', '.join(f'{d} ×{n}' for d, n in dtypes.most_common())}",
     ]
+    if hasattr(source, "quant_types"):  # GGUF
+        types = source.quant_types()
+        lines.append(f"  GGUF:      {', '.join(f'{t} ×{n}' for t, n in sorted(types.items(), key=lambda i: -i[1]))} "
+                     "(dequantized when loaded)")  # fmt: skip
     if "scaled_fp8" in keys or any(k.endswith((".scale_weight", ".weight_scale")) for k in keys):
         lines.append("  quantized: ComfyUI scaled fp8 (per-layer weight scales)")
     if source.metadata:

@@ -104,7 +104,29 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
     return header, metadata
 
 
-class TensorSource:
+class TensorNames:
+    """The mapping part of a tensor source: its tensor names, in file order (`_entries` is keyed by them)."""
+
+    _entries: dict
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self._entries:
+            yield key, self.tensor(key)
+
+
+class TensorSource(TensorNames):
     """The tensors of one checkpoint (a file, or a folder of shards) read lazily through memory maps.
 
     `keys()`, `shape(key)` and `dtype(key)` come from the headers alone; `tensor(key)` reads one tensor.
@@ -124,18 +146,6 @@ class TensorSource:
                 self._entries[key] = entry
                 self._file_of[key] = file
         self._handles: dict[Path, object] = {}
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key]["shape"])
@@ -157,17 +167,18 @@ class TensorSource:
             self._handles[file] = handle
         return handle.get_tensor(key)
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in self._entries:
-            yield key, self.tensor(key)
-
     def close(self) -> None:
         self._handles.clear()
 
 
 def open_tensors(path: str | os.PathLike, weights_name: str = "diffusion_pytorch_model") -> TensorSource:
-    """Open a safetensors file, or a diffusers-style folder (`<weights_name>.safetensors`, or shards + index)."""
+    """Open a safetensors file, a diffusers-style folder (`<weights_name>.safetensors`, or shards + index), or a
+    GGUF file (`gguf_io.GGUFSource`, the same interface)."""
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from .gguf_io import GGUFSource
+
+        return GGUFSource(path)
     if path.is_dir():
         return TensorSource(_folder_shards(path, weights_name), path)
     return TensorSource([path], path)

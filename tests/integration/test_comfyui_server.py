@@ -278,13 +278,13 @@ assert "comfy" not in sys.modules
 """
 
 
-def engine_edit(comfy: ComfyServer, out: Path, prompt: str, seed: int, *lora: str) -> np.ndarray:
+def engine_edit(comfy: ComfyServer, out: Path, prompt: str, seed: int, *lora: str, transformer: str = "") -> np.ndarray:
     """The example edit by the engine alone (ENGINE_EDIT), with the LoRA (path, strength) if given."""
     from _tiny_files import CLIP, T5, TRANSFORMER, VAE
 
     models = comfy.base / "models"
-    files = [models / "diffusion_models" / TRANSFORMER, models / "vae" / VAE, models / "text_encoders" / T5,
-             models / "text_encoders" / CLIP, comfy.root]  # fmt: skip
+    files = [models / "diffusion_models" / (transformer or TRANSFORMER), models / "vae" / VAE,
+             models / "text_encoders" / T5, models / "text_encoders" / CLIP, comfy.root]  # fmt: skip
     subprocess.run(
         [str(comfy.python), "-c", ENGINE_EDIT, str(ROOT), *map(str, files),
          str(comfy.base / "input" / "kontext_example.png"), prompt, str(seed), str(STEPS), str(out), *lora],
@@ -346,6 +346,29 @@ def test_a_lora_branch_and_a_plain_branch_share_one_loaded_model(comfy, tmp_path
     assert np.array_equal(images["plain_again"], images["plain"])  # and comes off for the branch without it
     assert label == f"FLUX.1 Kontext (flux1-kontext-dev.safetensors) with LoRA {LORA} (0.9)"
     assert "lora_te1_text_model_encoder_layers_0_mlp_fc1" in comfy.log()  # the part it could not take, reported
+
+
+def test_a_gguf_transformer_runs_in_the_graph_as_in_the_engine(comfy, tmp_path):
+    """A ComfyUI-GGUF style file (Q8_0 / Q4_x / Q5_x / BF16 blocks) picked in the Model Loader like any other."""
+    from _flux_files import write_gguf
+    from tiny_models import tiny_flux_model
+
+    if not comfy.can_import("gguf"):
+        pytest.skip("the `gguf` package (the pack's [gguf] extra) is not installed in COMFYUI_PYTHON")
+    name = "flux1-kontext-dev-Q8_0.gguf"
+    write_gguf(comfy.base / "models" / "diffusion_models" / name, tiny_flux_model(1).state_dict())
+    seed, prompt = 31, "Make the car yellow."
+    workflow = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "gguf")
+    workflow[_first(workflow, "KontextCoreModelLoader")]["inputs"]["model_name"] = name
+    workflow[_first(workflow, "KontextCoreSampler")]["inputs"]["seed"] = seed
+    workflow[_first(workflow, "KontextCoreTextEncode")]["inputs"]["prompt"] = prompt
+    entry, _ = run(comfy, workflow)
+    (saved,) = saved_images(comfy, entry)
+    inside = np.asarray(Image.open(saved).convert("RGB"), dtype=np.int16)
+    outside = engine_edit(comfy, tmp_path / "engine_gguf.png", prompt, seed, transformer=name)
+    print(f"\n[gguf] max |inside − outside| = {np.abs(inside - outside).max()}/255")
+    assert len(np.unique(inside)) > 50 and np.array_equal(inside, outside)
+    assert Image.open(saved).text["model"] == f"FLUX.1 Kontext ({name})"
 
 
 # ---------------------------------------------------------------- the batch client against the live server

@@ -1,0 +1,111 @@
+"""GGUF transformer files (ComfyUI-GGUF's `flux1-kontext-dev-Q4_K_M.gguf` and the like), read as a TensorSource.
+
+The tensors keep their BFL names in these files, so everything after reading (layout detection, the architecture
+checks, loading) is the same as for safetensors. Quantized blocks (Q8_0, Q4_K, …) are dequantized to float32 one
+tensor at a time when read, with the `gguf` package's reference implementation of each format; the model then
+holds them in its compute dtype (or fp8, when asked), not in the file's 4-8 bits.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .safetensors_io import CheckpointError, TensorNames
+
+# the image architectures ComfyUI-GGUF writes; this loader takes only FLUX
+_IMAGE_ARCHITECTURES = ("flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2",
+                        "qwen_image")  # fmt: skip
+_ORIGINAL_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF's record of a tensor reshaped to fit GGUF
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        return None
+    return gguf
+
+
+class GGUFSource(TensorNames):
+    """The tensors of one GGUF file, with `TensorSource`'s interface: names and shapes from the header,
+    `tensor(key)` dequantizes one tensor."""
+
+    def __init__(self, path: Path):
+        gguf = _gguf()
+        if gguf is None:
+            raise CheckpointError(path, "GGUF files need the `gguf` package: pip install gguf")
+        if not path.is_file():
+            raise CheckpointError(path, "file not found")
+        try:
+            self._reader = gguf.GGUFReader(path)
+        except (ValueError, OSError, IndexError, KeyError) as e:  # what the reader raises for a bad or cut file
+            raise CheckpointError(path, f"not a readable GGUF file, or truncated ({e})") from None
+        self._gguf = gguf
+        self.origin = path
+        self.metadata: dict[str, str] = {}
+        architecture = self._string("general.architecture")
+        if architecture is not None and architecture not in _IMAGE_ARCHITECTURES:
+            raise CheckpointError(path, f"a GGUF file of architecture {architecture!r} (a language model or text "
+                                        "encoder?): only FLUX transformers are read from GGUF here")  # fmt: skip
+        if architecture is not None and architecture != "flux":
+            raise CheckpointError(path, f"a GGUF {architecture!r} model, not a FLUX transformer")
+        self._entries = {t.name: t for t in self._reader.tensors}
+        if not self._entries:
+            raise CheckpointError(path, "the file holds no tensors")
+        self._shapes = {name: self._shape(t) for name, t in self._entries.items()}
+
+    def _string(self, key: str) -> str | None:
+        field = self._reader.get_field(key)
+        if field is None:
+            return None
+        return bytes(field.parts[field.data[-1]]).decode("utf-8", errors="replace")
+
+    def _shape(self, tensor) -> tuple[int, ...]:
+        field = self._reader.get_field(_ORIGINAL_SHAPE + tensor.name)
+        if field is not None:
+            return tuple(int(field.parts[i][0]) for i in field.data)
+        return tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+
+    def quant_types(self) -> dict[str, int]:
+        """How many tensors the file stores in each GGML type (Q4_K, F16, …)."""
+        counts: dict[str, int] = {}
+        for t in self._entries.values():
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        return counts
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        kind = self._entries[key].tensor_type.name
+        return {"F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)  # quantized: dequantized
+
+    def nbytes(self) -> int:
+        return sum(int(t.n_bytes) for t in self._entries.values())
+
+    def tensor(self, key: str) -> torch.Tensor:
+        t = self._entries[key]
+        kind = t.tensor_type
+        try:
+            if kind.name in ("F32", "F16"):
+                array = np.array(t.data)  # a copy: the reader's array is a read-only view of the file
+            else:
+                array = self._gguf.quants.dequantize(t.data, kind)
+        except NotImplementedError:
+            raise CheckpointError(self.origin, f"tensor {key!r} is stored as {kind.name}, which the installed "
+                                               "`gguf` package cannot dequantize (pip install -U gguf)") from None  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = torch.from_numpy(array)
+        if kind.name == "BF16":
+            out = out.to(torch.bfloat16)  # dequantized to float32 exactly: back to the file's precision
+        if out.numel() != int(np.prod(self._shapes[key])):
+            raise CheckpointError(self.origin, f"tensor {key!r} holds {out.numel()} values, not {self._shapes[key]}")
+        return out.reshape(self._shapes[key])
+
+    def close(self) -> None:
+        self._reader = None
