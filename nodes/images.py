@@ -52,8 +52,8 @@ class KontextCoreKeepUnchanged(KontextNode):
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Puts the original's pixels back wherever the edit did not visibly change them, so an image edited round "
-        "after round does not drift (colours, detail) outside what each instruction changed. The edited region is "
-        "found by comparing the two images: no mask to draw."
+        "after round drifts less (colours, detail) outside what each instruction changed. The edited region is "
+        "found by comparing the two images: no mask to draw. The output is RGB (an alpha channel is dropped)."
     )
     INPUTS = (
         Input("original", "IMAGE", "The image that was edited, at the edited image's size (the Kontext Image Scale "
@@ -78,8 +78,8 @@ class KontextCoreKeepUnchanged(KontextNode):
                 f"{edited.shape[2]}×{edited.shape[1]}; connect the scaled image that went into the edit"
             )
         if original.shape[0] not in (1, edited.shape[0]):
-            raise ValueError(f"{cls.NODE_ID}: input 'original' holds {original.shape[0]} images; expected 1 or the "
-                             f"{edited.shape[0]} of 'edited'")  # fmt: skip
+            raise ValueError(f"{cls.NODE_ID}: input 'original' holds {original.shape[0]} images; expected 1, or as "
+                             f"many as 'edited' ({edited.shape[0]})")  # fmt: skip
         before, after = (x[..., :3].movedim(-1, 1).float() for x in (original, edited))
         image, changed = keep_unchanged(before, after, threshold=threshold, grow=grow)
         return image.movedim(1, -1), changed

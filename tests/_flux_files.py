@@ -133,16 +133,19 @@ def diffusers_folder(model: Flux, folder: Path, shard_bytes: int = 200_000) -> P
     return folder
 
 
-def write_gguf(path, state: dict[str, torch.Tensor], *, prefix: str = "", architecture: str = "flux", fields=(),
-               quantized_kinds=None) -> dict[str, torch.Tensor]:
+def write_gguf(path, state: dict[str, torch.Tensor], *, prefix: str = "", architecture: str | None = "flux",
+               fields=(), quantized_kinds=None) -> dict[str, torch.Tensor]:
     """A GGUF file as ComfyUI-GGUF's converter writes one (the `gguf` package's writer and quantizers): each 2-D
     weight whose rows fit 32-value blocks in one of `quantized_kinds` in turn (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16
-    by default), the others F16 (2-D) or F32. Returns {key: the weight its reader should give}."""
+    by default), the others F16 (2-D) or F32; `architecture=None` writes none, as stable-diffusion.cpp does.
+    Returns {key: the weight its reader should give}."""
     import gguf
 
     q = gguf.GGMLQuantizationType
     kinds = (q.Q8_0, q.Q4_0, q.Q4_1, q.Q5_0, q.Q5_1, q.BF16) if quantized_kinds is None else quantized_kinds
-    writer = gguf.GGUFWriter(str(path), architecture)
+    writer = gguf.GGUFWriter(str(path), architecture or "")
+    if architecture is None:
+        writer.kv_data[0].pop("general.architecture", None)
     for key, value in fields:
         writer.add_array(key, value)
     expected, quantized = {}, 0

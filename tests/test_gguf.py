@@ -93,3 +93,29 @@ def test_fp8_on_request_and_what_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_io, "_gguf", lambda: None)
     with pytest.raises(CheckpointError, match="GGUF files need the `gguf` package: pip install gguf"):
         kontext_core.load_transformer(tmp_path / "kontext.gguf")
+
+
+@torch.no_grad()
+def test_without_a_dtype_a_mixed_file_runs_in_one_precision_and_unnamed_architectures_load(tmp_path):
+    model = tiny_flux_model(seed=6)
+    # F32 1-D tensors, F16 2-D ones whose rows do not fit the blocks (txt_in), Q8_0 blocks (img_in among them), as
+    # a converter mixes them; ComfyUI-GGUF marks files to be told apart by their tensor names "pig" or "cow"
+    for architecture in ("flux", "pig", "cow", None):
+        path = tmp_path / f"{architecture}.gguf"
+        write_gguf(path, model.state_dict(), architecture=architecture, quantized_kinds=(Q.Q8_0,))
+        loaded = kontext_core.load_transformer(path)
+        assert {p.dtype for p in loaded.parameters()} == {torch.float32}, architecture  # img_in is quantized here
+        assert loaded(*flux_inputs(model.params)).isfinite().all()
+
+
+def test_a_bad_recorded_shape_is_named(tmp_path):
+    path = tmp_path / "k.gguf"
+    writer = gguf.GGUFWriter(str(path), "flux")
+    writer.add_array("comfy.gguf.orig_shape.flat", [3, 256])  # 768 values for a tensor of 1024
+    writer.add_tensor("flat", np.zeros(1024, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="bad comfy.gguf.orig_shape.flat metadata"):
+        open_tensors(path)

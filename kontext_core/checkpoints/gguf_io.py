@@ -19,6 +19,8 @@ from .safetensors_io import CheckpointError, TensorNames
 # the image architectures ComfyUI-GGUF writes; this loader takes only FLUX
 _IMAGE_ARCHITECTURES = ("flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2",
                         "qwen_image")  # fmt: skip
+# no architecture (stable-diffusion.cpp's files) or ComfyUI-GGUF's placeholders for "tell from the tensor names"
+_UNNAMED = (None, "pig", "cow")
 _ORIGINAL_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF's record of a tensor reshaped to fit GGUF
 
 
@@ -42,16 +44,16 @@ class GGUFSource(TensorNames):
             raise CheckpointError(path, "file not found")
         try:
             self._reader = gguf.GGUFReader(path)
-        except (ValueError, OSError, IndexError, KeyError) as e:  # what the reader raises for a bad or cut file
-            raise CheckpointError(path, f"not a readable GGUF file, or truncated ({e})") from None
+        except Exception as e:  # a foreign parser: whatever it raises for a bad or cut file, the file is unusable
+            raise CheckpointError(path, f"not a readable GGUF file, or truncated ({type(e).__name__}: {e})") from None
         self._gguf = gguf
         self.origin = path
         self.metadata: dict[str, str] = {}
         architecture = self._string("general.architecture")
-        if architecture is not None and architecture not in _IMAGE_ARCHITECTURES:
+        if architecture not in _UNNAMED and architecture not in _IMAGE_ARCHITECTURES:
             raise CheckpointError(path, f"a GGUF file of architecture {architecture!r} (a language model or text "
                                         "encoder?): only FLUX transformers are read from GGUF here")  # fmt: skip
-        if architecture is not None and architecture != "flux":
+        if architecture not in _UNNAMED and architecture != "flux":
             raise CheckpointError(path, f"a GGUF {architecture!r} model, not a FLUX transformer")
         self._entries = {t.name: t for t in self._reader.tensors}
         if not self._entries:
@@ -65,10 +67,16 @@ class GGUFSource(TensorNames):
         return bytes(field.parts[field.data[-1]]).decode("utf-8", errors="replace")
 
     def _shape(self, tensor) -> tuple[int, ...]:
+        stored = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
         field = self._reader.get_field(_ORIGINAL_SHAPE + tensor.name)
-        if field is not None:
-            return tuple(int(field.parts[i][0]) for i in field.data)
-        return tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+        if field is None:
+            return stored
+        types = self._gguf.GGUFValueType
+        shape = tuple(int(field.parts[i][0]) for i in field.data) if field.types == [types.ARRAY, types.INT32] else None
+        if shape is None or int(np.prod(shape)) != int(np.prod(stored)):
+            raise CheckpointError(self.origin, f"bad {_ORIGINAL_SHAPE}{tensor.name} metadata: expected the "
+                                               f"{int(np.prod(stored))} values' shape as INT32s")  # fmt: skip
+        return shape
 
     def quant_types(self) -> dict[str, int]:
         """How many tensors the file stores in each GGML type (Q4_K, F16, …)."""
@@ -97,7 +105,7 @@ class GGUFSource(TensorNames):
                 array = self._gguf.quants.dequantize(t.data, kind)
         except NotImplementedError:
             raise CheckpointError(self.origin, f"tensor {key!r} is stored as {kind.name}, which the installed "
-                                               "`gguf` package cannot dequantize (pip install -U gguf)") from None  # fmt: skip
+                                               "`gguf` package cannot dequantize") from None  # fmt: skip
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = torch.from_numpy(array)

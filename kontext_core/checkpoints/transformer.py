@@ -290,7 +290,8 @@ def load_transformer(
 ) -> Flux:
     """A FLUX.1 Kontext (or [dev]) transformer, its config inferred from the tensors.
 
-    `dtype=None` keeps the file's precision: bf16/fp16/fp32 tensors stay as stored, and an fp8 file's
+    `dtype=None` keeps the file's precision: bf16/fp16/fp32 tensors stay as stored (a file mixing them, such as a
+    GGUF file, takes its `img_in` weight's for all), and an fp8 file's
     Linear weights stay fp8 (with their scales) behind `Fp8Linear`, which upcasts each weight per call
     and computes in bf16. A float `dtype` sets the compute precision: every tensor is cast to it and fp8
     weights are dequantized, unless `weight_dtype` is an fp8 type, which keeps (or casts) the block
@@ -330,6 +331,11 @@ def load_transformer(
     else:
         fp8_layers = file_fp8 if dtype is None or (keep_fp8 and device.type != "mps") else set()
     compute = dtype or (torch.bfloat16 if fp8_layers else None)
+    stored = {layout.dtype(k) for k in layout.shapes} - set(FP8_DTYPES)
+    if compute is None and len({d for d in stored if d.is_floating_point}) > 1:
+        # a file of mixed float precisions (GGUF: F32 norms beside BF16 embedders and dequantized blocks) runs in
+        # one, its input embedder's
+        compute = layout.dtype("img_in.weight")
     _check_device(path, device, dtype, compute or layout.dtype("img_in.weight"), bool(fp8_layers), fp8_matmul)
 
     try:
