@@ -119,3 +119,14 @@ def test_a_bad_recorded_shape_is_named(tmp_path):
     writer.close()
     with pytest.raises(CheckpointError, match="bad comfy.gguf.orig_shape.flat metadata"):
         open_tensors(path)
+
+
+def test_closing_unmaps_the_file_and_reading_maps_it_again(tmp_path):
+    model = tiny_flux_model(seed=7)
+    write_gguf(tmp_path / "k.gguf", model.state_dict())
+    source = open_tensors(tmp_path / "k.gguf")
+    key = "double_blocks.0.img_attn.qkv.weight"
+    before = source.tensor(key)
+    source.close()  # load_transformer does this as it goes, so the mapped pages it has read are given back
+    assert source._reader is None and key in source and source.shape(key) == tuple(before.shape)
+    assert torch.equal(source.tensor(key), before)

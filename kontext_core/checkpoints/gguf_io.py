@@ -42,23 +42,29 @@ class GGUFSource(TensorNames):
             raise CheckpointError(path, "GGUF files need the `gguf` package: pip install gguf")
         if not path.is_file():
             raise CheckpointError(path, "file not found")
-        try:
-            self._reader = gguf.GGUFReader(path)
-        except Exception as e:  # a foreign parser: whatever it raises for a bad or cut file, the file is unusable
-            raise CheckpointError(path, f"not a readable GGUF file, or truncated ({type(e).__name__}: {e})") from None
         self._gguf = gguf
         self.origin = path
         self.metadata: dict[str, str] = {}
+        self._open()
         architecture = self._string("general.architecture")
         if architecture not in _UNNAMED and architecture not in _IMAGE_ARCHITECTURES:
             raise CheckpointError(path, f"a GGUF file of architecture {architecture!r} (a language model or text "
                                         "encoder?): only FLUX transformers are read from GGUF here")  # fmt: skip
         if architecture not in _UNNAMED and architecture != "flux":
             raise CheckpointError(path, f"a GGUF {architecture!r} model, not a FLUX transformer")
-        self._entries = {t.name: t for t in self._reader.tensors}
         if not self._entries:
             raise CheckpointError(path, "the file holds no tensors")
         self._shapes = {name: self._shape(t) for name, t in self._entries.items()}
+        self._types = {name: t.tensor_type for name, t in self._entries.items()}
+        self._nbytes = sum(int(t.n_bytes) for t in self._entries.values())
+
+    def _open(self) -> None:
+        """Map the file and read its header; `close` unmaps it and the next `tensor` maps it again."""
+        try:
+            self._reader = self._gguf.GGUFReader(self.origin)
+        except Exception as e:  # a foreign parser: whatever it raises for a bad or cut file, the file is unusable
+            raise CheckpointError(self.origin, f"not a readable GGUF file, or truncated ({type(e).__name__}: {e})") from None
+        self._entries = {t.name: t for t in self._reader.tensors}
 
     def _string(self, key: str) -> str | None:
         field = self._reader.get_field(key)
@@ -81,21 +87,23 @@ class GGUFSource(TensorNames):
     def quant_types(self) -> dict[str, int]:
         """How many tensors the file stores in each GGML type (Q4_K, F16, …)."""
         counts: dict[str, int] = {}
-        for t in self._entries.values():
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        for kind in self._types.values():
+            counts[kind.name] = counts.get(kind.name, 0) + 1
         return counts
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
 
     def dtype(self, key: str) -> torch.dtype:
-        kind = self._entries[key].tensor_type.name
+        kind = self._types[key].name
         return {"F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)  # quantized: dequantized
 
     def nbytes(self) -> int:
-        return sum(int(t.n_bytes) for t in self._entries.values())
+        return self._nbytes
 
     def tensor(self, key: str) -> torch.Tensor:
+        if self._reader is None:
+            self._open()
         t = self._entries[key]
         kind = t.tensor_type
         try:
@@ -116,4 +124,6 @@ class GGUFSource(TensorNames):
         return out.reshape(self._shapes[key])
 
     def close(self) -> None:
+        """Unmap the file (the pages read so far are converted copies by now); the names and shapes stay."""
         self._reader = None
+        self._entries = dict.fromkeys(self._entries)
