@@ -201,22 +201,19 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
 
 def _add_loras(pipe: KontextPipeline, loras: list[tuple[str, float]], model: str) -> str:
     """Each `--lora` added to the transformer; the name provenance gives the model, with them."""
-    from .checkpoints.safetensors_io import CheckpointError, first_items
-    from .lora import apply_lora
+    from .checkpoints.safetensors_io import CheckpointError
+    from .lora import apply_lora, unmatched_note
+    from .provenance import with_loras
 
-    names = []
-    for path, strength in loras:
-        if strength == 0:  # as ComfyUI's LoRA loaders: nothing added, nothing named
-            continue
+    applied = [(path, strength) for path, strength in loras if strength != 0]  # 0: nothing added, as ComfyUI's
+    for path, strength in applied:
         try:
             result = apply_lora(pipe.transformer, path, strength)
         except CheckpointError as e:  # its message starts with the file
             raise ValueError(f"--lora {e}") from None
         if result.unmatched:
-            print(f"note: --lora {path}: {len(result.unmatched)} tensors name no layer of the transformer and are not "
-                  f"applied (text-encoder parts are left out): {first_items(result.unmatched)}", file=sys.stderr)  # fmt: skip
-        names.append(f"{Path(path).name} ({strength:g})")
-    return model + (f" with LoRA {', '.join(names)}" if names else "")
+            print(f"note: --lora {path}: {unmatched_note(result.unmatched)}", file=sys.stderr)
+    return with_loras(model, applied)
 
 
 def _output_paths(out: str, count: int) -> list[Path]:

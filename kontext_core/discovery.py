@@ -154,8 +154,7 @@ def find_in_models_folder(models_dir: Path, role: str) -> Path | None:
         folders.append(models_dir / "clip")
     for folder in folders:
         # ComfyUI lists subfolders too (vae/FLUX1/ae.safetensors); names match whatever their case (Flux_vae)
-        files = [f for ext in ("safetensors", "gguf") for f in sorted(folder.glob(f"*.{ext}")) + sorted(folder.glob(f"*/*.{ext}"))
-                 if folder.is_dir()]  # fmt: skip
+        files = [f for ext in ("safetensors", "gguf") for glob in (f"*.{ext}", f"*/*.{ext}") for f in sorted(folder.glob(glob))]
         for pattern in patterns:
             found = [f for f in files if fnmatch.fnmatchcase(f.name.lower(), pattern)]
             if found:

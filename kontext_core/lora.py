@@ -44,7 +44,8 @@ from .checkpoints.safetensors_io import CheckpointError, first_items, open_tenso
 from .quant import Fp8Linear
 
 __all__ = [
-    "LoraFactor", "LoraPatch", "LoraResult", "apply_lora", "load_lora", "remove_lora", "use_loras", "weights_version",
+    "LoraFactor", "LoraPatch", "LoraResult", "apply_lora", "load_lora", "remove_lora", "unmatched_note", "use_loras",
+    "weights_version",
 ]  # fmt: skip
 
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
@@ -182,6 +183,7 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
                                       "and full differences): applying part of one would give a wrong result")  # fmt: skip
     targets = _targets(model)
     groups: dict[str, dict[str, Tensor]] = {}
+    keys_of: dict[str, dict[str, str]] = {}  # module -> role -> the key it came from
     unmatched: list[str] = []
     for key, value in tensors.items():
         m = _PART.match(key)
@@ -193,6 +195,7 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
         else:
             role, module = ("alpha" if m["amodule"] else "down" if m["down"] else "up"), m["amodule"] or m["module"]
         groups.setdefault(module, {})[role] = value
+        keys_of.setdefault(module, {})[role] = key
     if not groups:
         raise CheckpointError(origin, "no LoRA tensors (`lora_down`/`lora_up`, `lora_A`/`lora_B` or `.diff`) found")
 
@@ -200,7 +203,7 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
     wrong: list[str] = []
     others = _other_parameters(model)
     for module, parts in groups.items():
-        keys = sorted(k for k in tensors if k.startswith(module + "."))
+        keys = keys_of[module]
         target = _resolve(module, targets)
         if target is None and set(parts) == {"diff"} and (parameter := _resolve(module, others)) is not None:
             layer, param = parameter  # a parameter named in full: a norm's scale, a bias
@@ -212,7 +215,7 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
             continue
         pair = "up" in parts and "down" in parts
         if target is None or not (pair or "diff" in parts or "diff_b" in parts):
-            unmatched.extend(keys)
+            unmatched.extend(keys.values())
             continue
         layer, rows, swap = target
         linear = model.get_submodule(layer)
@@ -229,7 +232,7 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
                     up, down = (t.to(linear.weight.device, torch.float32) for t in (up, down))
                 factors.append(LoraFactor(layer, up, down, strength * alpha / rank, rows, swap))
         elif "up" in parts or "down" in parts:  # half a pair beside a difference
-            unmatched.extend(k for k in keys if _PART.match(k)["up"] or _PART.match(k)["down"])
+            unmatched.extend(keys[role] for role in ("up", "down") if role in keys)
         for role, param, shape in (("diff", "weight", (out_rows, linear.in_features)), ("diff_b", "bias", (out_rows,))):
             if role not in parts:
                 continue
@@ -276,13 +279,17 @@ def use_loras(model: nn.Module, patches: Sequence[LoraPatch]) -> None:
     keep = 0
     while keep < min(len(stack), len(patches)) and stack[keep][0] is patches[keep]:
         keep += 1
-    if len(stack) > keep or len(patches) > keep:
-        _changing(model)  # refused while offloaded before anything comes off
-    while len(stack) > keep:
+    while len(stack) > keep:  # remove_lora and _attach refuse an offloaded model before changing anything
         stack[-1][1].remove()
         stack.pop()  # only once it is off: a failed removal stays on the stack, to be retried
     for patch in patches[keep:]:
         stack.append((patch, _attach(model, patch)))
+
+
+def unmatched_note(unmatched: list[str]) -> str:
+    """What to tell a user about the tensors of a LoRA that were not applied."""
+    return (f"{len(unmatched)} tensors name no layer of the transformer and are not applied (text-encoder parts "
+            f"are left out): {first_items(unmatched)}")  # fmt: skip
 
 
 def _label(factor: LoraFactor) -> str:
@@ -336,8 +343,7 @@ def _factors_of(module: nn.Module, param: str) -> list[LoraFactor]:
 
 def _set_factors(module: nn.Module, param: str, factors: list[LoraFactor]) -> None:
     applied = module.__dict__.setdefault("_lora_factors", {})
-    if isinstance(module, Fp8Linear) and param == "weight":
-        module.lora_factors = factors  # added to the dequantized weight at each call
+    if isinstance(module, Fp8Linear) and param == "weight":  # read by Fp8Linear at each call: nothing to merge
         applied[param] = factors
         return
     # The original parameter, kept outside the module's registry so the state dict stays the BFL keys. While

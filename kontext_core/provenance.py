@@ -77,6 +77,14 @@ def model_name(file_name: str, *, builtin: bool = False) -> str:
     return f"Kontext Core's built-in small model ({name})" if builtin else f"FLUX.1 Kontext ({name})"
 
 
+def with_loras(model: str, loras: list[tuple[str, float | None]]) -> str:
+    """`model` (a `model_name`) with the LoRAs put on it: each file's last part and its strength (None: not known
+    where the name is written, e.g. linked from another node in a graph)."""
+    shown = sorted(f"{os.path.basename(name)} ({'strength from a linked node' if s is None else f'{s:g}'})"
+                   for name, s in loras)  # fmt: skip
+    return model + (f" with LoRA {', '.join(shown)}" if shown else "")
+
+
 def save_png(
     image: Image.Image,
     path: str | os.PathLike,

@@ -38,12 +38,16 @@ class Fp8Linear(nn.Linear):
     """nn.Linear with an fp8 `weight` and a float32 `scale_weight`: W = weight · scale_weight."""
 
     fp8_matmul: bool = False
-    # LoRA updates (kontext_core.lora.LoraFactor): added to the dequantized weight, so the weight stays fp8
-    lora_factors: tuple | list = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.register_buffer("scale_weight", torch.ones((), dtype=torch.float32, device=device))
+
+    @property
+    def lora_factors(self) -> list:
+        """The LoRA updates on the weight, as `kontext_core.lora` records them for every layer it patches: added to
+        the dequantized weight at each call, so the weight stays fp8."""
+        return self.__dict__.get("_lora_factors", {}).get("weight", [])
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         weight = self.weight.to(dtype) * self.scale_weight.to(dtype)

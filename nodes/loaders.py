@@ -7,8 +7,7 @@ import torch
 import kontext_core
 from kontext_core import math as kmath
 from kontext_core.checkpoints import CheckpointError
-from kontext_core.checkpoints.safetensors_io import first_items
-from kontext_core.lora import load_lora
+from kontext_core.lora import load_lora, unmatched_note
 from kontext_core.quant import WEIGHT_DTYPES, weight_options
 from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
@@ -199,9 +198,7 @@ class KontextCoreLoraLoader(KontextNode):
         except CheckpointError as e:
             raise ValueError(f"{cls.NODE_ID}: input 'lora_name': {e}") from None
         if lora.unmatched:
-            print(f"{cls.NODE_ID}: {len(lora.unmatched)} tensors of {lora_name} name no layer of the transformer "
-                  f"and are not applied (text-encoder parts are left out): {first_items(lora.unmatched)}",
-                  flush=True)  # fmt: skip
+            print(f"{cls.NODE_ID}: {lora_name}: {unmatched_note(lora.unmatched)}", flush=True)
         return (LoraModel(transformer, (*loras, lora)),)
 
 

@@ -102,13 +102,9 @@ def model_label(prompt, node_id=None) -> str:
         return "FLUX.1 Kontext"
     name = names.pop()
     label = provenance.model_name(name.removeprefix(BUILTIN_PREFIX), builtin=name.startswith(BUILTIN_PREFIX))
-    loras = []
-    for i in inputs_of("KontextCoreLoraLoader"):
-        strength = _value(graph, i.get("strength"))
-        if isinstance(i.get("lora_name"), str) and strength != 0:  # at 0 the node passes the model on untouched
-            shown = f"{strength:g}" if isinstance(strength, (int, float)) else "strength from a linked node"
-            loras.append(f"{os.path.basename(i['lora_name'])} ({shown})")
-    return label + (f" with LoRA {', '.join(sorted(loras))}" if loras else "")
+    loras = [(i["lora_name"], _value(graph, i.get("strength"))) for i in inputs_of("KontextCoreLoraLoader")
+             if isinstance(i.get("lora_name"), str)]  # fmt: skip
+    return provenance.with_loras(label, [(n, s) for n, s in loras if s != 0])  # at 0 the node passes the model on
 
 
 def _value(graph: dict, value):

@@ -331,8 +331,8 @@ def load_transformer(
     else:
         fp8_layers = file_fp8 if dtype is None or (keep_fp8 and device.type != "mps") else set()
     compute = dtype or (torch.bfloat16 if fp8_layers else None)
-    stored = {layout.dtype(k) for k in layout.shapes} - set(FP8_DTYPES)
-    if compute is None and len({d for d in stored if d.is_floating_point}) > 1:
+    stored = {d for k in layout.shapes if (d := layout.dtype(k)).is_floating_point and d not in FP8_DTYPES}
+    if compute is None and len(stored) > 1:
         # a file of mixed float precisions (GGUF: F32 norms beside BF16 embedders and dequantized blocks) runs in
         # one, its input embedder's
         compute = layout.dtype("img_in.weight")
