@@ -35,16 +35,16 @@ from PIL import Image
 from torch import Tensor, nn
 
 from benchmarks.flops import flux_forward_flops
-from kontext_core.autoencoder import AutoEncoder
+from kontext_core.model.autoencoder import AutoEncoder
 from kontext_core.checkpoints.autoencoder import (
     diffusers_vae_key_to_bfl,
     is_attention_projection,
     vae_params_from_shapes,
 )
-from kontext_core.compile import CudaGraphForward, optimize
-from kontext_core.config import FluxParams
-from kontext_core.model import Flux
-from kontext_core.offload import offload
+from kontext_core.runtime.compile import CudaGraphForward, optimize
+from kontext_core.model.config import FluxParams
+from kontext_core.model.flux import Flux
+from kontext_core.runtime.offload import offload
 from kontext_core.pipeline import KontextPipeline
 from kontext_core.sampling import get_noise, pack, position_ids, reference_tokens, sample
 
@@ -83,30 +83,75 @@ T5_XXL = {
 
 SIZES = {
     "tiny": BenchSize(
-        flux=FluxParams(vec_in_dim=32, context_in_dim=48, hidden_size=64, num_heads=4, depth=1,
-                        depth_single_blocks=1, axes_dim=[4, 6, 6]),
-        width=64, height=48, txt_tokens=8, steps=2, vae_channels=(32, 32, 32, 32), vae_layers=1,
+        flux=FluxParams(
+            vec_in_dim=32,
+            context_in_dim=48,
+            hidden_size=64,
+            num_heads=4,
+            depth=1,
+            depth_single_blocks=1,
+            axes_dim=[4, 6, 6],
+        ),
+        width=64,
+        height=48,
+        txt_tokens=8,
+        steps=2,
+        vae_channels=(32, 32, 32, 32),
+        vae_layers=1,
         t5={"d_model": 48, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 24, "vocab_size": 128},
-        clip={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "vocab_size": 128, "bos_token_id": 0, "eos_token_id": 127, "pad_token_id": 1},
+        clip={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 128,
+            "bos_token_id": 0,
+            "eos_token_id": 127,
+            "pad_token_id": 1,
+        },
         note="CI size: checks that the benchmark runs and both implementations agree; timings mean little",
     ),
     "mid": BenchSize(
-        flux=FluxParams(vec_in_dim=768, context_in_dim=512, hidden_size=256, num_heads=4, depth=2,
-                        depth_single_blocks=4, axes_dim=[8, 28, 28]),
-        width=256, height=256, txt_tokens=128, steps=8, vae_channels=(64, 64, 128, 128), vae_layers=1,
-        t5={"d_model": 512, "d_ff": 1024, "num_layers": 4, "num_heads": 8, "d_kv": 64,
-            "feed_forward_proj": "gated-gelu"},
+        flux=FluxParams(
+            vec_in_dim=768,
+            context_in_dim=512,
+            hidden_size=256,
+            num_heads=4,
+            depth=2,
+            depth_single_blocks=4,
+            axes_dim=[8, 28, 28],
+        ),
+        width=256,
+        height=256,
+        txt_tokens=128,
+        steps=8,
+        vae_channels=(64, 64, 128, 128),
+        vae_layers=1,
+        t5={
+            "d_model": 512,
+            "d_ff": 1024,
+            "num_layers": 4,
+            "num_heads": 8,
+            "d_kv": 64,
+            "feed_forward_proj": "gated-gelu",
+        },
         clip=CLIP_L,
         note="CPU proxy: hidden 256 (head dim 64), 2+4 blocks, 256² output + 256² reference, 128 text tokens, "
         "8 steps; T5 reduced to d_model 512 × 4 layers (T5-XXL is 4.7B parameters), CLIP-L full size",
     ),
     "full": BenchSize(
-        flux=FluxParams(), width=1024, height=1024, txt_tokens=512, steps=28, vae_channels=(128, 256, 512, 512),
-        vae_layers=2, t5=T5_XXL, clip=CLIP_L,
+        flux=FluxParams(),
+        width=1024,
+        height=1024,
+        txt_tokens=512,
+        steps=28,
+        vae_channels=(128, 256, 512, 512),
+        vae_layers=2,
+        t5=T5_XXL,
+        clip=CLIP_L,
         note="FLUX.1 Kontext [dev] architecture (12B, 19+38 blocks), 1024² output + 1024² reference, 512 T5 tokens",
     ),
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------- random models, shared weights
@@ -147,11 +192,19 @@ def vae_pair(size: BenchSize, device: torch.device, dtype: torch.dtype, seed: in
 
     levels = len(size.vae_channels)
     kl = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=size.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        layers_per_block=size.vae_layers, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159,
-    ).to(device)  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=size.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=size.vae_layers,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    ).to(device)
     if dtype != torch.float32:  # (diffusers warns on any dtype cast, even to float32)
         kl = kl.to(dtype)
     random_fill_(kl, seed)
@@ -167,9 +220,9 @@ def vae_pair(size: BenchSize, device: torch.device, dtype: torch.dtype, seed: in
 
 
 def fp8_copy(model: Flux) -> Flux | None:
-    """Our model with every block Linear stored in fp8 (per-tensor scale), or None without kontext_core.quant."""
+    """Our model with every block Linear stored in fp8 (per-tensor scale), or None without kontext_core.runtime.quant."""
     try:
-        from kontext_core import quant
+        from kontext_core.runtime import quant
     except ImportError:
         return None
     names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(("double_", "single_"))}
@@ -442,17 +495,38 @@ def bench_steps(s: Settings, size: BenchSize, model: Flux, twin, extra: dict[str
     weights = weights_mib(model)
     variants = [Variant("ours", "exact", forward(model), full, weights)]
     if twin is not None:
-        variants.append(Variant("diffusers", "exact", lambda: twin(
-            hidden_states=img, encoder_hidden_states=txt_d, pooled_projections=y_d, timestep=t, img_ids=img_ids[0],
-            txt_ids=txt_ids[0], guidance=g, return_dict=False)[0], full, weights_mib(twin)))  # fmt: skip
+        variants.append(
+            Variant(
+                "diffusers",
+                "exact",
+                lambda: twin(
+                    hidden_states=img,
+                    encoder_hidden_states=txt_d,
+                    pooled_projections=y_d,
+                    timestep=t,
+                    img_ids=img_ids[0],
+                    txt_ids=txt_ids[0],
+                    guidance=g,
+                    return_dict=False,
+                )[0],
+                full,
+                weights_mib(twin),
+            )
+        )
     if "fast" in s.modes:
         cache = model.new_reference_cache(n_ref)
         with torch.no_grad():
             model(img, img_ids, txt_d, txt_ids, t, y_d, g, ref_cache=cache)
         cache.set_recording(False)
-        variants.append(Variant("ours", "fast: step reusing reference K/V", lambda: model(
-            img[:, :n_target], img_ids[:, :n_target], txt_d, txt_ids, t, y_d, g, ref_cache=cache), cached,
-            weights))  # fmt: skip
+        variants.append(
+            Variant(
+                "ours",
+                "fast: step reusing reference K/V",
+                lambda: model(img[:, :n_target], img_ids[:, :n_target], txt_d, txt_ids, t, y_d, g, ref_cache=cache),
+                cached,
+                weights,
+            )
+        )
     variants += [Variant("ours", mode, forward(m), full, weights_mib(m)) for mode, m in extra.items()]
     if "graphs" in s.modes and clock.cuda:
         variants.append(Variant("ours", "CUDA graph replay", forward(CudaGraphForward(model)), full, weights))
@@ -467,8 +541,13 @@ def bench_steps(s: Settings, size: BenchSize, model: Flux, twin, extra: dict[str
         row["error_vs"], row["error"] = "ours exact", compare(v.output.cpu(), ref)
     if twin is not None:
         rows[0]["ratio_vs_diffusers"] = rows[0]["s_per_step"] / rows[1]["s_per_step"]
-    tokens = {"txt_tokens": n_txt, "img_tokens": n_img, "reference_tokens": n_ref, "flops_per_step": full,
-              "flops_per_cached_step": cached}  # fmt: skip
+    tokens = {
+        "txt_tokens": n_txt,
+        "img_tokens": n_img,
+        "reference_tokens": n_ref,
+        "flops_per_step": full,
+        "flops_per_cached_step": cached,
+    }
     return rows, tokens, exact
 
 
@@ -481,9 +560,14 @@ def pick(times: list[float], stat: str) -> int:
 def _step_row(v: Variant, stat: str) -> dict:
     seconds = v.times[pick(v.times, stat)]
     return {
-        "impl": v.impl, "mode": v.mode, "s_per_step": seconds, "times": v.times,
-        "flops": v.flops, "tflops": v.flops / seconds / 1e12, "peak_mib": v.peak_mib,
-    }  # fmt: skip
+        "impl": v.impl,
+        "mode": v.mode,
+        "s_per_step": seconds,
+        "times": v.times,
+        "flops": v.flops,
+        "tflops": v.flops / seconds / 1e12,
+        "peak_mib": v.peak_mib,
+    }
 
 
 def edit_flops(tokens: dict, steps: int, cache_every: int) -> int:
@@ -496,8 +580,9 @@ def edit_flops(tokens: dict, steps: int, cache_every: int) -> int:
 class EditRun:
     """A whole edit through one pipeline, with its VAE's encode/decode timed; keeps the final latent."""
 
-    def __init__(self, call: Callable[[int], Image.Image], vae: nn.Module, to_model_space: Callable, steps: int,
-                 clock: Clock):  # fmt: skip
+    def __init__(
+        self, call: Callable[[int], Image.Image], vae: nn.Module, to_model_space: Callable, steps: int, clock: Clock
+    ):
         self.call, self.vae, self.to_model_space, self.steps, self.clock = call, vae, to_model_space, steps, clock
         self.stages: list[tuple[float, float]] = []
 
@@ -549,8 +634,9 @@ def bench_edits(s, size, steps, model, twin, vae_kl, vae, extra, txt, y, text_se
 
 def ours_edit(transformer, vae, txt, y, image, noise, steps, cache_every, clock) -> EditRun:
     pipe = KontextPipeline(transformer, vae, FixedText(txt, y))
-    call = lambda n: pipe.edit(image, "benchmark", steps=n, guidance=2.5, noise=noise, resize="keep",
-                               reference_cache_every=cache_every)  # fmt: skip
+    call = lambda n: pipe.edit(
+        image, "benchmark", steps=n, guidance=2.5, noise=noise, resize="keep", reference_cache_every=cache_every
+    )
     return EditRun(call, vae, lambda z: z, steps, clock)
 
 
@@ -558,21 +644,36 @@ def diffusers_edit(size, twin, vae_kl, txt, y, image, noise, steps, clock) -> Ed
     import diffusers
 
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        shift=3.0,
         use_dynamic_shifting=True,
-    )  # fmt: skip
+    )
     pipe = diffusers.FluxKontextPipeline(
-        scheduler=scheduler, vae=vae_kl, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        scheduler=scheduler,
+        vae=vae_kl,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
         transformer=twin,
-    )  # fmt: skip
+    )
     pipe.set_progress_bar_config(disable=True)
     dtype = next(twin.parameters()).dtype
     args = {
-        "image": image, "prompt_embeds": txt.to(noise.device, dtype),
-        "pooled_prompt_embeds": y.to(noise.device, dtype), "width": size.width, "height": size.height,
-        "guidance_scale": 2.5, "latents": pack(noise), "_auto_resize": False, "max_area": size.width * size.height,
+        "image": image,
+        "prompt_embeds": txt.to(noise.device, dtype),
+        "pooled_prompt_embeds": y.to(noise.device, dtype),
+        "width": size.width,
+        "height": size.height,
+        "guidance_scale": 2.5,
+        "latents": pack(noise),
+        "_auto_resize": False,
+        "max_area": size.width * size.height,
         "output_type": "pil",
-    }  # fmt: skip
+    }
     cfg = vae_kl.config
     # diffusers decodes latent / scaling + shift: undo it to compare in the model's space
     to_model_space = lambda raw: (raw - cfg.shift_factor) * cfg.scaling_factor
@@ -588,10 +689,20 @@ def _edit_row(v: Variant, text_s: float, stat: str) -> dict:
     denoise = total - vae_enc - vae_dec
     latent, image = v.output
     return {
-        "impl": v.impl, "mode": v.mode, "s_per_edit": total + text_s, "times": v.times, "text_encode_s": text_s,
-        "vae_encode_s": vae_enc, "denoise_s": denoise, "vae_decode_s": vae_dec, "flops_denoise": v.flops,
-        "tflops_denoise": v.flops / denoise / 1e12, "peak_mib": v.peak_mib, "_latent": latent, "_image": image,
-    }  # fmt: skip
+        "impl": v.impl,
+        "mode": v.mode,
+        "s_per_edit": total + text_s,
+        "times": v.times,
+        "text_encode_s": text_s,
+        "vae_encode_s": vae_enc,
+        "denoise_s": denoise,
+        "vae_decode_s": vae_dec,
+        "flops_denoise": v.flops,
+        "tflops_denoise": v.flops / denoise / 1e12,
+        "peak_mib": v.peak_mib,
+        "_latent": latent,
+        "_image": image,
+    }
 
 
 def _edit_errors(row: dict, ref: dict) -> dict:
@@ -602,8 +713,9 @@ def _edit_errors(row: dict, ref: dict) -> dict:
     return err
 
 
-def offload_rows(s, size, steps, model, vae, txt, y, image, noise, text_s, tokens, exact_step, exact_edit, clock,
-                 memory):  # fmt: skip
+def offload_rows(
+    s, size, steps, model, vae, txt, y, image, noise, text_s, tokens, exact_step, exact_edit, clock, memory
+):
     """The model itself offloaded block by block. Run last and alone: nothing else may hold its device weights."""
     if clock.cuda:
         torch.cuda.empty_cache()
@@ -611,10 +723,20 @@ def offload_rows(s, size, steps, model, vae, txt, y, image, noise, text_s, token
     try:
         img, img_ids, txt_d, txt_ids, t, y_d, g, _ = step_inputs(model, size, txt, y, s.seed)
         # resident weights now: everything but the blocks (placeholders); the blocks show up in the growth
-        step = Variant("ours", "block offload", lambda: model(img, img_ids, txt_d, txt_ids, t, y_d, g),
-                       tokens["flops_per_step"], weights_mib(model))  # fmt: skip
-        edit = Variant("ours", "block offload", ours_edit(model, vae, txt, y, image, noise, steps, 0, clock),
-                       edit_flops(tokens, steps, 0), weights_mib(model, vae))  # fmt: skip
+        step = Variant(
+            "ours",
+            "block offload",
+            lambda: model(img, img_ids, txt_d, txt_ids, t, y_d, g),
+            tokens["flops_per_step"],
+            weights_mib(model),
+        )
+        edit = Variant(
+            "ours",
+            "block offload",
+            ours_edit(model, vae, txt, y, image, noise, steps, 0, clock),
+            edit_flops(tokens, steps, 0),
+            weights_mib(model, vae),
+        )
         with torch.no_grad():
             interleaved([step], s.warmup, s.repeats, clock, memory)
             edit.run(1)
@@ -631,8 +753,9 @@ def fast_mode_sweep(s: Settings, size: BenchSize, steps: int, model: Flux, clock
     """Error (final latent) and denoise speed-up of the reference cache for each K, over prompt × seed combos."""
     device, p = clock_device(model), model.params
     lat_h, lat_w = size.height // 8, size.width // 8
-    results = {k: {"max_abs": [], "psnr_db": [], "rel_l2": [], "seconds": [], "speedups": [], "span": []}
-               for k in s.sweep_k}  # fmt: skip
+    results = {
+        k: {"max_abs": [], "psnr_db": [], "rel_l2": [], "seconds": [], "speedups": [], "span": []} for k in s.sweep_k
+    }
     exact_seconds = []
     for prompt in range(s.sweep_prompts):
         gen = torch.Generator().manual_seed(1000 + prompt)
@@ -655,16 +778,20 @@ def fast_mode_sweep(s: Settings, size: BenchSize, steps: int, model: Flux, clock
                 results[k]["speedups"].append(exact_s / seconds)
     return [
         {
-            "k": k, "combos": len(r["max_abs"]), "max_abs_mean": statistics.mean(r["max_abs"]),
-            "max_abs_max": max(r["max_abs"]), "psnr_db_mean": statistics.mean(r["psnr_db"]),
-            "psnr_db_min": min(r["psnr_db"]), "rel_l2_mean": statistics.mean(r["rel_l2"]),
+            "k": k,
+            "combos": len(r["max_abs"]),
+            "max_abs_mean": statistics.mean(r["max_abs"]),
+            "max_abs_max": max(r["max_abs"]),
+            "psnr_db_mean": statistics.mean(r["psnr_db"]),
+            "psnr_db_min": min(r["psnr_db"]),
+            "rel_l2_mean": statistics.mean(r["rel_l2"]),
             "latent_span_mean": statistics.mean(r["span"]),
             "denoise_s": r["seconds"][pick(r["seconds"], s.stat)],
             "exact_denoise_s": exact_seconds[pick(exact_seconds, s.stat)],
             "speedup": statistics.median(r["speedups"]),
         }
         for k, r in results.items()
-    ]  # fmt: skip
+    ]
 
 
 def run(s: Settings) -> dict:
@@ -699,7 +826,7 @@ def run(s: Settings) -> dict:
     if "fp8" in s.modes:
         fp8 = fp8_copy(model)
         if fp8 is None:
-            notes.append("fp8: kontext_core.quant not available, skipped")
+            notes.append("fp8: kontext_core.runtime.quant not available, skipped")
         else:
             scaled = any(getattr(m, "fp8_matmul", False) for m in fp8.modules())
             extra["fp8 (_scaled_mm)" if scaled else "fp8 storage, upcast per layer"] = fp8
@@ -710,13 +837,29 @@ def run(s: Settings) -> dict:
         notes.append("graphs: CUDA graphs need a CUDA device, skipped")
 
     step_rows, tokens, exact_step = bench_steps(s, size, model, twin, extra, txt, y, clock, memory)
-    edit_rows, image, noise = bench_edits(s, size, steps, model, twin, vae_kl, vae, extra, txt, y, text_seconds,
-                                          tokens, clock, memory)  # fmt: skip
+    edit_rows, image, noise = bench_edits(
+        s, size, steps, model, twin, vae_kl, vae, extra, txt, y, text_seconds, tokens, clock, memory
+    )
     if "offload" in s.modes:
         del twin, extra  # they hold device weights (views of the model's, the fp8 copy) that offloading frees
         gc.collect()
-        step, edit = offload_rows(s, size, steps, model, vae, txt, y, image, noise, text_seconds, tokens,
-                                  exact_step, edit_rows[0], clock, memory)  # fmt: skip
+        step, edit = offload_rows(
+            s,
+            size,
+            steps,
+            model,
+            vae,
+            txt,
+            y,
+            image,
+            noise,
+            text_seconds,
+            tokens,
+            exact_step,
+            edit_rows[0],
+            clock,
+            memory,
+        )
         step_rows.append(step)
         edit_rows.append(edit)
     for row in edit_rows:
@@ -729,17 +872,28 @@ def run(s: Settings) -> dict:
     return {
         "settings": {**s.__dict__, "modes": list(s.modes), "sweep_k": list(s.sweep_k)},
         "config": {
-            "size": s.size, "device": str(device), "device_name": device_name(device), "dtype": str(dtype),
-            "threads": torch.get_num_threads(), "steps": steps, "width": size.width, "height": size.height,
-            "flux": size.flux.__dict__, "t5": size.t5, "clip": dict(size.clip),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "memory": memory.kind, **tokens,
+            "size": s.size,
+            "device": str(device),
+            "device_name": device_name(device),
+            "dtype": str(dtype),
+            "threads": torch.get_num_threads(),
+            "steps": steps,
+            "width": size.width,
+            "height": size.height,
+            "flux": size.flux.__dict__,
+            "t5": size.t5,
+            "clip": dict(size.clip),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "memory": memory.kind,
+            **tokens,
         },
         "step": step_rows,
         "edit": edit_rows,
         "fast_mode_sweep": sweep,
         "notes": notes,
-    }  # fmt: skip
+    }
 
 
 def device_name(device: torch.device) -> str:
@@ -881,11 +1035,21 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     if "exact" not in modes:
         modes = ("exact", *modes)
     s = Settings(
-        size=a.size, device=a.device, dtype=a.dtype, steps=a.steps, repeats=a.repeats, warmup=a.warmup,
-        edit_repeats=a.edit_repeats, modes=modes, fast_k=a.fast_k, diffusers=not a.no_diffusers,
-        sweep_k=tuple(int(k) for k in a.fast_sweep.split(",") if k), sweep_prompts=a.sweep_prompts,
-        sweep_seeds=a.sweep_seeds, stat=a.stat,
-    )  # fmt: skip
+        size=a.size,
+        device=a.device,
+        dtype=a.dtype,
+        steps=a.steps,
+        repeats=a.repeats,
+        warmup=a.warmup,
+        edit_repeats=a.edit_repeats,
+        modes=modes,
+        fast_k=a.fast_k,
+        diffusers=not a.no_diffusers,
+        sweep_k=tuple(int(k) for k in a.fast_sweep.split(",") if k),
+        sweep_prompts=a.sweep_prompts,
+        sweep_seeds=a.sweep_seeds,
+        stat=a.stat,
+    )
     return s, a.json
 
 

@@ -6,7 +6,7 @@ full size and moves bytes rather than using the matrix units, so it does not bel
 
 from __future__ import annotations
 
-from kontext_core.config import FluxParams
+from kontext_core.model.config import FluxParams
 
 
 def flux_forward_flops(

@@ -32,15 +32,15 @@ import torch
 from PIL import Image
 
 from kontext_core.checkpoints.transformer import load_transformer, stored_fp8_dtype
-from kontext_core.cli_options import at_least
+from kontext_core.cli.options import at_least
 from kontext_core.files import written_whole
 from kontext_core.pipeline import KontextPipeline
-from kontext_core.quality import judge, psnr
+from kontext_core.synthetic.judge import judge, psnr
 from kontext_core.recomposite import keep_unchanged
 from kontext_core.sampling import get_noise, sample
 from kontext_core.small_model import load_default_pipeline, small_model_files
-from kontext_core.tasks import HELD_OUT_SEED, KINDS, EditTask, make_task
-from kontext_core.tasks_render import Scene, Shape, coverage, render
+from kontext_core.synthetic.tasks import HELD_OUT_SEED, KINDS, EditTask, make_task
+from kontext_core.synthetic.render import Scene, Shape, coverage, render
 
 DRIFT_ROUNDS = 10
 DRIFT_METHODS = ("plain", "recomposite", "latent")  # without drift control, then the two controls
@@ -107,8 +107,16 @@ def vae_round_trips(pipe: KontextPipeline, tasks: list[EditTask]) -> list[Image.
 def _recolor_round(scene: Scene, shape: Shape, colour: str) -> tuple[EditTask, Shape]:
     new = dataclasses.replace(shape, colour=colour)
     target = Scene(scene.size, scene.background, tuple(new if s == shape else s for s in scene.shapes))
-    task = EditTask(images=[render(scene)], instruction=f"Make the {shape.name} {colour}.", target=render(target),
-                    kind="recolor", seed=-1, scenes=(scene,), target_scene=target, focus=(shape, new))  # fmt: skip
+    task = EditTask(
+        images=[render(scene)],
+        instruction=f"Make the {shape.name} {colour}.",
+        target=render(target),
+        kind="recolor",
+        seed=-1,
+        scenes=(scene,),
+        target_scene=target,
+        focus=(shape, new),
+    )
     return task, new
 
 
@@ -149,24 +157,32 @@ def drift(pipe: KontextPipeline, seed: int, method: str, steps: int) -> list[dic
             out = pipe.edit(image, task.instruction, seed=round_, steps=steps)
             if method == "recomposite":
                 out = recomposite(image, out)
-        rows.append({"round": round_ + 1, "psnr_unedited_vs_original_db": round(psnr(out, original, keep), 2),
-                     "success": judge(task, out).success})  # fmt: skip
+        rows.append(
+            {
+                "round": round_ + 1,
+                "psnr_unedited_vs_original_db": round(psnr(out, original, keep), 2),
+                "success": judge(task, out).success,
+            }
+        )
         image, scene, shape = out, task.target_scene, shape_next
     return rows
 
 
-def compare_variant(exact_outputs: list[Image.Image], tasks: list[EditTask], make: Callable[[], KontextPipeline],
-                    **opts) -> dict:  # fmt: skip
+def compare_variant(
+    exact_outputs: list[Image.Image], tasks: list[EditTask], make: Callable[[], KontextPipeline], **opts
+) -> dict:
     """The variant `make` builds, run on `tasks` with `opts`: its success and how near its outputs are to the
     exact path's."""
     pipe = make()
     table, outputs = evaluate(pipe, tasks, **opts)
     close = [psnr(a, b) for a, b in zip(outputs, exact_outputs)]
-    return {"single_edit_success": table["single_edits"]["success"],
-            "success_by_kind": {k: v["success"] for k, v in table.items()},
-            "psnr_to_exact_mean_db": _mean(close) if _mean(close) is not None else math.inf,
-            "psnr_to_exact_min_db": round(min(close), 2),
-            "identical_outputs": sum(math.isinf(c) for c in close)}  # fmt: skip
+    return {
+        "single_edit_success": table["single_edits"]["success"],
+        "success_by_kind": {k: v["success"] for k, v in table.items()},
+        "psnr_to_exact_mean_db": _mean(close) if _mean(close) is not None else math.inf,
+        "psnr_to_exact_min_db": round(min(close), 2),
+        "identical_outputs": sum(math.isinf(c) for c in close),
+    }
 
 
 def markdown(report: dict) -> str:
@@ -175,41 +191,59 @@ def markdown(report: dict) -> str:
     def cell(value) -> str:
         return "–" if value is None else f"{value:.0%}" if isinstance(value, float) and value <= 1 else str(value)
 
-    lines = ["| kind | tasks | success | success on held-out combinations | PSNR to truth (dB) | "
-             "PSNR unedited (dB, mean / min) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| kind | tasks | success | success on held-out combinations | PSNR to truth (dB) | "
+        "PSNR unedited (dB, mean / min) |",
+        "|---|---|---|---|---|---|",
+    ]
     for kind, row in report["exact"].items():
         if kind == "single_edits":
             continue
-        lines.append(f"| {kind} | {row['tasks']} | {cell(row['success'])} | "
-                     f"{cell(row['success_held_out_combinations'])} | {row['psnr_target_db']} | "
-                     f"{row['psnr_unedited_db'] or '–'} / {row['psnr_unedited_min_db'] or '–'} |")  # fmt: skip
+        lines.append(
+            f"| {kind} | {row['tasks']} | {cell(row['success'])} | "
+            f"{cell(row['success_held_out_combinations'])} | {row['psnr_target_db']} | "
+            f"{row['psnr_unedited_db'] or '–'} / {row['psnr_unedited_min_db'] or '–'} |"
+        )
     single = report["exact"]["single_edits"]
-    lines.append(f"| **single edits** | {single['tasks']} | **{cell(single['success'])}** | | | "
-                 f"{single['psnr_unedited_db']} |")  # fmt: skip
+    lines.append(
+        f"| **single edits** | {single['tasks']} | **{cell(single['success'])}** | | | {single['psnr_unedited_db']} |"
+    )
     if "vae_round_trip" in report:
         ceiling = report["vae_round_trip"]
         kinds = [k for k in ceiling if k != "single_edits"]
-        lines += ["", "| the truth through the VAE | " + " | ".join(kinds) + " | **single edits** |",
-                  "|---" * (len(kinds) + 2) + "|",
-                  "| success | " + " | ".join(cell(ceiling[k]["success"]) for k in kinds)
-                  + f" | **{cell(ceiling['single_edits']['success'])}** |",
-                  "| PSNR unedited (dB) | " + " | ".join(str(ceiling[k]["psnr_unedited_db"] or "–") for k in kinds)
-                  + f" | **{ceiling['single_edits']['psnr_unedited_db']}** |"]  # fmt: skip
+        lines += [
+            "",
+            "| the truth through the VAE | " + " | ".join(kinds) + " | **single edits** |",
+            "|---" * (len(kinds) + 2) + "|",
+            "| success | "
+            + " | ".join(cell(ceiling[k]["success"]) for k in kinds)
+            + f" | **{cell(ceiling['single_edits']['success'])}** |",
+            "| PSNR unedited (dB) | "
+            + " | ".join(str(ceiling[k]["psnr_unedited_db"] or "–") for k in kinds)
+            + f" | **{ceiling['single_edits']['psnr_unedited_db']}** |",
+        ]
     variants = [k for k in ("fp8_weights", "fast_k2", "fast_k4", "guidance_1") if k in report]
     if variants:
-        lines += ["", "| path | single-edit success | PSNR to the exact path's output (dB, mean / min) | "
-                  "outputs identical |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| path | single-edit success | PSNR to the exact path's output (dB, mean / min) | outputs identical |",
+            "|---|---|---|---|",
+        ]
         lines.append(f"| exact (fp32) | {cell(single['success'])} | – | – |")
         for name in variants:
             v = report[name]
-            lines.append(f"| {name} | {cell(v['single_edit_success'])} | {v['psnr_to_exact_mean_db']} / "
-                         f"{v['psnr_to_exact_min_db']} | {v['identical_outputs']} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {cell(v['single_edit_success'])} | {v['psnr_to_exact_mean_db']} / "
+                f"{v['psnr_to_exact_min_db']} | {v['identical_outputs']} |"
+            )
     if report.get("drift"):
         methods = list(report["drift"])
         lines += ["", "| round | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         for r in range(DRIFT_ROUNDS):
-            row = [f"{report['drift'][m][r]['psnr_unedited_vs_original_db']} ({report['drift'][m][r]['success']:.0%})"
-                   for m in methods]  # fmt: skip
+            row = [
+                f"{report['drift'][m][r]['psnr_unedited_vs_original_db']} ({report['drift'][m][r]['success']:.0%})"
+                for m in methods
+            ]
             lines.append(f"| {r + 1} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -222,18 +256,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-kind", type=at_least(1), default=20, help="held-out tasks per kind")
     parser.add_argument("--steps", type=at_least(1), default=28)
     parser.add_argument("--drift-scenes", type=at_least(0), default=5)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="what to measure beside the exact path (which always runs), comma-separated")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="what to measure beside the exact path (which always runs), comma-separated",
+    )
     parser.add_argument("--weights", type=Path, default=small_model_files().vae.parent)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--first-seed", type=int, default=HELD_OUT_SEED,
-                        help=f"first task seed; below {HELD_OUT_SEED:,} the tasks are training tasks (the gap to "
-                        "held-out ones measures overfitting); drift always runs on held-out scenes")  # fmt: skip
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=HELD_OUT_SEED,
+        help=f"first task seed; below {HELD_OUT_SEED:,} the tasks are training tasks (the gap to "
+        "held-out ones measures overfitting); drift always runs on held-out scenes",
+    )
     args = parser.parse_args(argv)
     last_seed = args.first_seed + args.per_kind * len(KINDS) - 1
     if args.first_seed < 0 or args.first_seed < HELD_OUT_SEED <= last_seed:
-        parser.error(f"--first-seed {args.first_seed} with --per-kind {args.per_kind} judges seeds up to {last_seed:,}: "
-                     f"expected all of them below {HELD_OUT_SEED:,} (training tasks) or none, and none negative")  # fmt: skip
+        parser.error(
+            f"--first-seed {args.first_seed} with --per-kind {args.per_kind} judges seeds up to {last_seed:,}: "
+            f"expected all of them below {HELD_OUT_SEED:,} (training tasks) or none, and none negative"
+        )
     variants = args.variants.split(",")
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; expected names from {', '.join(VARIANTS)}")
@@ -241,8 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     pipe = load_default_pipeline(folder=args.weights)
     tasks = benchmark_tasks(args.per_kind, args.first_seed)
-    report: dict = {"per_kind": args.per_kind, "first_seed": args.first_seed, "steps": args.steps,
-                    "torch": torch.__version__}  # fmt: skip
+    report: dict = {
+        "per_kind": args.per_kind,
+        "first_seed": args.first_seed,
+        "steps": args.steps,
+        "torch": torch.__version__,
+    }
     table, exact_outputs = evaluate(pipe, tasks, steps=args.steps)
     report["exact"] = table
     print(json.dumps(table, indent=1), flush=True)
@@ -252,8 +299,11 @@ def main(argv: list[str] | None = None) -> None:
     weights = small_model_files(args.weights).transformer
     if "fp8" in variants and stored_fp8_dtype(weights) is not None:
         # quantizing fp8 weights again returns them unchanged: the comparison would be exact by construction
-        print(f"fp8: skipped, {weights} is stored in fp8 already; run --weights on its full-precision folder "
-              "to measure what fp8 costs", flush=True)  # fmt: skip
+        print(
+            f"fp8: skipped, {weights} is stored in fp8 already; run --weights on its full-precision folder "
+            "to measure what fp8 costs",
+            flush=True,
+        )
     elif "fp8" in variants:
 
         def fp8() -> KontextPipeline:
@@ -279,11 +329,13 @@ def main(argv: list[str] | None = None) -> None:
         if not curves:
             break
         report["drift"][method] = [
-            {"round": r + 1,
-             "psnr_unedited_vs_original_db": _mean([c[r]["psnr_unedited_vs_original_db"] for c in curves]),
-             "success": round(statistics.fmean(c[r]["success"] for c in curves), 2)}
+            {
+                "round": r + 1,
+                "psnr_unedited_vs_original_db": _mean([c[r]["psnr_unedited_vs_original_db"] for c in curves]),
+                "success": round(statistics.fmean(c[r]["success"] for c in curves), 2),
+            }
             for r in range(DRIFT_ROUNDS)
-        ]  # fmt: skip
+        ]
         print(method, [row["psnr_unedited_vs_original_db"] for row in report["drift"][method]], flush=True)
     report["seconds"] = round(time.time() - started)
     if args.json:

@@ -8,25 +8,29 @@ from __future__ import annotations
 
 import importlib
 
+from kontext_core import _moved
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Flux": "kontext_core.model",
-    "FluxParams": "kontext_core.config",
-    "AutoEncoder": "kontext_core.autoencoder",
-    "AutoEncoderParams": "kontext_core.config",
+    "Flux": "kontext_core.model.flux",
+    "FluxParams": "kontext_core.model.config",
+    "AutoEncoder": "kontext_core.model.autoencoder",
+    "AutoEncoderParams": "kontext_core.model.config",
     "KontextPipeline": "kontext_core.pipeline",
     "load_transformer": "kontext_core.checkpoints.transformer",
     "load_vae": "kontext_core.checkpoints.autoencoder",
-    "load_text_encoder": "kontext_core.text",
+    "load_text_encoder": "kontext_core.model.text",
     "load_default_pipeline": "kontext_core.small_model",
-    "apply_lora": "kontext_core.lora",
-    "load_lora": "kontext_core.lora",
-    "remove_lora": "kontext_core.lora",
-    "use_loras": "kontext_core.lora",
+    "apply_lora": "kontext_core.runtime.lora",
+    "load_lora": "kontext_core.runtime.lora",
+    "remove_lora": "kontext_core.runtime.lora",
+    "use_loras": "kontext_core.runtime.lora",
 }
 
 __all__ = sorted(_EXPORTS)
+
+_moved.install()
 
 
 def __getattr__(name: str):

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .autoencoder import AutoEncoder
-from .model import Flux
-from .resize import RESIZE_MODES, resize_to_kontext
-from .sampling import StepInfo, get_noise, sample
+from kontext_core.model.autoencoder import AutoEncoder
+from kontext_core.model.flux import Flux
+from kontext_core.resize import RESIZE_MODES, resize_to_kontext
+from kontext_core.sampling import StepInfo, get_noise, sample
 
 
 class TextEncoder(Protocol):
@@ -109,11 +109,21 @@ class KontextPipeline:
         width = _round16(width if width is not None else references[0].width, "width")
         height = _round16(height if height is not None else references[0].height, "height")
         return self._run(
-            prompt, width, height, self.encode_images(references), steps=steps, guidance=guidance, seed=seed,
-            noise=noise, reference_method=reference_method, negative_prompt=negative_prompt,
-            true_cfg_scale=true_cfg_scale, num_images=num_images, callback=callback,
+            prompt,
+            width,
+            height,
+            self.encode_images(references),
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            noise=noise,
+            reference_method=reference_method,
+            negative_prompt=negative_prompt,
+            true_cfg_scale=true_cfg_scale,
+            num_images=num_images,
+            callback=callback,
             reference_cache_every=reference_cache_every,
-        )  # fmt: skip
+        )
 
     @torch.no_grad()
     def generate(
@@ -133,10 +143,21 @@ class KontextPipeline:
     ) -> Image.Image | list[Image.Image]:
         """Text to image at width×height (rounded down to multiples of 16)."""
         return self._run(
-            prompt, _round16(width, "width"), _round16(height, "height"), [], steps=steps, guidance=guidance,
-            seed=seed, noise=noise, reference_method="offset", negative_prompt=negative_prompt,
-            true_cfg_scale=true_cfg_scale, num_images=num_images, callback=callback, reference_cache_every=0,
-        )  # fmt: skip
+            prompt,
+            _round16(width, "width"),
+            _round16(height, "height"),
+            [],
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            noise=noise,
+            reference_method="offset",
+            negative_prompt=negative_prompt,
+            true_cfg_scale=true_cfg_scale,
+            num_images=num_images,
+            callback=callback,
+            reference_cache_every=0,
+        )
 
     def _run(
         self,
@@ -164,16 +185,22 @@ class KontextPipeline:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if len(prompts) > 1 and num_images not in (1, len(prompts)):
-            raise ValueError(f"got {len(prompts)} prompts and num_images={num_images}: give one prompt or one image each")
+            raise ValueError(
+                f"got {len(prompts)} prompts and num_images={num_images}: give one prompt or one image each"
+            )
         batch = max(len(prompts), num_images)
         if noise is None:
             noise = get_noise(batch, height, width, seed, device=self.device)
         else:
             expected = (16, height // 8, width // 8)
             if noise.ndim != 4 or tuple(noise.shape[1:]) != expected:
-                raise ValueError(f"noise must have shape B×{expected[0]}×{expected[1]}×{expected[2]}, got {tuple(noise.shape)}")
+                raise ValueError(
+                    f"noise must have shape B×{expected[0]}×{expected[1]}×{expected[2]}, got {tuple(noise.shape)}"
+                )
             if batch > 1 and noise.shape[0] != batch:
-                raise ValueError(f"noise has {noise.shape[0]} rows but {batch} images were asked for (prompts, num_images)")
+                raise ValueError(
+                    f"noise has {noise.shape[0]} rows but {batch} images were asked for (prompts, num_images)"
+                )
             noise = noise.to(self.device, torch.float32)
             batch = noise.shape[0]
         txt, y = self.text_encoder.encode(prompts)
@@ -182,9 +209,18 @@ class KontextPipeline:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             negative = self.text_encoder.encode(negatives)
         latent = sample(
-            self.transformer, noise, txt, y, references=references, reference_method=reference_method,
-            steps=steps, guidance=guidance, negative=negative, true_cfg_scale=true_cfg_scale, callback=callback,
+            self.transformer,
+            noise,
+            txt,
+            y,
+            references=references,
+            reference_method=reference_method,
+            steps=steps,
+            guidance=guidance,
+            negative=negative,
+            true_cfg_scale=true_cfg_scale,
+            callback=callback,
             reference_cache_every=reference_cache_every,
-        )  # fmt: skip
+        )
         images = self.decode(latent)
         return images[0] if len(images) == 1 else images

@@ -27,8 +27,9 @@ def keep_unchanged(
     `grow` pixels in every direction. Returns (the image, B×H×W mask with 1 where it comes from `after`).
     """
     if before.ndim != 4 or after.ndim != 4 or before.shape[1:] != after.shape[1:]:
-        raise ValueError(f"before and after must be B×C×H×W images of one size, got {tuple(before.shape)} and "
-                         f"{tuple(after.shape)}")  # fmt: skip
+        raise ValueError(
+            f"before and after must be B×C×H×W images of one size, got {tuple(before.shape)} and {tuple(after.shape)}"
+        )
     if before.shape[0] not in (1, after.shape[0]):
         raise ValueError(f"before holds {before.shape[0]} images; expected 1, or as many as after ({after.shape[0]})")
     if not 0 <= threshold <= 255 or grow < 0:

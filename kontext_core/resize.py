@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kontext_core.config import nearest_kontext_resolution
+from kontext_core.model.config import nearest_kontext_resolution
 
 RESIZE_MODES = ("stretch", "crop", "keep")
 

@@ -10,8 +10,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .config import AutoEncoderParams
-from .model import Flux
+from kontext_core.model.config import AutoEncoderParams
+from kontext_core.model.flux import Flux
 
 REFERENCE_METHODS = ("offset", "index", "uxo")
 _LATENT = AutoEncoderParams()
@@ -27,7 +27,12 @@ def latent_from_model(z: Tensor) -> Tensor:
 
 
 def get_noise(
-    batch: int, height: int, width: int, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    batch: int,
+    height: int,
+    width: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """BFL's seeded noise for an image of height×width pixels, drawn on a CPU generator (equal to BFL's on a CPU in
     fp32; BFL draws on the target device) and then moved, so a seed means the same noise on every device."""
@@ -107,9 +112,7 @@ def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
 
 
-def get_lin_function(
-    x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15
-) -> Callable[[float], float]:
+def get_lin_function(x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> Callable[[float], float]:
     m = (y2 - y1) / (x2 - x1)
     b = y1 - m * x1
     return lambda x: m * x + b
@@ -197,10 +200,18 @@ def sample(
     if not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number, got {guidance}")
     if true_cfg_scale != 1.0 and negative is None:
-        raise ValueError(f"true_cfg_scale={true_cfg_scale} needs a negative prompt (negative=(txt, y)); "
-                         "without one it would be ignored")
-    if isinstance(reference_cache_every, bool) or not isinstance(reference_cache_every, int) or reference_cache_every < 0:
-        raise ValueError(f"reference_cache_every must be 0 (exact) or a step count K > 0, got {reference_cache_every!r}")
+        raise ValueError(
+            f"true_cfg_scale={true_cfg_scale} needs a negative prompt (negative=(txt, y)); "
+            "without one it would be ignored"
+        )
+    if (
+        isinstance(reference_cache_every, bool)
+        or not isinstance(reference_cache_every, int)
+        or reference_cache_every < 0
+    ):
+        raise ValueError(
+            f"reference_cache_every must be 0 (exact) or a step count K > 0, got {reference_cache_every!r}"
+        )
     _check_text_widths(model, "txt/y", txt, y)
     if negative is not None:
         _check_text_widths(model, "negative", *negative)

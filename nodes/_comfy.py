@@ -151,11 +151,11 @@ def latent_input(node: type[KontextNode], name: str, latent: Any) -> torch.Tenso
 @dataclass(frozen=True)
 class LoraModel:
     """A KONTEXT_MODEL with LoRAs: the loader's transformer, left as loaded, and the LoRAs to put on it for a run.
-    The sampler applies them (`kontext_core.lora.use_loras`), so branches of one graph that share a loaded
+    The sampler applies them (`kontext_core.runtime.lora.use_loras`), so branches of one graph that share a loaded
     transformer, with and without LoRAs, each sample with their own."""
 
     transformer: torch.nn.Module
-    loras: tuple  # kontext_core.lora.LoraPatch, in the order the LoRA loaders were chained
+    loras: tuple  # kontext_core.runtime.lora.LoraPatch, in the order the LoRA loaders were chained
 
 
 def model_input(node: type[KontextNode], name: str, model: Any) -> tuple[torch.nn.Module, tuple]:
@@ -168,9 +168,13 @@ def model_input(node: type[KontextNode], name: str, model: Any) -> tuple[torch.n
 
 
 def conditioning_input(node: type[KontextNode], name: str, conditioning: Any) -> list:
-    ok = isinstance(conditioning, list) and conditioning and all(
-        isinstance(c, (list, tuple)) and len(c) == 2 and isinstance(c[0], torch.Tensor) and isinstance(c[1], dict)
-        for c in conditioning
+    ok = (
+        isinstance(conditioning, list)
+        and conditioning
+        and all(
+            isinstance(c, (list, tuple)) and len(c) == 2 and isinstance(c[0], torch.Tensor) and isinstance(c[1], dict)
+            for c in conditioning
+        )
     )
     if not ok:
         raise ValueError(f"{node.NODE_ID}: input '{name}' must be a CONDITIONING [[tensor, dict], …]")
@@ -214,9 +218,16 @@ def v3_class(node: type[KontextNode]) -> type:
 
 def _v3_type(io, type_name: str):
     builtin = {
-        "INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean, "COMBO": io.Combo,
-        "IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "CONDITIONING": io.Conditioning,
-    }  # fmt: skip
+        "INT": io.Int,
+        "FLOAT": io.Float,
+        "STRING": io.String,
+        "BOOLEAN": io.Boolean,
+        "COMBO": io.Combo,
+        "IMAGE": io.Image,
+        "MASK": io.Mask,
+        "LATENT": io.Latent,
+        "CONDITIONING": io.Conditioning,
+    }
     return builtin.get(type_name) or io.Custom(type_name)
 
 
@@ -442,7 +453,7 @@ def step_callback(total: int) -> Callable[[Any], None]:
 def interruptible(model: torch.nn.Module) -> Iterator[None]:
     """ComfyUI's interrupt also checked before every transformer block, not only after each step: one step of a
     large image on a CPU takes minutes, and Cancel should not wait for it."""
-    from kontext_core.layers import DoubleStreamBlock, SingleStreamBlock
+    from kontext_core.model.layers import DoubleStreamBlock, SingleStreamBlock
 
     management = comfy_module("comfy.model_management")
     if management is None:

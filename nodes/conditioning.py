@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kontext_core.styles import STYLE_MODES, STYLE_PRESETS, apply_style
+from kontext_core.policy.styles import STYLE_MODES, STYLE_PRESETS, apply_style
 
 from ._comfy import Input, KontextNode, Output, conditioning_input, latent_input
 
@@ -32,12 +32,24 @@ class KontextCoreTextEncode(KontextNode):
     )
     INPUTS = (
         Input("text_encoder", "KONTEXT_TEXT_ENCODER", "From Kontext Text Encoder Loader."),
-        Input("prompt", "STRING", "What to change, as an instruction: 'Make the car red and keep the background'.",
-              default="", multiline=True),
-        Input("guidance", "FLOAT", "Distilled guidance strength stored in the conditioning; Kontext is tuned "
-              "for 2.5. The sampler uses it unless its own guidance is set.",
-              default=DEFAULT_GUIDANCE, min=0.0, max=100.0, step=0.1),
-    )  # fmt: skip
+        Input(
+            "prompt",
+            "STRING",
+            "What to change, as an instruction: 'Make the car red and keep the background'.",
+            default="",
+            multiline=True,
+        ),
+        Input(
+            "guidance",
+            "FLOAT",
+            "Distilled guidance strength stored in the conditioning; Kontext is tuned "
+            "for 2.5. The sampler uses it unless its own guidance is set.",
+            default=DEFAULT_GUIDANCE,
+            min=0.0,
+            max=100.0,
+            step=0.1,
+        ),
+    )
     OUTPUTS = (Output("CONDITIONING", "conditioning", "T5 tokens with CLIP's pooled vector and the guidance."),)
 
     @classmethod
@@ -60,14 +72,18 @@ class KontextCoreReferenceLatent(KontextNode):
     INPUTS = (
         Input("conditioning", "CONDITIONING", "The positive conditioning to attach the references to."),
         Input("latent", "LATENT", "The image to edit, from Kontext VAE Encode (or core VAE Encode)."),
-        Input("reference_latents_method", "COMBO", "How several references are placed: 'offset' tiles them "
-              "side by side in one frame (BFL-style, the default), 'index' gives each its own frame index, "
-              "'uxo' places them diagonally past the target (UNO/USO style).",
-              default="offset", options=REFERENCE_METHODS),
-        Input("latent_2", "LATENT", "Optional second reference (e.g. an object to put in the scene).",
-              optional=True),
+        Input(
+            "reference_latents_method",
+            "COMBO",
+            "How several references are placed: 'offset' tiles them "
+            "side by side in one frame (BFL-style, the default), 'index' gives each its own frame index, "
+            "'uxo' places them diagonally past the target (UNO/USO style).",
+            default="offset",
+            options=REFERENCE_METHODS,
+        ),
+        Input("latent_2", "LATENT", "Optional second reference (e.g. an object to put in the scene).", optional=True),
         Input("latent_3", "LATENT", "Optional third reference.", optional=True),
-    )  # fmt: skip
+    )
     OUTPUTS = (Output("CONDITIONING", "conditioning", "The conditioning with reference_latents appended."),)
 
     @classmethod
@@ -97,12 +113,23 @@ class KontextCoreStylePreset(KontextNode):
         "(edit mode) or as a styled description (generate mode, for text-to-image)."
     )
     INPUTS = (
-        Input("prompt", "STRING", "Your instruction or subject. May be empty in edit mode (restyle only).",
-              default="", multiline=True),
+        Input(
+            "prompt",
+            "STRING",
+            "Your instruction or subject. May be empty in edit mode (restyle only).",
+            default="",
+            multiline=True,
+        ),
         Input("style", "COMBO", "The style preset.", default="cinematic", options=tuple(STYLE_PRESETS)),
-        Input("mode", "COMBO", "'edit' phrases the style as an instruction for an existing image; 'generate' "
-              "as a description of a new one.", default="edit", options=STYLE_MODES),
-    )  # fmt: skip
+        Input(
+            "mode",
+            "COMBO",
+            "'edit' phrases the style as an instruction for an existing image; 'generate' "
+            "as a description of a new one.",
+            default="edit",
+            options=STYLE_MODES,
+        ),
+    )
     OUTPUTS = (Output("STRING", "prompt", "The prompt with the style's wording; wire it to Kontext Text Encode."),)
 
     @classmethod

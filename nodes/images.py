@@ -35,10 +35,15 @@ class KontextCoreImageScale(KontextNode):
     )
     INPUTS = (
         Input("image", "IMAGE", "The image (batch) to resize."),
-        Input("mode", "COMBO", "'stretch' keeps all content but may distort slightly; 'crop' keeps proportions "
-              "but trims the edges; 'keep' keeps the size (rounded to 16).", default="stretch",
-              options=RESIZE_MODES),
-    )  # fmt: skip
+        Input(
+            "mode",
+            "COMBO",
+            "'stretch' keeps all content but may distort slightly; 'crop' keeps proportions "
+            "but trims the edges; 'keep' keeps the size (rounded to 16).",
+            default="stretch",
+            options=RESIZE_MODES,
+        ),
+    )
     OUTPUTS = (Output("IMAGE", "image", "The resized image."),)
 
     @classmethod
@@ -56,14 +61,31 @@ class KontextCoreKeepUnchanged(KontextNode):
         "found by comparing the two images: no mask to draw. The output is RGB (an alpha channel is dropped)."
     )
     INPUTS = (
-        Input("original", "IMAGE", "The image that was edited, at the edited image's size (the Kontext Image Scale "
-              "output that went into the edit)."),
+        Input(
+            "original",
+            "IMAGE",
+            "The image that was edited, at the edited image's size (the Kontext Image Scale "
+            "output that went into the edit).",
+        ),
         Input("edited", "IMAGE", "The edited image (from Kontext VAE Decode)."),
-        Input("threshold", "INT", "A pixel counts as changed when a colour channel moved by more than this many "
-              "8-bit levels. Lower keeps less of the original.", default=DEFAULT_THRESHOLD, min=0, max=255),
-        Input("grow", "INT", "Pixels added around the changed region, so the edit's soft edges come from the "
-              "edited image.", default=DEFAULT_GROW, min=0, max=64),
-    )  # fmt: skip
+        Input(
+            "threshold",
+            "INT",
+            "A pixel counts as changed when a colour channel moved by more than this many "
+            "8-bit levels. Lower keeps less of the original.",
+            default=DEFAULT_THRESHOLD,
+            min=0,
+            max=255,
+        ),
+        Input(
+            "grow",
+            "INT",
+            "Pixels added around the changed region, so the edit's soft edges come from the edited image.",
+            default=DEFAULT_GROW,
+            min=0,
+            max=64,
+        ),
+    )
     OUTPUTS = (
         Output("IMAGE", "image", "The edited image with the original's unchanged pixels."),
         Output("MASK", "changed", "1 where the pixels come from the edited image."),
@@ -78,8 +100,10 @@ class KontextCoreKeepUnchanged(KontextNode):
                 f"{edited.shape[2]}×{edited.shape[1]}; connect the scaled image that went into the edit"
             )
         if original.shape[0] not in (1, edited.shape[0]):
-            raise ValueError(f"{cls.NODE_ID}: input 'original' holds {original.shape[0]} images; expected 1, or as "
-                             f"many as 'edited' ({edited.shape[0]})")  # fmt: skip
+            raise ValueError(
+                f"{cls.NODE_ID}: input 'original' holds {original.shape[0]} images; expected 1, or as "
+                f"many as 'edited' ({edited.shape[0]})"
+            )
         before, after = (x[..., :3].movedim(-1, 1).float() for x in (original, edited))
         image, changed = keep_unchanged(before, after, threshold=threshold, grow=grow)
         return image.movedim(1, -1), changed
@@ -148,10 +172,12 @@ def folder_images(folder: str, pattern: str) -> tuple[str, list[str]]:
     if not pattern or "/" in pattern or "\\" in pattern or ".." in pattern:
         raise ValueError(f"input 'pattern' must be a file-name pattern such as '*.png', got {pattern!r}")
     files = sorted(
-        name for name in os.listdir(path)
-        if fnmatch.fnmatch(name.lower(), pattern.lower()) and name.lower().endswith(IMAGE_EXTENSIONS)
+        name
+        for name in os.listdir(path)
+        if fnmatch.fnmatch(name.lower(), pattern.lower())
+        and name.lower().endswith(IMAGE_EXTENSIONS)
         and os.path.isfile(os.path.join(path, name))
-    )  # fmt: skip
+    )
     return path, files
 
 
@@ -164,12 +190,15 @@ class KontextCoreLoadImageBatch(KontextNode):
         "client can queue one prompt per image by changing only the index."
     )
     INPUTS = (
-        Input("folder", "STRING", "Folder relative to ComfyUI's input folder (e.g. 'batch'); paths outside it "
-              "are refused.", default="batch"),
-        Input("pattern", "STRING", "File-name pattern, e.g. '*.png' or 'shot_*'. Only image files count.",
-              default="*"),
+        Input(
+            "folder",
+            "STRING",
+            "Folder relative to ComfyUI's input folder (e.g. 'batch'); paths outside it are refused.",
+            default="batch",
+        ),
+        Input("pattern", "STRING", "File-name pattern, e.g. '*.png' or 'shot_*'. Only image files count.", default="*"),
         Input("index", "INT", "Which image, counting from 0 in name order.", default=0, min=0, max=100_000),
-    )  # fmt: skip
+    )
     OUTPUTS = (
         Output("IMAGE", "image", "The image, [1, H, W, 3] in 0..1."),
         Output("STRING", "filename", "Its file name without extension (use it as the save prefix)."),
@@ -203,5 +232,9 @@ class KontextCoreLoadImageBatch(KontextNode):
 
 
 NODES = [
-    KontextCoreImageScale, KontextCoreKeepUnchanged, KontextCoreVAEEncode, KontextCoreVAEDecode, KontextCoreLoadImageBatch,
-]  # fmt: skip
+    KontextCoreImageScale,
+    KontextCoreKeepUnchanged,
+    KontextCoreVAEEncode,
+    KontextCoreVAEDecode,
+    KontextCoreLoadImageBatch,
+]

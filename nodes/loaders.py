@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 import kontext_core
-from kontext_core import math as kmath
+from kontext_core.model import flux_math as kmath
 from kontext_core.checkpoints import CheckpointError
-from kontext_core.lora import load_lora, unmatched_note
-from kontext_core.quant import WEIGHT_DTYPES, weight_options
+from kontext_core.runtime.lora import load_lora, unmatched_note
+from kontext_core.runtime.quant import WEIGHT_DTYPES, weight_options
 from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
 from ._comfy import (
@@ -53,17 +53,36 @@ class KontextCoreModelLoader(KontextNode):
         "with the Kontext Core engine. The model stays loaded between runs; picking another file frees the old one."
     )
     INPUTS = (
-        Input("model_name", "COMBO", "Transformer file in models/diffusion_models (or models/unet).",
-              options=lambda: list_models("diffusion_models")),
-        Input("weight_dtype", "COMBO", "How the weights are stored in memory: 'default' keeps the file's precision "
-              "(an fp8 file stays fp8); an fp8 choice casts a 16-bit file to fp8 to halve its memory.",
-              default="default", options=tuple(WEIGHT_DTYPES)),
-        Input("compute_dtype", "COMBO", "Precision of the arithmetic: 'auto' is bf16 on GPUs that support it, "
-              "fp16 on older GPUs, fp32 on a CPU.", default="auto", options=tuple(COMPUTE_DTYPES)),
-        Input("attention", "COMBO", "Attention kernel: 'auto' picks FlashAttention for half precision when it "
-              "is installed, else PyTorch SDPA. 'flash' and 'sage' need their packages.",
-              default="auto", options=kmath.ATTENTION_BACKENDS),
-    )  # fmt: skip
+        Input(
+            "model_name",
+            "COMBO",
+            "Transformer file in models/diffusion_models (or models/unet).",
+            options=lambda: list_models("diffusion_models"),
+        ),
+        Input(
+            "weight_dtype",
+            "COMBO",
+            "How the weights are stored in memory: 'default' keeps the file's precision "
+            "(an fp8 file stays fp8); an fp8 choice casts a 16-bit file to fp8 to halve its memory.",
+            default="default",
+            options=tuple(WEIGHT_DTYPES),
+        ),
+        Input(
+            "compute_dtype",
+            "COMBO",
+            "Precision of the arithmetic: 'auto' is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on a CPU.",
+            default="auto",
+            options=tuple(COMPUTE_DTYPES),
+        ),
+        Input(
+            "attention",
+            "COMBO",
+            "Attention kernel: 'auto' picks FlashAttention for half precision when it "
+            "is installed, else PyTorch SDPA. 'flash' and 'sage' need their packages.",
+            default="auto",
+            options=kmath.ATTENTION_BACKENDS,
+        ),
+    )
     OUTPUTS = (Output("KONTEXT_MODEL", "model", "The loaded Kontext transformer."),)
     _slot = ModelSlot()
 
@@ -100,14 +119,28 @@ class KontextCoreTextEncoderLoader(KontextNode):
         "t5xxl_fp16.safetensors and clip_l.safetensors), with ComfyUI's shipped tokenizers."
     )
     INPUTS = (
-        Input("t5_name", "COMBO", "T5-XXL encoder file (t5xxl_fp16, t5xxl_fp8_e4m3fn or its _scaled variant).",
-              options=lambda: list_models("text_encoders")),
-        Input("clip_name", "COMBO", "CLIP-L text encoder file (clip_l.safetensors).",
-              options=lambda: list_models("text_encoders")),
-        Input("t5_max_length", "COMBO", "Tokens T5 pads to. 'auto' is the tokenizer's own: 512 for T5-XXL, as "
-              "BFL and diffusers; 256 matches ComfyUI's own FLUX text encoder and is faster. The choice changes "
-              "the result.", default="auto", options=T5_LENGTHS),
-    )  # fmt: skip
+        Input(
+            "t5_name",
+            "COMBO",
+            "T5-XXL encoder file (t5xxl_fp16, t5xxl_fp8_e4m3fn or its _scaled variant).",
+            options=lambda: list_models("text_encoders"),
+        ),
+        Input(
+            "clip_name",
+            "COMBO",
+            "CLIP-L text encoder file (clip_l.safetensors).",
+            options=lambda: list_models("text_encoders"),
+        ),
+        Input(
+            "t5_max_length",
+            "COMBO",
+            "Tokens T5 pads to. 'auto' is the tokenizer's own: 512 for T5-XXL, as "
+            "BFL and diffusers; 256 matches ComfyUI's own FLUX text encoder and is faster. The choice changes "
+            "the result.",
+            default="auto",
+            options=T5_LENGTHS,
+        ),
+    )
     OUTPUTS = (Output("KONTEXT_TEXT_ENCODER", "text_encoder", "T5 + CLIP, ready for Kontext Text Encode."),)
     _slot = ModelSlot()
 
@@ -132,9 +165,14 @@ class KontextCoreTextEncoderLoader(KontextNode):
 
         def load():
             return kontext_core.load_text_encoder(
-                t5=t5, clip=clip, t5_max_length=None if t5_max_length == "auto" else int(t5_max_length),
-                device=device, dtype=dtype, comfyui_root=comfyui_root(), **tokenizers,
-            )  # fmt: skip
+                t5=t5,
+                clip=clip,
+                t5_max_length=None if t5_max_length == "auto" else int(t5_max_length),
+                device=device,
+                dtype=dtype,
+                comfyui_root=comfyui_root(),
+                **tokenizers,
+            )
 
         # the slot is keyed on the T5 file (the large one); the CLIP name and length go in the options
         return (cls._slot.get(t5, (clip, t5_max_length, str(device)), load),)
@@ -146,9 +184,13 @@ class KontextCoreVAELoader(KontextNode):
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads the 16-channel FLUX VAE (ae.safetensors) from models/vae."
     INPUTS = (
-        Input("vae_name", "COMBO", "FLUX VAE file in models/vae (ae.safetensors or a diffusers-named copy).",
-              options=lambda: list_models("vae")),
-    )  # fmt: skip
+        Input(
+            "vae_name",
+            "COMBO",
+            "FLUX VAE file in models/vae (ae.safetensors or a diffusers-named copy).",
+            options=lambda: list_models("vae"),
+        ),
+    )
     OUTPUTS = (Output("KONTEXT_VAE", "vae", "The FLUX autoencoder."),)
     _slot = ModelSlot()
 
@@ -178,9 +220,16 @@ class KontextCoreLoraLoader(KontextNode):
     INPUTS = (
         Input("model", "KONTEXT_MODEL", "From Kontext Model Loader, or another Kontext LoRA Loader."),
         Input("lora_name", "COMBO", "LoRA file in models/loras.", options=lambda: list_models("loras")),
-        Input("strength", "FLOAT", "How much of the LoRA to add: 1.0 as trained, 0 leaves the model as it is, "
-              "negative values subtract it.", default=1.0, min=-100.0, max=100.0, step=0.01),
-    )  # fmt: skip
+        Input(
+            "strength",
+            "FLOAT",
+            "How much of the LoRA to add: 1.0 as trained, 0 leaves the model as it is, negative values subtract it.",
+            default=1.0,
+            min=-100.0,
+            max=100.0,
+            step=0.01,
+        ),
+    )
     OUTPUTS = (Output("KONTEXT_MODEL", "model", "The model with this LoRA added."),)
 
     @classmethod

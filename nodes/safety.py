@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from kontext_core.safety import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, TOLERANCE_HELP
+from kontext_core.policy.safety import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, TOLERANCE_HELP
 
 from ._comfy import Input, KontextNode, Output, image_input
 
@@ -22,7 +22,7 @@ class SafetyBlockedError(RuntimeError):
 def _engine():
     # the engine's checks behind one seam, which the tests replace with a fake classifier (the real one loads
     # only when an image is checked)
-    from kontext_core import safety
+    from kontext_core.policy import safety
 
     return safety
 
@@ -47,9 +47,14 @@ class KontextCoreSafetyFilter(KontextNode):
     INPUTS = (
         Input("prompt", "STRING", "The prompt to check.", default="", multiline=True),
         Input("tolerance", "INT", TOLERANCE_HELP, default=DEFAULT_TOLERANCE, min=MIN_TOLERANCE, max=MAX_TOLERANCE),
-        Input("action", "COMBO", "'block' raises an error and stops the run; 'flag' only reports.",
-              default="block", options=("block", "flag")),
-    )  # fmt: skip
+        Input(
+            "action",
+            "COMBO",
+            "'block' raises an error and stops the run; 'flag' only reports.",
+            default="block",
+            options=("block", "flag"),
+        ),
+    )
     OUTPUTS = (
         Output("STRING", "prompt", "The prompt, unchanged."),
         Output("BOOLEAN", "flagged", "True when the prompt would be blocked at this tolerance."),
@@ -88,9 +93,15 @@ class KontextCoreSafetyFilterImage(KontextNode):
     INPUTS = (
         Input("image", "IMAGE", "The image batch to check."),
         Input("tolerance", "INT", TOLERANCE_HELP, default=DEFAULT_TOLERANCE, min=MIN_TOLERANCE, max=MAX_TOLERANCE),
-        Input("action", "COMBO", "'block' raises an error; 'blur' blurs flagged images beyond recognition; "
-              "'blank' replaces them with black.", default="block", options=("block", "blur", "blank")),
-    )  # fmt: skip
+        Input(
+            "action",
+            "COMBO",
+            "'block' raises an error; 'blur' blurs flagged images beyond recognition; "
+            "'blank' replaces them with black.",
+            default="block",
+            options=("block", "blur", "blank"),
+        ),
+    )
     OUTPUTS = (
         Output("IMAGE", "image", "The batch, flagged images hidden (unless the action is 'block')."),
         Output("BOOLEAN", "flagged", "True when any image was flagged."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kontext_core import sampling
-from kontext_core.lora import use_loras
+from kontext_core.runtime.lora import use_loras
 
 from ._comfy import (
     Input,
@@ -54,39 +54,107 @@ class KontextCoreSampler(KontextNode):
     )
     INPUTS = (
         Input("model", "KONTEXT_MODEL", "From Kontext Model Loader (or Kontext LoRA Loader)."),
-        Input("positive", "CONDITIONING", "The instruction, with the images to edit attached by Kontext "
-              "Reference Latent."),
-        Input("seed", "INT", "Seed of the starting noise, drawn on the CPU in fp32 as BFL's code draws it there: a "
-              "seed gives the same noise on every device.", default=0, min=0, max=MAX_SEED, control_after_generate=True),
-        Input("steps", "INT", "Denoising steps. 28 is Kontext's default; 20 is usually enough.",
-              default=28, min=1, max=50),
-        Input("guidance", "FLOAT", "Distilled guidance. -1 uses the value stored in the positive conditioning "
-              "(Kontext Text Encode / FluxGuidance), or 2.5 if it has none; 0 or more overrides it.",
-              default=-1.0, min=-1.0, max=100.0, step=0.1),
-        Input("denoise", "FLOAT", "1.0 starts from pure noise. Below 1 the connected latent is the starting "
-              "image and only the last part of the schedule runs.", default=1.0, min=0.01, max=1.0, step=0.01),
-        Input("width", "INT", "Output width in pixels when no latent is connected (multiple of 16).",
-              default=1024, min=16, max=4096, step=16),
-        Input("height", "INT", "Output height in pixels when no latent is connected (multiple of 16).",
-              default=1024, min=16, max=4096, step=16),
-        Input("batch_size", "INT", "Images per run when no latent is connected (a connected latent's batch "
-              "size wins).", default=1, min=1, max=16),
-        Input("true_cfg_scale", "FLOAT", "True classifier-free guidance against the negative prompt. 1.0 is "
-              "off (one model pass per step); above 1 doubles the work.", default=1.0, min=1.0, max=10.0,
-              step=0.1),
-        Input("negative", "CONDITIONING", "Optional negative prompt, used only when true_cfg_scale > 1.",
-              optional=True),
-        Input("latent", "LATENT", "Optional: sets the output size (and batch), and is the starting image when "
-              "denoise < 1. Usually the edited image's latent.", optional=True),
-    )  # fmt: skip
+        Input(
+            "positive", "CONDITIONING", "The instruction, with the images to edit attached by Kontext Reference Latent."
+        ),
+        Input(
+            "seed",
+            "INT",
+            "Seed of the starting noise, drawn on the CPU in fp32 as BFL's code draws it there: a "
+            "seed gives the same noise on every device.",
+            default=0,
+            min=0,
+            max=MAX_SEED,
+            control_after_generate=True,
+        ),
+        Input(
+            "steps", "INT", "Denoising steps. 28 is Kontext's default; 20 is usually enough.", default=28, min=1, max=50
+        ),
+        Input(
+            "guidance",
+            "FLOAT",
+            "Distilled guidance. -1 uses the value stored in the positive conditioning "
+            "(Kontext Text Encode / FluxGuidance), or 2.5 if it has none; 0 or more overrides it.",
+            default=-1.0,
+            min=-1.0,
+            max=100.0,
+            step=0.1,
+        ),
+        Input(
+            "denoise",
+            "FLOAT",
+            "1.0 starts from pure noise. Below 1 the connected latent is the starting "
+            "image and only the last part of the schedule runs.",
+            default=1.0,
+            min=0.01,
+            max=1.0,
+            step=0.01,
+        ),
+        Input(
+            "width",
+            "INT",
+            "Output width in pixels when no latent is connected (multiple of 16).",
+            default=1024,
+            min=16,
+            max=4096,
+            step=16,
+        ),
+        Input(
+            "height",
+            "INT",
+            "Output height in pixels when no latent is connected (multiple of 16).",
+            default=1024,
+            min=16,
+            max=4096,
+            step=16,
+        ),
+        Input(
+            "batch_size",
+            "INT",
+            "Images per run when no latent is connected (a connected latent's batch size wins).",
+            default=1,
+            min=1,
+            max=16,
+        ),
+        Input(
+            "true_cfg_scale",
+            "FLOAT",
+            "True classifier-free guidance against the negative prompt. 1.0 is "
+            "off (one model pass per step); above 1 doubles the work.",
+            default=1.0,
+            min=1.0,
+            max=10.0,
+            step=0.1,
+        ),
+        Input(
+            "negative", "CONDITIONING", "Optional negative prompt, used only when true_cfg_scale > 1.", optional=True
+        ),
+        Input(
+            "latent",
+            "LATENT",
+            "Optional: sets the output size (and batch), and is the starting image when "
+            "denoise < 1. Usually the edited image's latent.",
+            optional=True,
+        ),
+    )
     OUTPUTS = (Output("LATENT", "latent", "The result in raw VAE space (decode with Kontext VAE Decode)."),)
 
     @classmethod
     def run(
-        cls, model, positive, seed: int, steps: int, guidance: float = -1.0, denoise: float = 1.0,
-        width: int = 1024, height: int = 1024, batch_size: int = 1, true_cfg_scale: float = 1.0,
-        negative=None, latent=None,
-    ):  # fmt: skip
+        cls,
+        model,
+        positive,
+        seed: int,
+        steps: int,
+        guidance: float = -1.0,
+        denoise: float = 1.0,
+        width: int = 1024,
+        height: int = 1024,
+        batch_size: int = 1,
+        true_cfg_scale: float = 1.0,
+        negative=None,
+        latent=None,
+    ):
         model, loras = model_input(cls, "model", model)
         txt, meta = _single(cls, "positive", positive)
         if guidance < 0:
@@ -97,8 +165,10 @@ class KontextCoreSampler(KontextNode):
         if latent is not None:
             raw = latent_input(cls, "latent", latent)
             if "noise_mask" in latent:
-                raise ValueError(f"{cls.NODE_ID}: input 'latent' carries a noise_mask (Set Latent Noise Mask), which "
-                                 "Kontext does not use; say in the instruction what to change instead")  # fmt: skip
+                raise ValueError(
+                    f"{cls.NODE_ID}: input 'latent' carries a noise_mask (Set Latent Noise Mask), which "
+                    "Kontext does not use; say in the instruction what to change instead"
+                )
             _check_even(cls, "latent", raw, "the latent")
             batch_size, height, width = raw.shape[0], raw.shape[2] * 8, raw.shape[3] * 8
             init = sampling.latent_to_model(raw.float()) if denoise < 1.0 else None
@@ -122,8 +192,10 @@ class KontextCoreSampler(KontextNode):
                 raise ValueError(f"{cls.NODE_ID}: input 'positive': {what} is not a FLUX latent [B, 16, h, w]")
             _check_even(cls, "positive", reference, what)
             if reference.shape[0] not in (1, batch_size):
-                raise ValueError(f"{cls.NODE_ID}: input 'positive': {what} holds {reference.shape[0]} images; "
-                                 f"expected 1 or the output's batch of {batch_size}")  # fmt: skip
+                raise ValueError(
+                    f"{cls.NODE_ID}: input 'positive': {what} holds {reference.shape[0]} images; "
+                    f"expected 1 or the output's batch of {batch_size}"
+                )
             references.append(sampling.latent_to_model(reference.float()))
         try:
             method = reference_method(meta.get("reference_latents_method") or "offset")
@@ -134,10 +206,20 @@ class KontextCoreSampler(KontextNode):
         with torch.no_grad(), interruptible(model):
             use_loras(model, loras)  # exactly this branch's LoRAs: those of an earlier run come off
             out = sampling.sample(
-                model, noise, txt, meta["pooled_output"], references=references, reference_method=method,
-                steps=steps, guidance=guidance, denoise=denoise, init_latent=init, negative=neg,
-                true_cfg_scale=true_cfg_scale, callback=step_callback(steps),
-            )  # fmt: skip
+                model,
+                noise,
+                txt,
+                meta["pooled_output"],
+                references=references,
+                reference_method=method,
+                steps=steps,
+                guidance=guidance,
+                denoise=denoise,
+                init_latent=init,
+                negative=neg,
+                true_cfg_scale=true_cfg_scale,
+                callback=step_callback(steps),
+            )
         return ({"samples": sampling.latent_from_model(out).float().cpu()},)
 
 

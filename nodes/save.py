@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kontext_core import provenance
+from kontext_core.policy import provenance
 from kontext_core.small_model import BUILTIN_PREFIX
 
 from . import _comfy
@@ -55,8 +55,9 @@ def signing_config(c2pa_cert: str, c2pa_key: str) -> provenance.SigningConfig | 
         user = _comfy.user_directory()
         if user is None:
             raise ValueError("inputs 'c2pa_cert'/'c2pa_key' are resolved in ComfyUI's user folder, unknown here")
-        config = provenance.SigningConfig(Path(_inside(user, c2pa_cert, "c2pa_cert")),
-                                          Path(_inside(user, c2pa_key, "c2pa_key")))  # fmt: skip
+        config = provenance.SigningConfig(
+            Path(_inside(user, c2pa_cert, "c2pa_cert")), Path(_inside(user, c2pa_key, "c2pa_key"))
+        )
         origins = ("input 'c2pa_cert'", "input 'c2pa_key'")
     else:
         try:
@@ -94,16 +95,22 @@ def model_label(prompt, node_id=None) -> str:
     nodes = _upstream(graph, node_id) if node_id is not None and str(node_id) in graph else list(graph.values())
 
     def inputs_of(class_type: str) -> list[dict]:
-        return [n["inputs"] for n in nodes if isinstance(n, dict) and n.get("class_type") == class_type
-                and isinstance(n.get("inputs"), dict)]  # fmt: skip
+        return [
+            n["inputs"]
+            for n in nodes
+            if isinstance(n, dict) and n.get("class_type") == class_type and isinstance(n.get("inputs"), dict)
+        ]
 
     names = {i["model_name"] for i in inputs_of("KontextCoreModelLoader") if isinstance(i.get("model_name"), str)}
     if len(names) != 1:
         return "FLUX.1 Kontext"
     name = names.pop()
     label = provenance.model_name(name.removeprefix(BUILTIN_PREFIX), builtin=name.startswith(BUILTIN_PREFIX))
-    loras = [(i["lora_name"], _value(graph, i.get("strength"))) for i in inputs_of("KontextCoreLoraLoader")
-             if isinstance(i.get("lora_name"), str)]  # fmt: skip
+    loras = [
+        (i["lora_name"], _value(graph, i.get("strength")))
+        for i in inputs_of("KontextCoreLoraLoader")
+        if isinstance(i.get("lora_name"), str)
+    ]
     return provenance.with_loras(label, [(n, s) for n, s in loras if s != 0])  # at 0 the node passes the model on
 
 
@@ -128,24 +135,53 @@ class KontextCoreSaveImage(KontextNode):
     )
     INPUTS = (
         Input("images", "IMAGE", "The images to save."),
-        Input("filename_prefix", "STRING", "File name prefix; may include subfolders of the output folder.",
-              default="kontext/edit"),
-        Input("c2pa_cert", "STRING", "Optional C2PA certificate chain (PEM), relative to ComfyUI's user folder. "
-              "Empty: use the KONTEXT_C2PA_CERT_CHAIN environment variable if set, else no signature.", default=""),
-        Input("c2pa_key", "STRING", "Private key (PEM) for the certificate, relative to ComfyUI's user folder "
-              "(or KONTEXT_C2PA_PRIVATE_KEY).", default=""),
-        Input("source_image", "IMAGE", "Optional: the image that was edited. Its presence records the result as an "
-              "edit (C2PA 'edited', with the source as ingredient) instead of a new creation.", optional=True),
-    )  # fmt: skip
+        Input(
+            "filename_prefix",
+            "STRING",
+            "File name prefix; may include subfolders of the output folder.",
+            default="kontext/edit",
+        ),
+        Input(
+            "c2pa_cert",
+            "STRING",
+            "Optional C2PA certificate chain (PEM), relative to ComfyUI's user folder. "
+            "Empty: use the KONTEXT_C2PA_CERT_CHAIN environment variable if set, else no signature.",
+            default="",
+        ),
+        Input(
+            "c2pa_key",
+            "STRING",
+            "Private key (PEM) for the certificate, relative to ComfyUI's user folder (or KONTEXT_C2PA_PRIVATE_KEY).",
+            default="",
+        ),
+        Input(
+            "source_image",
+            "IMAGE",
+            "Optional: the image that was edited. Its presence records the result as an "
+            "edit (C2PA 'edited', with the source as ingredient) instead of a new creation.",
+            optional=True,
+        ),
+    )
     HIDDEN = ("prompt", "extra_pnginfo", "unique_id")
     OUTPUT_NODE = True
 
     @classmethod
-    def run(cls, images, filename_prefix: str, c2pa_cert: str = "", c2pa_key: str = "", source_image=None,
-            prompt=None, extra_pnginfo=None, unique_id=None):  # fmt: skip
+    def run(
+        cls,
+        images,
+        filename_prefix: str,
+        c2pa_cert: str = "",
+        c2pa_key: str = "",
+        source_image=None,
+        prompt=None,
+        extra_pnginfo=None,
+        unique_id=None,
+    ):
         images = image_input(cls, "images", images)
         signing = signing_config(c2pa_cert.strip(), c2pa_key.strip())
-        sources = [_to_pil(s) for s in image_input(cls, "source_image", source_image)] if source_image is not None else []
+        sources = (
+            [_to_pil(s) for s in image_input(cls, "source_image", source_image)] if source_image is not None else []
+        )
         model = model_label(prompt, unique_id)
         if _comfy.metadata_disabled():  # the user's privacy choice; the AI disclosure and C2PA stay
             prompt, extra_pnginfo = None, None
@@ -157,9 +193,15 @@ class KontextCoreSaveImage(KontextNode):
         for image, name in zip(images, names):
             path = os.path.join(output_dir, subfolder, name)
             provenance.save_png(
-                _to_pil(image), path, prompt=prompt, workflow=workflow, model=model, inputs=sources, signing=signing,
+                _to_pil(image),
+                path,
+                prompt=prompt,
+                workflow=workflow,
+                model=model,
+                inputs=sources,
+                signing=signing,
                 extra_text={k: json.dumps(v) for k, v in extra.items()},
-            )  # fmt: skip
+            )
             saved.append({"filename": name, "subfolder": subfolder, "type": "output"})
         return NodeResult((), ui={"images": saved})
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from kontext_core.config import FluxParams
-from kontext_core.model import Flux
+from kontext_core.model.config import FluxParams
+from kontext_core.model.flux import Flux
 from kontext_core.sampling import position_ids
 
 DATA = Path(__file__).parent / "data"
@@ -29,10 +29,14 @@ def flux_inputs(params: FluxParams, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Forward inputs for a 3×4-token image, 5 text tokens (non-square everywhere)."""
     gen = torch.Generator().manual_seed(seed)
     return (
-        torch.randn(1, 12, 64, generator=gen), position_ids(3, 4)[None],
-        torch.randn(1, 5, params.context_in_dim, generator=gen), torch.zeros(1, 5, 3), torch.tensor([0.6]),
-        torch.randn(1, params.vec_in_dim, generator=gen), torch.tensor([2.5]),
-    )  # fmt: skip
+        torch.randn(1, 12, 64, generator=gen),
+        position_ids(3, 4)[None],
+        torch.randn(1, 5, params.context_in_dim, generator=gen),
+        torch.zeros(1, 5, 3),
+        torch.tensor([0.6]),
+        torch.randn(1, params.vec_in_dim, generator=gen),
+        torch.tensor([2.5]),
+    )
 
 
 def save_state(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -124,17 +128,30 @@ def diffusers_folder(model: Flux, folder: Path, shard_bytes: int = 200_000) -> P
         weight_map.update(dict.fromkeys(shard, name))
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     config = {
-        "_class_name": "FluxTransformer2DModel", "in_channels": p.in_channels, "num_layers": p.depth,
-        "num_single_layers": p.depth_single_blocks, "attention_head_dim": p.hidden_size // p.num_heads,
-        "num_attention_heads": p.num_heads, "joint_attention_dim": p.context_in_dim,
-        "pooled_projection_dim": p.vec_in_dim, "guidance_embeds": p.guidance_embed, "axes_dims_rope": list(p.axes_dim),
-    }  # fmt: skip
+        "_class_name": "FluxTransformer2DModel",
+        "in_channels": p.in_channels,
+        "num_layers": p.depth,
+        "num_single_layers": p.depth_single_blocks,
+        "attention_head_dim": p.hidden_size // p.num_heads,
+        "num_attention_heads": p.num_heads,
+        "joint_attention_dim": p.context_in_dim,
+        "pooled_projection_dim": p.vec_in_dim,
+        "guidance_embeds": p.guidance_embed,
+        "axes_dims_rope": list(p.axes_dim),
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
-def write_gguf(path, state: dict[str, torch.Tensor], *, prefix: str = "", architecture: str | None = "flux",
-               fields=(), quantized_kinds=None) -> dict[str, torch.Tensor]:
+def write_gguf(
+    path,
+    state: dict[str, torch.Tensor],
+    *,
+    prefix: str = "",
+    architecture: str | None = "flux",
+    fields=(),
+    quantized_kinds=None,
+) -> dict[str, torch.Tensor]:
     """A GGUF file as ComfyUI-GGUF's converter writes one (the `gguf` package's writer and quantizers): each 2-D
     weight whose rows fit 32-value blocks in one of `quantized_kinds` in turn (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16
     by default), the others F16 (2-D) or F32; `architecture=None` writes none, as stable-diffusion.cpp does.

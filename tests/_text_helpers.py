@@ -13,11 +13,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from kontext_core.small_model.tokenizers import byte_symbols
 
 SENTENCES = [
-    "make the car red", "remove the stain from the shirt", "turn the sky into a sunset",
-    "add a small blue circle at the top left", "restyle the image as a pencil drawing",
-    "a photo of a cat sitting on a wooden table", "change the background to a beach",
-    "replace the logo with the text hello", "make it look like winter with snow everywhere",
-]  # fmt: skip
+    "make the car red",
+    "remove the stain from the shirt",
+    "turn the sky into a sunset",
+    "add a small blue circle at the top left",
+    "restyle the image as a pencil drawing",
+    "a photo of a cat sitting on a wooden table",
+    "change the background to a beach",
+    "replace the logo with the text hello",
+    "make it look like winter with snow everywhere",
+]
 CLIP_WORDS = ["make", "the", "car", "red", "sky", "cat", "photo", "sunset"]
 
 
@@ -46,10 +51,18 @@ def write_t5_tokenizer(folder: Path) -> Path:
     """A sentencepiece unigram model with T5's special ids (pad 0, eos 1, unk 2), as `spiece.model`."""
     folder.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 4), model_prefix=str(folder / "spiece"), vocab_size=70,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, num_threads=1,
+        sentence_iterator=iter(SENTENCES * 4),
+        model_prefix=str(folder / "spiece"),
+        vocab_size=70,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        num_threads=1,
         minloglevel=2,
-    )  # fmt: skip
+    )
     (folder / "spiece.vocab").unlink()
     (folder / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 0, "legacy": False}))
     return folder
@@ -57,18 +70,35 @@ def write_t5_tokenizer(folder: Path) -> Path:
 
 def tiny_t5(vocab: int, seed: int = 0) -> T5EncoderModel:
     # non-square on purpose: attention width 4·6 = 24 ≠ d_model 40; buckets 8 ≠ T5-XXL's 32
-    config = T5Config(vocab_size=vocab, d_model=40, d_kv=6, d_ff=56, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-                      use_cache=False)  # fmt: skip
+    config = T5Config(
+        vocab_size=vocab,
+        d_model=40,
+        d_kv=6,
+        d_ff=56,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
     return randomize_(T5EncoderModel(config), seed, std=0.3).eval()
 
 
 def tiny_clip(vocab: int, seed: int = 1, heads: int = 2, eos_token_id: int | None = None) -> CLIPTextModel:
     # 128 wide with 64-wide heads, so a file without a config infers the same heads as CLIP-L's rule
-    config = CLIPTextConfig(vocab_size=vocab, hidden_size=128, intermediate_size=200, num_hidden_layers=2,
-                            num_attention_heads=heads, max_position_embeddings=77, hidden_act="quick_gelu",
-                            bos_token_id=vocab - 2, eos_token_id=vocab - 1 if eos_token_id is None else eos_token_id,
-                            pad_token_id=1)  # fmt: skip
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=200,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1 if eos_token_id is None else eos_token_id,
+        pad_token_id=1,
+    )
     return randomize_(CLIPTextModel(config), seed, std=0.3).eval()
 
 

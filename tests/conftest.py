@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tiny_models import tiny_flux_model
 
-from kontext_core.model import Flux
+from kontext_core.model.flux import Flux
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import diffusers
 import torch
 
-from kontext_core.model import Flux
+from kontext_core.model.flux import Flux
 
 
 def bfl_to_diffusers(sd: dict[str, torch.Tensor], hidden: int) -> dict[str, torch.Tensor]:
@@ -13,7 +13,8 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], hidden: int) -> dict[str, torc
     own converter (diffusers' single-file converter hard-codes the 12B width and cannot take a tiny model)."""
     out: dict[str, torch.Tensor] = {}
     simple = {
-        "img_in": "x_embedder", "txt_in": "context_embedder",
+        "img_in": "x_embedder",
+        "txt_in": "context_embedder",
         "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
         "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
         "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
@@ -23,17 +24,24 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], hidden: int) -> dict[str, torc
         "final_layer.linear": "proj_out",
     }
     double = {
-        "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
-        "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
-        "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
-        "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
-        "img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+        "img_mod.lin": "norm1.linear",
+        "txt_mod.lin": "norm1_context.linear",
+        "img_attn.proj": "attn.to_out.0",
+        "txt_attn.proj": "attn.to_add_out",
+        "img_mlp.0": "ff.net.0.proj",
+        "img_mlp.2": "ff.net.2",
+        "txt_mlp.0": "ff_context.net.0.proj",
+        "txt_mlp.2": "ff_context.net.2",
+        "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+        "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
         "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
         "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
     }
     single = {
-        "linear2": "proj_out", "modulation.lin": "norm.linear",
-        "norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight",
+        "linear2": "proj_out",
+        "modulation.lin": "norm.linear",
+        "norm.query_norm.scale": "attn.norm_q.weight",
+        "norm.key_norm.scale": "attn.norm_k.weight",
     }
     for key, value in sd.items():
         parts = key.split(".")
@@ -41,12 +49,14 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], hidden: int) -> dict[str, torc
             i, rest = parts[1], ".".join(parts[2:])
             base = f"transformer_blocks.{i}."
             if rest.startswith(("img_attn.qkv", "txt_attn.qkv")):
-                names = ("to_q", "to_k", "to_v") if rest.startswith("img") else ("add_q_proj", "add_k_proj", "add_v_proj")
+                names = (
+                    ("to_q", "to_k", "to_v") if rest.startswith("img") else ("add_q_proj", "add_k_proj", "add_v_proj")
+                )
                 for name, chunk in zip(names, value.chunk(3)):
                     out[f"{base}attn.{name}.{parts[-1]}"] = chunk
                 continue
             stem = next(k for k in double if rest.startswith(k))
-            out[base + double[stem] + rest[len(stem):]] = value
+            out[base + double[stem] + rest[len(stem) :]] = value
         elif parts[0] == "single_blocks":
             i, rest = parts[1], ".".join(parts[2:])
             base = f"single_transformer_blocks.{i}."
@@ -56,7 +66,7 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], hidden: int) -> dict[str, torc
                     out[f"{base}{name}.{parts[-1]}"] = chunk
                 continue
             stem = next(k for k in single if rest.startswith(k))
-            out[base + single[stem] + rest[len(stem):]] = value
+            out[base + single[stem] + rest[len(stem) :]] = value
         elif key.startswith("final_layer.adaLN_modulation.1"):
             shift, scale = value.chunk(2)  # BFL stores (shift, scale), diffusers (scale, shift)
             out["norm_out.linear." + parts[-1]] = torch.cat((scale, shift))
@@ -72,10 +82,15 @@ def diffusers_twin(model: Flux, share_weights: bool = False) -> torch.nn.Module:
     p = model.params
     with torch.device("meta" if share_weights else "cpu"):
         twin = diffusers.FluxTransformer2DModel(
-            in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
-            attention_head_dim=p.hidden_size // p.num_heads, num_attention_heads=p.num_heads,
-            joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim,
-            guidance_embeds=p.guidance_embed, axes_dims_rope=tuple(p.axes_dim),
-        )  # fmt: skip
+            in_channels=p.in_channels,
+            num_layers=p.depth,
+            num_single_layers=p.depth_single_blocks,
+            attention_head_dim=p.hidden_size // p.num_heads,
+            num_attention_heads=p.num_heads,
+            joint_attention_dim=p.context_in_dim,
+            pooled_projection_dim=p.vec_in_dim,
+            guidance_embeds=p.guidance_embed,
+            axes_dims_rope=tuple(p.axes_dim),
+        )
     twin.load_state_dict(bfl_to_diffusers(model.state_dict(), p.hidden_size), strict=True, assign=share_weights)
     return twin.eval().requires_grad_(False)

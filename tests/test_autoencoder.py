@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import save_file
 from tiny_models import randomize_
 
-from kontext_core import autoencoder, load_vae
-from kontext_core.autoencoder import AutoEncoder, decode_tiled
+from kontext_core import load_vae
+
+from kontext_core.model import autoencoder
+from kontext_core.model.autoencoder import AutoEncoder, decode_tiled
 from kontext_core.checkpoints import CheckpointError
 from kontext_core.checkpoints.autoencoder import diffusers_vae_key_to_bfl, is_vae_checkpoint
-from kontext_core.config import AutoEncoderParams
+from kontext_core.model.config import AutoEncoderParams
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -34,11 +36,19 @@ def flux_like_kl(
 ) -> torch.nn.Module:
     """diffusers' AutoencoderKL configured as FLUX's VAE (16 channels, no quant convs)."""
     return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=widths,
-        down_block_types=("DownEncoderBlock2D",) * len(widths), up_block_types=("UpDecoderBlock2D",) * len(widths),
-        layers_per_block=layers, norm_num_groups=groups, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=scaling_factor, shift_factor=shift_factor,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        layers_per_block=layers,
+        norm_num_groups=groups,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
 
 
 def tiny_kl(seed: int = 0, **extra) -> torch.nn.Module:
@@ -242,9 +252,12 @@ def test_tiled_decode_within_documented_tolerance(vae):
 
 def test_sd_vae_refused(tmp_path):
     kl4 = diffusers.AutoencoderKL(
-        latent_channels=4, block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
-    )  # fmt: skip
+        latent_channels=4,
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32,
+    )
     kl4.save_pretrained(tmp_path, safe_serialization=True)
     assert is_vae_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match=rf"{tmp_path.name}: .*4 latent channels.*16-channel FLUX VAE"):

@@ -208,6 +208,8 @@ def test_shards_without_an_index_load_only_as_a_whole_set(tiny, tmp_path):
     # one tensor in two shards: which copy wins would be an accident of reading order
     save_file({keys[0]: state[keys[0]]}, folder / "extra.safetensors")
     weight_map = {k: f"model-0000{p}-of-00002.safetensors" for p, names in halves.items() for k in names}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**weight_map, "x": "extra.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {**weight_map, "x": "extra.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match=f"tensor '{keys[0]}' is in both"):
         open_tensors(folder, weights_name="model")

@@ -20,8 +20,26 @@ from benchmarks import bench
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "tiny.json"
-    argv = ["--size", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--modes", "exact,fast,fp8,offload",
-            "--fast-sweep", "2", "--sweep-prompts", "1", "--sweep-seeds", "2", "--json", str(path)]  # fmt: skip
+    argv = [
+        "--size",
+        "tiny",
+        "--device",
+        "cpu",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--modes",
+        "exact,fast,fp8,offload",
+        "--fast-sweep",
+        "2",
+        "--sweep-prompts",
+        "1",
+        "--sweep-seeds",
+        "2",
+        "--json",
+        str(path),
+    ]
     returned = bench.main(argv)
     return returned, json.loads(path.read_text())
 

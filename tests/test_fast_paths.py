@@ -9,10 +9,10 @@ import torch
 from test_transformer_parity import kontext_inputs
 from tiny_models import tiny_flux_model
 
-from kontext_core import math as kmath
-from kontext_core.compile import CudaGraphForward, is_compiled, optimize
-from kontext_core.offload import offload
-from kontext_core.reference_cache import ReferenceKV
+from kontext_core.model import flux_math as kmath
+from kontext_core.runtime.compile import CudaGraphForward, is_compiled, optimize
+from kontext_core.runtime.offload import offload
+from kontext_core.model.reference_cache import ReferenceKV
 from kontext_core.sampling import sample
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -113,8 +113,16 @@ def test_sampling_loop_has_no_host_sync():
 
     try:
         sample(model, noise.cuda(), txt, y, references=[r.cuda() for r in refs], steps=3, callback=strict)
-        sample(model, noise.cuda(), txt, y, references=[r.cuda() for r in refs], steps=4, callback=strict,
-               reference_cache_every=2)  # fmt: skip
+        sample(
+            model,
+            noise.cuda(),
+            txt,
+            y,
+            references=[r.cuda() for r in refs],
+            steps=4,
+            callback=strict,
+            reference_cache_every=2,
+        )
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -265,13 +273,15 @@ def test_the_reference_cache_holds_only_the_reference_tokens():
 def _a_lora(model):
     gen = torch.Generator().manual_seed(4)
     qkv = model.double_blocks[0].img_attn.qkv
-    return {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(qkv.out_features, 2, generator=gen),
-            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, qkv.in_features, generator=gen)}  # fmt: skip
+    return {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(qkv.out_features, 2, generator=gen),
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, qkv.in_features, generator=gen),
+    }
 
 
 @torch.no_grad()
 def test_loras_do_not_change_underneath_an_offload():
-    from kontext_core.lora import apply_lora
+    from kontext_core.runtime.lora import apply_lora
 
     model = tiny_flux_model(seed=9)
     args = kontext_inputs(model.params, batch=1)
@@ -291,7 +301,7 @@ def test_loras_do_not_change_underneath_an_offload():
 @cuda
 @torch.no_grad()
 def test_cuda_graphs_are_captured_again_when_a_lora_changes_the_weights():
-    from kontext_core.lora import apply_lora
+    from kontext_core.runtime.lora import apply_lora
 
     model = tiny_flux_model(seed=10).cuda()
     args = [a.cuda() if a is not None else None for a in kontext_inputs(model.params, batch=1)]

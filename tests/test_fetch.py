@@ -15,9 +15,9 @@ import pytest
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError
 
-from kontext_core import fetch as fetch_mod
-from kontext_core.discovery import KONTEXT_REPO, TEXT_ENCODERS_REPO, resolve_model_files
-from kontext_core.fetch import FetchError, HashMismatchError, add_fetch_parser, fetch, files_to_fetch, run_fetch
+from kontext_core.tools import fetch as fetch_mod
+from kontext_core.tools.discovery import KONTEXT_REPO, TEXT_ENCODERS_REPO, resolve_model_files
+from kontext_core.tools.fetch import FetchError, HashMismatchError, add_fetch_parser, fetch, files_to_fetch, run_fetch
 
 REV = "c" * 40
 CONTENT = {

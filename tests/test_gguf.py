@@ -14,7 +14,7 @@ from tiny_models import tiny_flux_model
 
 import kontext_core
 from kontext_core.checkpoints import CheckpointError
-from kontext_core.checkpoints.inspect import describe
+from kontext_core.checkpoints.summary import describe
 from kontext_core.checkpoints.safetensors_io import open_tensors
 
 gguf = pytest.importorskip("gguf")
@@ -71,7 +71,9 @@ def test_k_quants_and_recorded_shapes_reach_the_model_as_the_reference_dequantiz
 def test_fp8_on_request_and_what_is_refused(tmp_path, monkeypatch):
     model = tiny_flux_model(seed=5)
     write_gguf(tmp_path / "kontext.gguf", model.state_dict())
-    fp8 = kontext_core.load_transformer(tmp_path / "kontext.gguf", dtype=torch.float32, weight_dtype=torch.float8_e4m3fn)
+    fp8 = kontext_core.load_transformer(
+        tmp_path / "kontext.gguf", dtype=torch.float32, weight_dtype=torch.float8_e4m3fn
+    )
     assert fp8.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
 
     write_gguf(tmp_path / "t5.gguf", {"enc.blk.0.attn_q.weight": torch.zeros(64, 64)}, architecture="t5encoder")

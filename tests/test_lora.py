@@ -9,13 +9,13 @@ from tiny_models import tiny_flux_model
 
 from kontext_core import load_transformer
 from kontext_core.checkpoints import CheckpointError
-from kontext_core.lora import LoraFactor, apply_lora, load_lora, remove_lora, use_loras
-from kontext_core.quant import Fp8Linear
+from kontext_core.runtime.lora import LoraFactor, apply_lora, load_lora, remove_lora, use_loras
+from kontext_core.runtime.quant import Fp8Linear
 
 H = 64  # tiny model hidden size; its MLP is 4 × 64 = 256 wide
 
 # (name in the LoRA file, BFL layer, rows of that layer, halves swapped); written out by hand from the
-# layouts, independently of kontext_core.lora's tables
+# layouts, independently of kontext_core.runtime.lora's tables
 DIFFUSERS_TARGETS = [
     ("transformer_blocks.0.attn.to_q", "double_blocks.0.img_attn.qkv", slice(0, H), False),
     ("transformer_blocks.0.attn.to_k", "double_blocks.0.img_attn.qkv", slice(H, 2 * H), False),
@@ -32,9 +32,14 @@ DIFFUSERS_TARGETS = [
     ("norm_out.linear", "final_layer.adaLN_modulation.1", slice(None), True),
 ]
 BFL_TARGETS = [
-    "double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", "double_blocks.0.txt_mod.lin",
-    "single_blocks.0.linear1", "single_blocks.1.linear2", "img_in", "final_layer.linear",
-]  # fmt: skip
+    "double_blocks.0.img_attn.qkv",
+    "double_blocks.1.txt_mlp.0",
+    "double_blocks.0.txt_mod.lin",
+    "single_blocks.0.linear1",
+    "single_blocks.1.linear2",
+    "img_in",
+    "final_layer.linear",
+]
 
 
 def factors(model, layer: str, rows: slice, rank: int, gen: torch.Generator):
@@ -104,8 +109,10 @@ def test_every_layout_adds_the_low_rank_update(layout, tmp_path):
 @torch.no_grad()
 def test_a_lora_for_another_model_is_refused():
     model = tiny_flux_model(seed=8)
-    sdxl = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 8),
-            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(8, 2)}  # fmt: skip
+    sdxl = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 8),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(8, 2),
+    }
     with pytest.raises(CheckpointError, match="no LoRA layer names a layer of this FLUX model"):
         apply_lora(model, sdxl)  # nothing applied would otherwise look like success
 
@@ -180,7 +187,9 @@ def test_lora_on_fp8_layers_keeps_them_fp8(tmp_path):
     gen = torch.Generator().manual_seed(9)
     for param in ("double_blocks.1.img_attn.proj.weight", "double_blocks.1.img_attn.proj.bias"):  # full differences
         diff = torch.randn(twin.state_dict()[param].shape, generator=gen) * 0.1
-        tensors["diffusion_model.double_blocks.1.img_attn.proj." + ("diff" if param.endswith("weight") else "diff_b")] = diff
+        tensors[
+            "diffusion_model.double_blocks.1.img_attn.proj." + ("diff" if param.endswith("weight") else "diff_b")
+        ] = diff
         expected[param] = twin.state_dict()[param] + 0.7 * diff
     result = apply_lora(loaded, tensors, strength=0.7)
     assert result.unmatched == [] and "double_blocks.0.img_attn.qkv" in result.applied
@@ -305,15 +314,34 @@ def test_full_differences_add_to_weights_biases_and_norm_scales():
     tensors, expected = make_lora(model, "ai-toolkit")  # low-rank pairs at 0.7, on BFL_TARGETS
     diffs = {
         # (key in the file, parameter, rows of it, halves swapped)
-        "diffusion_model.double_blocks.0.img_attn.qkv.diff_b": ("double_blocks.0.img_attn.qkv.bias", slice(None), False),
-        "diffusion_model.double_blocks.1.img_attn.proj.diff": ("double_blocks.1.img_attn.proj.weight", slice(None), False),
-        "diffusion_model.double_blocks.1.img_attn.proj.diff_b": ("double_blocks.1.img_attn.proj.bias", slice(None), False),
-        "transformer.single_transformer_blocks.1.attn.to_k.diff": ("single_blocks.1.linear1.weight", slice(H, 2 * H), False),
+        "diffusion_model.double_blocks.0.img_attn.qkv.diff_b": (
+            "double_blocks.0.img_attn.qkv.bias",
+            slice(None),
+            False,
+        ),
+        "diffusion_model.double_blocks.1.img_attn.proj.diff": (
+            "double_blocks.1.img_attn.proj.weight",
+            slice(None),
+            False,
+        ),
+        "diffusion_model.double_blocks.1.img_attn.proj.diff_b": (
+            "double_blocks.1.img_attn.proj.bias",
+            slice(None),
+            False,
+        ),
+        "transformer.single_transformer_blocks.1.attn.to_k.diff": (
+            "single_blocks.1.linear1.weight",
+            slice(H, 2 * H),
+            False,
+        ),
         "transformer.norm_out.linear.diff_b": ("final_layer.adaLN_modulation.1.bias", slice(None), True),
         "diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale.diff": (
-            "double_blocks.0.img_attn.norm.key_norm.scale", slice(None), False),
+            "double_blocks.0.img_attn.norm.key_norm.scale",
+            slice(None),
+            False,
+        ),
         "lycoris_single_transformer_blocks_0_proj_out.w_norm": ("single_blocks.0.linear2.weight", slice(None), False),
-    }  # fmt: skip
+    }
     for key, (param, rows, swap) in diffs.items():
         diff = torch.randn(state[param][rows].shape, generator=gen)
         tensors[key] = diff
@@ -326,8 +354,11 @@ def test_full_differences_add_to_weights_biases_and_norm_scales():
 
     result = apply_lora(model, tensors, strength=0.7)
     assert result.unmatched == []
-    assert {"double_blocks.0.img_attn.qkv.bias", "double_blocks.0.img_attn.norm.key_norm.scale",
-            "single_blocks.1.linear1[64:128]"} <= set(result.applied)  # fmt: skip
+    assert {
+        "double_blocks.0.img_attn.qkv.bias",
+        "double_blocks.0.img_attn.norm.key_norm.scale",
+        "single_blocks.1.linear1[64:128]",
+    } <= set(result.applied)
     after = model.state_dict()
     for key, value in after.items():
         want = expected.get(key, before[key])
@@ -337,9 +368,7 @@ def test_full_differences_add_to_weights_biases_and_norm_scales():
     assert all(model.state_dict(keep_vars=True)[k] is before[k] for k in before)
 
 
-@pytest.mark.parametrize(
-    ("suffix", "kind"), [("dora_scale", "DoRA"), ("lokr_w1", "LoKr"), ("hada_w1_a", "LoHa")]
-)
+@pytest.mark.parametrize(("suffix", "kind"), [("dora_scale", "DoRA"), ("lokr_w1", "LoKr"), ("hada_w1_a", "LoHa")])
 def test_dora_lokr_and_loha_are_refused_not_half_applied(suffix, kind):
     model = tiny_flux_model(seed=19)
     tensors, _ = make_lora(model, "kohya")
@@ -354,8 +383,13 @@ def test_linear1_qkv_and_a_wrong_difference():
     gen = torch.Generator().manual_seed(8)
     up, down = torch.randn(3 * H, 2, generator=gen), torch.randn(2, H, generator=gen)
     weight = model.single_blocks[0].linear1.weight.clone()
-    result = apply_lora(model, {"diffusion_model.single_blocks.0.linear1_qkv.lora_up.weight": up,
-                                "diffusion_model.single_blocks.0.linear1_qkv.lora_down.weight": down})  # fmt: skip
+    result = apply_lora(
+        model,
+        {
+            "diffusion_model.single_blocks.0.linear1_qkv.lora_up.weight": up,
+            "diffusion_model.single_blocks.0.linear1_qkv.lora_down.weight": down,
+        },
+    )
     assert result.applied == [f"single_blocks.0.linear1[0:{3 * H}]"]
     want = weight.clone()
     want[: 3 * H] += up @ down
@@ -393,7 +427,7 @@ def test_a_failed_switch_can_be_retried_and_ends_right(monkeypatch):
 
 @torch.no_grad()
 def test_an_offload_refusal_changes_nothing_and_a_cast_model_comes_back_in_its_dtype():
-    from kontext_core.offload import offload
+    from kontext_core.runtime.offload import offload
 
     model = tiny_flux_model(seed=22)
     original = model.state_dict(keep_vars=True)
@@ -440,7 +474,9 @@ def test_peft_dora_is_refused():
 
 def test_a_text_encoder_only_lora_is_said_to_be_one():
     model = tiny_flux_model(seed=25)
-    clip_only = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8),
-                 "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(8, 2)}  # fmt: skip
+    clip_only = {
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(8, 2),
+    }
     with pytest.raises(CheckpointError, match="only text-encoder parts"):
         load_lora(model, clip_only)

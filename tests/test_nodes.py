@@ -13,10 +13,12 @@ import torch
 from _node_helpers import ROOT, TinyTextEncoder, TinyVAE, load_pack, random_image
 from tiny_models import TINY_FLUX, tiny_flux_model
 
-from kontext_core import provenance, sampling
-from kontext_core.quant import Fp8Linear
+from kontext_core import sampling
+
+from kontext_core.policy import provenance
+from kontext_core.runtime.quant import Fp8Linear
 from kontext_core.small_model import BUILTIN_PREFIX, small_model_files
-from kontext_core.styles import STYLE_PRESETS, apply_style
+from kontext_core.policy.styles import STYLE_PRESETS, apply_style
 
 pack = load_pack()
 nodes = sys.modules[f"{pack.__name__}.nodes"]
@@ -51,7 +53,9 @@ def test_pack_imports_outside_comfyui_with_v1_fallback():
 def test_every_node_is_prefixed_documented_and_tooltipped():
     assert len(BY_ID) == len(nodes.NODES) == 16
     for node_id, node in BY_ID.items():
-        assert node_id.startswith("KontextCore") and node.DISPLAY_NAME and not node.DISPLAY_NAME.startswith("Kontext" "Core")
+        assert (
+            node_id.startswith("KontextCore") and node.DISPLAY_NAME and not node.DISPLAY_NAME.startswith("KontextCore")
+        )
         assert node.DESCRIPTION and node.CATEGORY.startswith("Kontext Core/")
         assert all(spec.tooltip for spec in node.INPUTS), node_id
         assert all(out.tooltip for out in node.OUTPUTS), node_id
@@ -87,7 +91,7 @@ def test_the_editor_hint_knows_the_engine_resolutions():
     """web/js keeps its own copy of the trained sizes (the browser cannot import Python): the two must agree."""
     import re
 
-    from kontext_core.config import PREFERRED_KONTEXT_RESOLUTIONS
+    from kontext_core.model.config import PREFERRED_KONTEXT_RESOLUTIONS
 
     script = (ROOT / "web" / "js" / "kontext_core.js").read_text()
     block = re.search(r"const PREFERRED = \[(.*?)\];", script, re.S).group(1)
@@ -108,13 +112,18 @@ def test_design_input_names():
 
 def test_v1_input_types_mirror_the_spec():
     types_ = pack.NODE_CLASS_MAPPINGS["KontextCoreSampler"].INPUT_TYPES()
-    assert types_["required"]["steps"] == ("INT", {"tooltip": types_["required"]["steps"][1]["tooltip"],
-                                                   "default": 28, "min": 1, "max": 50})  # fmt: skip
+    assert types_["required"]["steps"] == (
+        "INT",
+        {"tooltip": types_["required"]["steps"][1]["tooltip"], "default": 28, "min": 1, "max": 50},
+    )
     assert set(types_["optional"]) == {"negative", "latent"}
     style = pack.NODE_CLASS_MAPPINGS["KontextCoreStylePreset"].INPUT_TYPES()["required"]["style"]
     assert style[0] == list(STYLE_PRESETS) and style[1]["default"] == "cinematic"
     assert pack.NODE_CLASS_MAPPINGS["KontextCoreSaveImage"].INPUT_TYPES()["hidden"] == {
-        "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}  # fmt: skip
+        "prompt": "PROMPT",
+        "extra_pnginfo": "EXTRA_PNGINFO",
+        "unique_id": "UNIQUE_ID",
+    }
 
 
 # ---------------------------------------------------------------- conditioning
@@ -131,10 +140,16 @@ def test_text_encode_gives_core_layout(encoder):
 def test_reference_latent_appends_raw_latents_and_method(encoder):
     (cond,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt="p", guidance=2.5)
     a, b, c = (torch.randn(1, 16, h, w) for h, w in ((4, 6), (6, 4), (2, 8)))
-    (one,) = run("KontextCoreReferenceLatent", conditioning=cond, latent={"samples": a},
-                 reference_latents_method="offset")  # fmt: skip
-    (two,) = run("KontextCoreReferenceLatent", conditioning=one, latent={"samples": b}, latent_2={"samples": c},
-                 reference_latents_method="index")  # fmt: skip
+    (one,) = run(
+        "KontextCoreReferenceLatent", conditioning=cond, latent={"samples": a}, reference_latents_method="offset"
+    )
+    (two,) = run(
+        "KontextCoreReferenceLatent",
+        conditioning=one,
+        latent={"samples": b},
+        latent_2={"samples": c},
+        reference_latents_method="index",
+    )
     refs = two[0][1]["reference_latents"]
     assert [r.data_ptr() for r in refs] == [a.data_ptr(), b.data_ptr(), c.data_ptr()]
     assert two[0][1]["reference_latents_method"] == "index"
@@ -151,11 +166,20 @@ def test_reference_method_aliases():
 def test_reference_latent_errors_name_the_input(encoder):
     (cond,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt="p", guidance=2.5)
     with pytest.raises(ValueError, match="'latent_2'"):
-        run("KontextCoreReferenceLatent", conditioning=cond, latent={"samples": torch.randn(1, 16, 4, 4)},
-            latent_2={"samples": torch.randn(1, 4, 4, 4)}, reference_latents_method="offset")  # fmt: skip
+        run(
+            "KontextCoreReferenceLatent",
+            conditioning=cond,
+            latent={"samples": torch.randn(1, 16, 4, 4)},
+            latent_2={"samples": torch.randn(1, 4, 4, 4)},
+            reference_latents_method="offset",
+        )
     with pytest.raises(ValueError, match="'reference_latents_method'"):
-        run("KontextCoreReferenceLatent", conditioning=cond, latent={"samples": torch.randn(1, 16, 4, 4)},
-            reference_latents_method="nope")  # fmt: skip
+        run(
+            "KontextCoreReferenceLatent",
+            conditioning=cond,
+            latent={"samples": torch.randn(1, 16, 4, 4)},
+            reference_latents_method="nope",
+        )
 
 
 def test_style_preset_node():
@@ -172,21 +196,43 @@ def _edit_inputs(encoder, guidance=2.5, method="offset"):
     gen = torch.Generator().manual_seed(7)
     refs = [torch.randn(1, 16, 6, 4, generator=gen), torch.randn(1, 16, 4, 8, generator=gen)]
     (cond,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt="swap the hat", guidance=guidance)
-    (cond,) = run("KontextCoreReferenceLatent", conditioning=cond, latent={"samples": refs[0]},
-                  latent_2={"samples": refs[1]}, reference_latents_method=method)  # fmt: skip
+    (cond,) = run(
+        "KontextCoreReferenceLatent",
+        conditioning=cond,
+        latent={"samples": refs[0]},
+        latent_2={"samples": refs[1]},
+        reference_latents_method=method,
+    )
     return cond, refs
 
 
 @pytest.mark.parametrize("method", ["offset", "uxo"])
 def test_sampler_equals_engine_sample(model, encoder, method):
     cond, refs = _edit_inputs(encoder, guidance=3.5, method=method)
-    (latent,) = run("KontextCoreSampler", model=model, positive=cond, seed=11, steps=2, guidance=-1.0,
-                    denoise=1.0, width=48, height=32, batch_size=1, true_cfg_scale=1.0)  # fmt: skip
+    (latent,) = run(
+        "KontextCoreSampler",
+        model=model,
+        positive=cond,
+        seed=11,
+        steps=2,
+        guidance=-1.0,
+        denoise=1.0,
+        width=48,
+        height=32,
+        batch_size=1,
+        true_cfg_scale=1.0,
+    )
     txt, y = encoder.encode(["swap the hat"])
     expected = sampling.sample(
-        model, sampling.get_noise(1, 32, 48, 11), txt, y, references=[sampling.latent_to_model(r) for r in refs],
-        reference_method=method, steps=2, guidance=3.5,
-    )  # fmt: skip
+        model,
+        sampling.get_noise(1, 32, 48, 11),
+        txt,
+        y,
+        references=[sampling.latent_to_model(r) for r in refs],
+        reference_method=method,
+        steps=2,
+        guidance=3.5,
+    )
     assert latent["samples"].shape == (1, 16, 4, 6)
     torch.testing.assert_close(latent["samples"], sampling.latent_from_model(expected), rtol=0, atol=0)
 
@@ -209,15 +255,35 @@ def test_sampler_latent_sets_size_and_init_with_true_cfg(model, encoder):
     cond, refs = _edit_inputs(encoder)
     (neg,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt="blurry", guidance=2.5)
     init = torch.randn(2, 16, 4, 2, generator=torch.Generator().manual_seed(5))
-    (latent,) = run("KontextCoreSampler", model=model, positive=cond, negative=neg, latent={"samples": init},
-                    seed=4, steps=2, guidance=2.0, denoise=0.5, width=1024, height=1024, batch_size=1,
-                    true_cfg_scale=2.5)  # fmt: skip
+    (latent,) = run(
+        "KontextCoreSampler",
+        model=model,
+        positive=cond,
+        negative=neg,
+        latent={"samples": init},
+        seed=4,
+        steps=2,
+        guidance=2.0,
+        denoise=0.5,
+        width=1024,
+        height=1024,
+        batch_size=1,
+        true_cfg_scale=2.5,
+    )
     txt, y = encoder.encode(["swap the hat"])
     expected = sampling.sample(
-        model, sampling.get_noise(2, 32, 16, 4), txt, y, references=[sampling.latent_to_model(r) for r in refs],
-        steps=2, guidance=2.0, denoise=0.5, init_latent=sampling.latent_to_model(init),
-        negative=encoder.encode(["blurry"]), true_cfg_scale=2.5,
-    )  # fmt: skip
+        model,
+        sampling.get_noise(2, 32, 16, 4),
+        txt,
+        y,
+        references=[sampling.latent_to_model(r) for r in refs],
+        steps=2,
+        guidance=2.0,
+        denoise=0.5,
+        init_latent=sampling.latent_to_model(init),
+        negative=encoder.encode(["blurry"]),
+        true_cfg_scale=2.5,
+    )
     torch.testing.assert_close(latent["samples"], sampling.latent_from_model(expected), rtol=0, atol=0)
 
 
@@ -242,8 +308,21 @@ def test_sampler_latent_sets_size_and_init_with_true_cfg(model, encoder):
 )
 def test_sampler_errors_name_the_input(model, encoder, change, name):
     cond, _ = _edit_inputs(encoder)
-    inputs = dict(model=model, positive=cond, seed=0, steps=2, guidance=-1.0, denoise=1.0, width=32, height=32,
-                  batch_size=1, true_cfg_scale=1.0) | change  # fmt: skip
+    inputs = (
+        dict(
+            model=model,
+            positive=cond,
+            seed=0,
+            steps=2,
+            guidance=-1.0,
+            denoise=1.0,
+            width=32,
+            height=32,
+            batch_size=1,
+            true_cfg_scale=1.0,
+        )
+        | change
+    )
     with pytest.raises(ValueError, match=name):
         run("KontextCoreSampler", **inputs)
 
@@ -265,14 +344,25 @@ def test_sampler_takes_whole_floats_as_ints(model, encoder):
         ([torch.zeros(1, 4, 4, 4)], "offset", "its reference 1 is not a FLUX latent"),
         ([torch.zeros(1, 16, 4, 4)], "index_timestep_zero", "reference_latents_method must be one of"),  # core's
     ],
-)  # fmt: skip
+)
 def test_sampler_names_positive_for_a_bad_reference(model, encoder, references, method, message):
     cond, _ = _edit_inputs(encoder)
     txt, meta = cond[0]
     positive = [[txt, meta | {"reference_latents": references, "reference_latents_method": method}]]
     with pytest.raises(ValueError, match=f"KontextCoreSampler: input 'positive': .*{message}"):
-        run("KontextCoreSampler", model=model, positive=positive, seed=0, steps=2, guidance=-1.0, denoise=1.0,
-            width=32, height=32, batch_size=1, true_cfg_scale=1.0)  # fmt: skip
+        run(
+            "KontextCoreSampler",
+            model=model,
+            positive=positive,
+            seed=0,
+            steps=2,
+            guidance=-1.0,
+            denoise=1.0,
+            width=32,
+            height=32,
+            batch_size=1,
+            true_cfg_scale=1.0,
+        )
 
 
 class _FakeBar:
@@ -304,8 +394,17 @@ def test_sampler_reports_progress_and_stops_on_interrupt(monkeypatch, model, enc
     monkeypatch.setattr(_comfy, "comfy_module", lambda name: fake.get(name))
     blocks = len(model.double_blocks) + len(model.single_blocks)
     cond, _ = _edit_inputs(encoder)
-    inputs = dict(model=model, positive=cond, seed=0, guidance=-1.0, denoise=1.0, width=32, height=16,
-                  batch_size=1, true_cfg_scale=1.0)  # fmt: skip
+    inputs = dict(
+        model=model,
+        positive=cond,
+        seed=0,
+        guidance=-1.0,
+        denoise=1.0,
+        width=32,
+        height=16,
+        batch_size=1,
+        true_cfg_scale=1.0,
+    )
 
     _FakeBar.updates, interrupt["at_update"] = [], 1
     with pytest.raises(KeyboardInterrupt):
@@ -418,7 +517,12 @@ def test_loader_lists_only_safetensors_and_refuses_other_names(monkeypatch, tmp_
     folders = {"diffusion_models": [str(root)], "vae": [str(tmp_path / "vae")]}
     monkeypatch.setattr(_comfy, "model_folders", lambda kind: folders.get(kind, []))
     builtin = f"{BUILTIN_PREFIX}flux1-kontext-small.safetensors"
-    assert _comfy.list_models("diffusion_models") == ["kontext-Q4_K_M.gguf", "kontext.safetensors", "sub/fp8.sft", builtin]
+    assert _comfy.list_models("diffusion_models") == [
+        "kontext-Q4_K_M.gguf",
+        "kontext.safetensors",
+        "sub/fp8.sft",
+        builtin,
+    ]
     assert _comfy.model_path("diffusion_models", "sub/fp8.sft", "model_name") == str(root / "sub" / "fp8.sft")
     assert _comfy.model_path("diffusion_models", builtin, "model_name") == str(small_model_files().transformer)
     assert _comfy.list_models("vae") == [f"{BUILTIN_PREFIX}ae-small.safetensors"]  # offered with no files at all
@@ -447,8 +551,11 @@ def test_model_loader_caches_and_switches(monkeypatch, tmp_path):
     run("KontextCoreModelLoader", model_name="b.safetensors", **args)
     run("KontextCoreModelLoader", model_name="b.safetensors", **args | {"weight_dtype": "fp8_e4m3fn"})
     keep = {"keep_fp8": True}  # 'default': an fp8 file's fp8 layers stay fp8
-    assert loads == [("a.safetensors", torch.float32, keep), ("b.safetensors", torch.float32, keep),
-                     ("b.safetensors", torch.float32, {"weight_dtype": torch.float8_e4m3fn})]  # fmt: skip
+    assert loads == [
+        ("a.safetensors", torch.float32, keep),
+        ("b.safetensors", torch.float32, keep),
+        ("b.safetensors", torch.float32, {"weight_dtype": torch.float8_e4m3fn}),
+    ]
     assert loaders.KontextCoreModelLoader._slot.value.path.endswith("b.safetensors")
     with pytest.raises(ValueError, match="'attention'"):
         run("KontextCoreModelLoader", model_name="a.safetensors", **args | {"attention": "flash"})
@@ -459,8 +566,9 @@ def test_model_loader_keeps_an_fp8_file_fp8_by_default(monkeypatch):
     monkeypatch.setattr(loaders, "torch_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(loaders.KontextCoreModelLoader, "_slot", _comfy.ModelSlot())
     builtin = f"{BUILTIN_PREFIX}flux1-kontext-small.safetensors"  # the shipped scaled-fp8 file
-    model = run("KontextCoreModelLoader", model_name=builtin, weight_dtype="default", compute_dtype="fp32",
-                attention="auto")[0]  # fmt: skip
+    model = run(
+        "KontextCoreModelLoader", model_name=builtin, weight_dtype="default", compute_dtype="fp32", attention="auto"
+    )[0]
     qkv = model.double_blocks[0].img_attn.qkv
     assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == torch.float8_e4m3fn
     assert model.compute_dtype == torch.float32
@@ -483,24 +591,40 @@ def lora_folder(monkeypatch, tmp_path, model):
     from _flux_files import save_state
 
     save_state(tmp_path / "style.safetensors", _kohya_lora(model, seed=1))
-    te = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2),
-          "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8)}  # fmt: skip
+    te = {
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+    }
     (tmp_path / "sub").mkdir()
     save_state(tmp_path / "sub" / "detail.safetensors", _kohya_lora(model, seed=2, layers=("img_in",)) | te)
-    save_state(tmp_path / "sdxl.safetensors", {"lora_unet_down_blocks_0_proj_in.lora_up.weight": torch.zeros(8, 2),
-                                               "lora_unet_down_blocks_0_proj_in.lora_down.weight": torch.zeros(2, 8)})  # fmt: skip
+    save_state(
+        tmp_path / "sdxl.safetensors",
+        {
+            "lora_unet_down_blocks_0_proj_in.lora_up.weight": torch.zeros(8, 2),
+            "lora_unet_down_blocks_0_proj_in.lora_down.weight": torch.zeros(2, 8),
+        },
+    )
     monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(tmp_path)] if kind == "loras" else [])
     return tmp_path
 
 
 @torch.no_grad()
 def test_lora_loader_leaves_the_model_and_the_sampler_applies_its_loras(model, encoder, lora_folder, capsys):
-    from kontext_core.lora import apply_lora
+    from kontext_core.runtime.lora import apply_lora
 
     assert _comfy.list_models("loras") == ["sdxl.safetensors", "style.safetensors", "sub/detail.safetensors"]
     cond, _ = _edit_inputs(encoder)
-    common = dict(positive=cond, seed=5, steps=2, guidance=-1.0, denoise=1.0, width=48, height=32, batch_size=1,
-                  true_cfg_scale=1.0)  # fmt: skip
+    common = dict(
+        positive=cond,
+        seed=5,
+        steps=2,
+        guidance=-1.0,
+        denoise=1.0,
+        width=48,
+        height=32,
+        batch_size=1,
+        true_cfg_scale=1.0,
+    )
     original = {k: v.clone() for k, v in model.state_dict().items()}
     (plain,) = run("KontextCoreSampler", model=model, **common)
 
@@ -520,8 +644,15 @@ def test_lora_loader_leaves_the_model_and_the_sampler_applies_its_loras(model, e
 
     def engine(*loras):  # the library: apply_lora by hand, then the engine's own loop
         results = [apply_lora(model, lora_folder / name, strength) for name, strength in loras]
-        out = sampling.sample(model, sampling.get_noise(1, 32, 48, 5), txt, y, steps=2, guidance=2.5,
-                              references=[sampling.latent_to_model(r) for r in refs])  # fmt: skip
+        out = sampling.sample(
+            model,
+            sampling.get_noise(1, 32, 48, 5),
+            txt,
+            y,
+            steps=2,
+            guidance=2.5,
+            references=[sampling.latent_to_model(r) for r in refs],
+        )
         for result in reversed(results):
             result.remove()
         return sampling.latent_from_model(out)
@@ -535,7 +666,9 @@ def test_lora_loader_leaves_the_model_and_the_sampler_applies_its_loras(model, e
 def test_lora_loader_passes_strength_zero_and_refuses_other_models_loras(model, lora_folder):
     (same,) = run("KontextCoreLoraLoader", model=model, lora_name="style.safetensors", strength=0.0)
     assert same is model
-    with pytest.raises(ValueError, match=r"KontextCoreLoraLoader: input 'lora_name': .*sdxl.safetensors.*another model"):
+    with pytest.raises(
+        ValueError, match=r"KontextCoreLoraLoader: input 'lora_name': .*sdxl.safetensors.*another model"
+    ):
         run("KontextCoreLoraLoader", model=model, lora_name="sdxl.safetensors", strength=1.0)
     with pytest.raises(ValueError, match="'lora_name'"):
         run("KontextCoreLoraLoader", model=model, lora_name="../elsewhere.safetensors", strength=1.0)
@@ -571,8 +704,13 @@ def test_image_filter_actions(monkeypatch):
     assert flagged and torch.equal(out[0], image[0]) and torch.equal(out[2], image[2]) and out[1].max() == 0
     assert set(seen_tolerance) == {4}
     assert [r["blocked"] for r in json.loads(report)] == [False, True, False]
-    assert json.loads(report)[1] == {"index": 1, "blocked": True, "category": "violence", "reason": "too gory",
-                                     "score": 0.9}  # fmt: skip
+    assert json.loads(report)[1] == {
+        "index": 1,
+        "blocked": True,
+        "category": "violence",
+        "reason": "too gory",
+        "score": 0.9,
+    }
     out, _, _ = run("KontextCoreSafetyFilterImage", image=image, tolerance=2, action="blur")
     assert torch.equal(out[0], image[0]) and (out[1] - image[1]).abs().mean() > 0.1
     with pytest.raises(safety_nodes.SafetyBlockedError, match="image 1: violence"):
@@ -637,16 +775,24 @@ def test_signing_config_from_inputs_or_env(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     ("loaders", "label"),
     [
-        ([f"{BUILTIN_PREFIX}flux1-kontext-small.safetensors"], "Kontext Core's built-in small model (flux1-kontext-small.safetensors)"),
-        (["sub/flux1-dev-kontext_fp8_scaled.safetensors"] * 2, "FLUX.1 Kontext (flux1-dev-kontext_fp8_scaled.safetensors)"),
+        (
+            [f"{BUILTIN_PREFIX}flux1-kontext-small.safetensors"],
+            "Kontext Core's built-in small model (flux1-kontext-small.safetensors)",
+        ),
+        (
+            ["sub/flux1-dev-kontext_fp8_scaled.safetensors"] * 2,
+            "FLUX.1 Kontext (flux1-dev-kontext_fp8_scaled.safetensors)",
+        ),
         (["a.safetensors", "b.safetensors"], "FLUX.1 Kontext"),  # which one made the image is not known here
         ([], "FLUX.1 Kontext"),
     ],
-)  # fmt: skip
+)
 def test_saved_images_name_the_model_of_the_graph(loaders, label):
     save = sys.modules[f"{pack.__name__}.nodes.save"]
-    prompt = {str(i): {"class_type": "KontextCoreModelLoader", "inputs": {"model_name": name}}
-              for i, name in enumerate(loaders)}  # fmt: skip
+    prompt = {
+        str(i): {"class_type": "KontextCoreModelLoader", "inputs": {"model_name": name}}
+        for i, name in enumerate(loaders)
+    }
     prompt["9"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "other.safetensors"}}
     assert save.model_label(prompt) == label
     assert save.model_label(None) == "FLUX.1 Kontext"  # run outside a queued graph
@@ -656,26 +802,33 @@ def test_saved_images_name_the_model_and_loras_upstream_of_their_save_node():
     save = sys.modules[f"{pack.__name__}.nodes.save"]
     prompt = {  # two branches: "7" saves the LoRA branch of model a, "8" the plain branch of model b
         "1": {"class_type": "KontextCoreModelLoader", "inputs": {"model_name": "a.safetensors"}},
-        "2": {"class_type": "KontextCoreLoraLoader", "inputs": {"model": ["1", 0], "lora_name": "s/style.safetensors",
-                                                                "strength": 0.8}},
-        "3": {"class_type": "KontextCoreLoraLoader", "inputs": {"model": ["2", 0], "lora_name": "off.safetensors",
-                                                                "strength": 0}},
-        "4": {"class_type": "KontextCoreLoraLoader", "inputs": {"model": ["3", 0], "lora_name": "detail.safetensors",
-                                                                "strength": ["9", 0]}},
+        "2": {
+            "class_type": "KontextCoreLoraLoader",
+            "inputs": {"model": ["1", 0], "lora_name": "s/style.safetensors", "strength": 0.8},
+        },
+        "3": {
+            "class_type": "KontextCoreLoraLoader",
+            "inputs": {"model": ["2", 0], "lora_name": "off.safetensors", "strength": 0},
+        },
+        "4": {
+            "class_type": "KontextCoreLoraLoader",
+            "inputs": {"model": ["3", 0], "lora_name": "detail.safetensors", "strength": ["9", 0]},
+        },
         "5": {"class_type": "KontextCoreSampler", "inputs": {"model": ["4", 0]}},
         "6": {"class_type": "KontextCoreModelLoader", "inputs": {"model_name": "b.safetensors"}},
         "10": {"class_type": "KontextCoreSampler", "inputs": {"model": ["6", 0]}},
         "7": {"class_type": "KontextCoreSaveImage", "inputs": {"images": ["5", 0]}},
         "8": {"class_type": "KontextCoreSaveImage", "inputs": {"images": ["10", 0]}},
         "9": {"class_type": "PrimitiveFloat", "inputs": {"value": 0.5}},
-    }  # fmt: skip
+    }
     label = "FLUX.1 Kontext (a.safetensors) with LoRA detail.safetensors (0.5), style.safetensors (0.8)"
     assert save.model_label(prompt, "7") == label
     prompt["9"]["inputs"]["value"] = 0  # a linked strength of 0: the node passes the model on untouched
     assert save.model_label(prompt, "7") == "FLUX.1 Kontext (a.safetensors) with LoRA style.safetensors (0.8)"
     prompt["9"]["inputs"] = {"a": ["11", 0]}  # not knowable from the graph
-    assert save.model_label(prompt, "7").endswith("with LoRA detail.safetensors (strength from a linked node), "
-                                                  "style.safetensors (0.8)")  # fmt: skip
+    assert save.model_label(prompt, "7").endswith(
+        "with LoRA detail.safetensors (strength from a linked node), style.safetensors (0.8)"
+    )
     assert save.model_label(prompt, "8") == "FLUX.1 Kontext (b.safetensors)"
     assert save.model_label(prompt) == "FLUX.1 Kontext"  # save node unknown: two loaders in the graph
     assert save.model_label(prompt, "missing") == "FLUX.1 Kontext"
@@ -696,14 +849,26 @@ def test_edit_graph_matches_kontext_pipeline(model, encoder):
     prompt = "make the sky green"
     expected = pipeline.KontextPipeline(model, vae, encoder).edit(
         Image.fromarray(pixels.numpy()), prompt, steps=2, seed=21, guidance=2.5, resize=mode
-    )  # fmt: skip
+    )
 
     (image,) = run("KontextCoreImageScale", image=pixels[None].float() / 255.0, mode=mode)
     (latent,) = run("KontextCoreVAEEncode", vae=vae, pixels=image)
     (cond,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt=prompt, guidance=2.5)
     (cond,) = run("KontextCoreReferenceLatent", conditioning=cond, latent=latent, reference_latents_method="offset")
-    (out,) = run("KontextCoreSampler", model=model, positive=cond, latent=latent, seed=21, steps=2, guidance=-1.0,
-                 denoise=1.0, width=1024, height=1024, batch_size=1, true_cfg_scale=1.0)  # fmt: skip
+    (out,) = run(
+        "KontextCoreSampler",
+        model=model,
+        positive=cond,
+        latent=latent,
+        seed=21,
+        steps=2,
+        guidance=-1.0,
+        denoise=1.0,
+        width=1024,
+        height=1024,
+        batch_size=1,
+        true_cfg_scale=1.0,
+    )
     (decoded,) = run("KontextCoreVAEDecode", vae=vae, samples=out)
     ours = (decoded[0] * 255.0).round().to(torch.uint8)
     theirs = torch.from_numpy(np.array(expected))

@@ -13,7 +13,7 @@ from kontext_core.pipeline import KontextPipeline
 from kontext_core.sampling import pack, unpack
 
 diffusers = pytest.importorskip("diffusers")
-from reference_mappings import diffusers_twin
+from reference_mappings import diffusers_twin  # noqa: E402 (after the skip: it imports diffusers)
 
 
 class FixedText:
@@ -29,11 +29,20 @@ class FixedText:
 
 def tiny_autoencoder_kl(seed: int = 0):
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159, sample_size=64,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        sample_size=64,
+    )
     randomize_(vae, seed, std=0.2)  # large enough that decoded images span a good range
     return vae.eval()
 
@@ -59,13 +68,22 @@ def components(tmp_path_factory):
 
 def diffusers_pipe(model, vae_kl):
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        shift=3.0,
         use_dynamic_shifting=True,
-    )  # fmt: skip
+    )
     return diffusers.FluxKontextPipeline(
-        scheduler=scheduler, vae=vae_kl, text_encoder=None, tokenizer=None, text_encoder_2=None,
-        tokenizer_2=None, transformer=diffusers_twin(model),
-    )  # fmt: skip
+        scheduler=scheduler,
+        vae=vae_kl,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=diffusers_twin(model),
+    )
 
 
 def _final_latent(pipe_call):
@@ -86,9 +104,17 @@ def test_edit_matches_diffusers_kontext_pipeline(components):
 
     pipe = diffusers_pipe(model, vae_kl)
     common = dict(
-        image=image, prompt_embeds=text.txt, pooled_prompt_embeds=text.y, width=96, height=64,
-        num_inference_steps=3, guidance_scale=2.5, latents=pack(noise), _auto_resize=False, max_area=96 * 64,
-    )  # fmt: skip
+        image=image,
+        prompt_embeds=text.txt,
+        pooled_prompt_embeds=text.y,
+        width=96,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        latents=pack(noise),
+        _auto_resize=False,
+        max_area=96 * 64,
+    )
     theirs_latent = unpack(pipe(**common, output_type="latent").images, 8, 12)
     theirs_image = pipe(**common, output_type="pil").images[0]
 
@@ -121,9 +147,16 @@ def test_generate_matches_diffusers_flux_pipeline(components):
     ours = KontextPipeline(model, vae, text).generate("x", width=80, height=48, steps=3, noise=noise)
     pipe = diffusers_pipe(model, vae_kl)
     theirs = pipe(
-        prompt_embeds=text.txt, pooled_prompt_embeds=text.y, width=80, height=48, num_inference_steps=3,
-        guidance_scale=2.5, latents=pack(noise), max_area=80 * 48, output_type="pil",
-    ).images[0]  # fmt: skip
+        prompt_embeds=text.txt,
+        pooled_prompt_embeds=text.y,
+        width=80,
+        height=48,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        latents=pack(noise),
+        max_area=80 * 48,
+        output_type="pil",
+    ).images[0]
     b = np.asarray(theirs, dtype=np.int16)
     err = np.abs(np.asarray(ours, dtype=np.int16) - b).max()
     print(f"text-to-image vs diffusers: max abs {err}/255")

@@ -10,8 +10,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from kontext_core import provenance
-from kontext_core.provenance import (
+from kontext_core.policy import provenance
+from kontext_core.policy.provenance import (
     TRAINED_ALGORITHMIC_MEDIA,
     SigningConfig,
     make_test_certificates,
@@ -19,8 +19,9 @@ from kontext_core.provenance import (
     verify_png,
 )
 
-needs_c2pa = pytest.mark.skipif(importlib.util.find_spec("c2pa") is None,
-                                reason='c2pa-python not installed (pip install "comfyui-kontext[safety]")')
+needs_c2pa = pytest.mark.skipif(
+    importlib.util.find_spec("c2pa") is None, reason='c2pa-python not installed (pip install "comfyui-kontext[safety]")'
+)
 PROMPT = {"3": {"class_type": "KontextCoreSampler", "inputs": {"seed": 7}}}
 WORKFLOW = {"nodes": [{"id": 3, "type": "KontextCoreSampler"}]}
 
@@ -35,8 +36,14 @@ def _image(color=(40, 90, 160)) -> Image.Image:
 
 
 def test_metadata_without_signing(tmp_path):
-    out = save_png(_image(), tmp_path / "a.png", prompt=PROMPT, workflow=json.dumps(WORKFLOW),
-                   instruction="make the sky red", parameters="seed: 7, steps: 28")
+    out = save_png(
+        _image(),
+        tmp_path / "a.png",
+        prompt=PROMPT,
+        workflow=json.dumps(WORKFLOW),
+        instruction="make the sky red",
+        parameters="seed: 7, steps: 28",
+    )
     with Image.open(out) as im:
         im.load()
         text = im.text
@@ -83,15 +90,15 @@ def _flip_idat_byte(path) -> None:
 
 @needs_c2pa
 def test_signed_text_to_image_verifies_and_tampering_breaks_it(tmp_path, certs):
-    out = save_png(_image(), tmp_path / "gen.png", prompt=PROMPT, workflow=WORKFLOW,
-                   signing=certs.signing_config())
+    out = save_png(_image(), tmp_path / "gen.png", prompt=PROMPT, workflow=WORKFLOW, signing=certs.signing_config())
     valid, trusted = verify_png(out), verify_png(out, certs.root_cert)
     print(f"\nsigned text-to-image: {valid['validation_state']}, with test root: {trusted['validation_state']}")
     assert valid["validation_state"] == "Valid" and valid["failures"] == []
     assert trusted["validation_state"] == "Trusted"
     assert verify_png(out, certs.root_cert.read_text())["validation_state"] == "Trusted"
-    actions = next(a["data"]["actions"] for a in trusted["active_manifest"]["assertions"]
-                   if a["label"].startswith("c2pa.actions"))
+    actions = next(
+        a["data"]["actions"] for a in trusted["active_manifest"]["assertions"] if a["label"].startswith("c2pa.actions")
+    )
     assert [a["action"] for a in actions] == ["c2pa.created"]
     assert actions[0]["digitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA
     assert actions[0]["softwareAgent"]["name"] == provenance.DEFAULT_MODEL
@@ -112,13 +119,20 @@ def test_signed_text_to_image_verifies_and_tampering_breaks_it(tmp_path, certs):
 @needs_c2pa
 def test_signed_edit_records_inputs_as_ingredients(tmp_path, certs):
     source = save_png(_image((200, 10, 10)), tmp_path / "in.png")
-    out = save_png(_image(), tmp_path / "edit.png", inputs=[source, _image((0, 255, 0))],
-                   instruction="make it blue", signing=certs.signing_config())
+    out = save_png(
+        _image(),
+        tmp_path / "edit.png",
+        inputs=[source, _image((0, 255, 0))],
+        instruction="make it blue",
+        signing=certs.signing_config(),
+    )
     result = verify_png(out, certs.root_cert)
     assert result["validation_state"] == "Trusted", result["failures"]
     manifest = result["active_manifest"]
     assert [(i["title"], i["relationship"]) for i in manifest["ingredients"]] == [
-        ("in.png", "parentOf"), ("input_1.png", "componentOf")]
+        ("in.png", "parentOf"),
+        ("input_1.png", "componentOf"),
+    ]
     actions = next(a["data"]["actions"] for a in manifest["assertions"] if a["label"].startswith("c2pa.actions"))
     assert [a["action"] for a in actions] == ["c2pa.opened", "c2pa.placed", "c2pa.edited"]
     assert actions[-1]["digitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA
@@ -176,9 +190,11 @@ def test_flip_helper_changes_image_data(tmp_path):
     after = path.read_bytes()
     assert sum(a != b for a, b in zip(before, after)) == 1
     start = after.index(b"IDAT") + 4
-    length = int.from_bytes(after[start - 8:start - 4], "big")
+    length = int.from_bytes(after[start - 8 : start - 4], "big")
     assert start <= after.index(b"IDAT") + 10 < start + length
-    assert zlib.crc32(after[start - 4:start + length]) != int.from_bytes(after[start + length:start + length + 4], "big")
+    assert zlib.crc32(after[start - 4 : start + length]) != int.from_bytes(
+        after[start + length : start + length + 4], "big"
+    )
 
 
 @needs_c2pa
@@ -211,4 +227,6 @@ def test_verify_says_when_a_file_is_unsigned_and_names_unusable_trust_anchors(tm
     (tmp_path / "notes.txt").write_text("not a certificate")
     signed = save_png(_image(), tmp_path / "s.png", signing=certs.signing_config())
     assert provenance.main(["verify", str(signed), "--trust", str(tmp_path / "notes.txt")]) == 2
-    assert f"{tmp_path / 'notes.txt'}: the trust anchors are not PEM certificates c2pa can use" in capsys.readouterr().err
+    assert (
+        f"{tmp_path / 'notes.txt'}: the trust anchors are not PEM certificates c2pa can use" in capsys.readouterr().err
+    )

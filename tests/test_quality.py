@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kontext_core import tasks
-from kontext_core.quality import AGREEMENT_THRESHOLD, edit_mask, judge, psnr
-from kontext_core.tasks_render import COLOURS, Background, Scene, render
+from kontext_core.synthetic import tasks
+from kontext_core.synthetic.judge import AGREEMENT_THRESHOLD, edit_mask, judge, psnr
+from kontext_core.synthetic.render import COLOURS, Background, Scene, render
 
 SEEDS = list(range(6)) + list(range(tasks.HELD_OUT_SEED, tasks.HELD_OUT_SEED + 6))
 OBJECT_KINDS = ("recolor", "add", "move", "text_to_image", "two_reference")  # the edit puts an object somewhere

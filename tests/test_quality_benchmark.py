@@ -25,7 +25,7 @@ from kontext_core.checkpoints import stored_fp8_dtype
 from kontext_core.recomposite import DEFAULT_GROW
 from kontext_core.small_model import load_default_pipeline
 from kontext_core.small_model.store_fp8 import store_fp8
-from kontext_core.tasks import HELD_OUT_SEED, KINDS, make_task
+from kontext_core.synthetic.tasks import HELD_OUT_SEED, KINDS, make_task
 
 TASKS = [make_task(HELD_OUT_SEED + k) for k in range(len(KINDS))]
 EDIT_KINDS = [t.kind for t in TASKS if t.kind not in ("text_to_image", "restyle")]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kontext_core import queue
+from kontext_core.tools import comfyui_client as queue
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +98,10 @@ class FakeComfy(ThreadingHTTPServer):
             if outcome == "success":
                 image = prompt["10"]["inputs"]["image"]
                 name = f"edit_{len(self.outputs):05d}_.png"
-                self.outputs[name] = self.uploads[image] + json.dumps(
-                    [prompt["13"]["inputs"]["prompt"], prompt["15"]["inputs"]["seed"]]
-                ).encode()
+                self.outputs[name] = (
+                    self.uploads[image]
+                    + json.dumps([prompt["13"]["inputs"]["prompt"], prompt["15"]["inputs"]["seed"]]).encode()
+                )
                 outputs = {
                     "17": {"images": [{"filename": name, "subfolder": "kontext", "type": "output"}]},
                     "20": {"images": [{"filename": "preview.png", "subfolder": "", "type": "temp"}]},
@@ -113,8 +114,13 @@ class FakeComfy(ThreadingHTTPServer):
                     data = {"prompt_id": prompt_id, "node_id": "15", "node_type": "KontextCoreSampler"}
                     kind = "execution_interrupted"
                 else:
-                    data = {"prompt_id": prompt_id, "node_id": "15", "node_type": "KontextCoreSampler",
-                            "exception_type": "ValueError", "exception_message": outcome[1]}  # fmt: skip
+                    data = {
+                        "prompt_id": prompt_id,
+                        "node_id": "15",
+                        "node_type": "KontextCoreSampler",
+                        "exception_type": "ValueError",
+                        "exception_message": outcome[1],
+                    }
                     kind = "execution_error"
                 messages.append([kind, data])
                 self.send(client, kind, data)
@@ -177,8 +183,12 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self._body())
             outcome = self.server.outcome(body["prompt"])
             if isinstance(outcome, tuple) and outcome[0] == "reject":
-                error = {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
-                         "details": "", "extra_info": {}}  # fmt: skip
+                error = {
+                    "type": "prompt_outputs_failed_validation",
+                    "message": "Prompt outputs failed validation",
+                    "details": "",
+                    "extra_info": {},
+                }
                 self._json({"error": error, "node_errors": outcome[1]}, 400)
                 return
             prompt_id = f"p{len(self.server.prompts)}"
@@ -252,8 +262,9 @@ def write_workflow(tmp_path: Path, workflow: dict = WORKFLOW) -> Path:
 
 
 def run_cli(server: FakeComfy, tmp_path: Path, *extra: str) -> int:
-    return queue.main(["--server", server.url, "--workflow", str(write_workflow(tmp_path)),
-                       "--out", str(tmp_path / "out"), *extra])  # fmt: skip
+    return queue.main(
+        ["--server", server.url, "--workflow", str(write_workflow(tmp_path)), "--out", str(tmp_path / "out"), *extra]
+    )
 
 
 def state_lines(tmp_path: Path) -> list[dict]:
@@ -349,13 +360,24 @@ def test_a_row_inserted_above_others_never_hands_them_its_result(make_server, tm
 
 
 def test_a_rejected_prompt_reports_comfyuis_node_errors(make_server, tmp_path, capsys):
-    node_errors = {"15": {"errors": [{"type": "value_smaller_than_min", "message": "Value 0 smaller than min of 1",
-                                      "details": "steps", "extra_info": {}}],
-                          "dependent_outputs": ["17"], "class_type": "KontextCoreSampler"}}  # fmt: skip
+    node_errors = {
+        "15": {
+            "errors": [
+                {
+                    "type": "value_smaller_than_min",
+                    "message": "Value 0 smaller than min of 1",
+                    "details": "steps",
+                    "extra_info": {},
+                }
+            ],
+            "dependent_outputs": ["17"],
+            "class_type": "KontextCoreSampler",
+        }
+    }
     server = make_server(outcome=lambda p: ("reject", node_errors) if p["15"]["inputs"]["seed"] == 1 else "success")
     csv_path = tmp_path / "items.csv"
     make_images(tmp_path, 2)
-    csv_path.write_text("image,prompt,seed\nimg_0.png,first,1\nimg_1.png,\"second, with a comma\",\n")
+    csv_path.write_text('image,prompt,seed\nimg_0.png,first,1\nimg_1.png,"second, with a comma",\n')
     assert run_cli(server, tmp_path, "--csv", str(csv_path)) == 1
     err = capsys.readouterr().err
     assert (
@@ -485,8 +507,10 @@ def test_folder_items_have_distinct_names(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     items = queue.items_from_folder(tmp_path, "p", 3)
     assert [(i.name, i.image.name, i.prompt, i.seed) for i in items] == [
-        ("a_jpg", "a.jpg", "p", 3), ("a_png", "a.png", "p", 3), ("b", "b.png", "p", 3),
-    ]  # fmt: skip
+        ("a_jpg", "a.jpg", "p", 3),
+        ("a_png", "a.png", "p", 3),
+        ("b", "b.png", "p", 3),
+    ]
 
 
 def test_csv_rows_become_items_with_clear_errors(tmp_path):
@@ -520,15 +544,58 @@ def test_usage_errors_exit_with_status_2(tmp_path, capsys):
     with socket.socket() as sock:  # a loopback port nothing listens on
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    assert queue.main(["--server", closed, "--workflow", workflow, "--images", str(tmp_path / "in"),
-                       "--prompt", "p", "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert (
+        queue.main(
+            [
+                "--server",
+                closed,
+                "--workflow",
+                workflow,
+                "--images",
+                str(tmp_path / "in"),
+                "--prompt",
+                "p",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert f"error: no ComfyUI answers at {closed}" in capsys.readouterr().err
 
-    assert queue.main(["--server", "ftp://x", "--workflow", workflow, "--images", str(tmp_path / "in"),
-                       "--prompt", "p", "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert (
+        queue.main(
+            [
+                "--server",
+                "ftp://x",
+                "--workflow",
+                workflow,
+                "--images",
+                str(tmp_path / "in"),
+                "--prompt",
+                "p",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--server must be an http(s) URL" in capsys.readouterr().err
-    assert queue.main(["--workflow", workflow, "--images", str(tmp_path / "nowhere"), "--prompt", "p",
-                       "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert (
+        queue.main(
+            [
+                "--workflow",
+                workflow,
+                "--images",
+                str(tmp_path / "nowhere"),
+                "--prompt",
+                "p",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "is not a folder" in capsys.readouterr().err
 
 
@@ -537,9 +604,16 @@ def test_the_client_needs_nothing_beyond_the_standard_library():
     import subprocess
     import sys
 
-    code = ("import sys, kontext_core.queue; print(sorted({m.split('.')[0] for m in sys.modules}"
-            " - set(sys.stdlib_module_names) - {'kontext_core', '__main__'}))")
+    code = (
+        "import sys, kontext_core.tools.comfyui_client; print(sorted({m.split('.')[0] for m in sys.modules}"
+        " - set(sys.stdlib_module_names) - {'kontext_core', '__main__'}))"
+    )
     # -S: no site-packages at all, so an import of anything installed fails instead of being listed
-    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
-                            cwd=Path(queue.__file__).parents[1])  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(queue.__file__).parents[2],
+    )
     assert result.stdout.strip() == "[]"

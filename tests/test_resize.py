@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kontext_core.config import PREFERRED_KONTEXT_RESOLUTIONS
+from kontext_core.model.config import PREFERRED_KONTEXT_RESOLUTIONS
 from kontext_core.resize import crop_box, kontext_size, resize_to_kontext
 
 
@@ -20,8 +20,10 @@ def as_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
-@pytest.mark.parametrize("width, height, expected", [(1000, 700, (1248, 832)), (300, 900, (672, 1568)),
-                                                     (512, 512, (1024, 1024)), (1600, 1000, (1328, 800))])  # fmt: skip
+@pytest.mark.parametrize(
+    "width, height, expected",
+    [(1000, 700, (1248, 832)), (300, 900, (672, 1568)), (512, 512, (1024, 1024)), (1600, 1000, (1328, 800))],
+)
 def test_stretch_goes_to_the_nearest_preferred_resolution(width, height, expected):
     out = resize_to_kontext(pil_image(width, height, 0), "stretch")
     assert out.size == expected and expected in PREFERRED_KONTEXT_RESOLUTIONS

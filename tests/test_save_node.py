@@ -11,7 +11,7 @@ import torch
 from _node_helpers import load_pack
 from PIL import Image
 
-from kontext_core import provenance
+from kontext_core.policy import provenance
 
 pack = load_pack()
 _comfy = sys.modules[f"{pack.__name__}.nodes._comfy"]
@@ -24,9 +24,11 @@ def test_saves_workflow_and_disclosure(monkeypatch, tmp_path):
     monkeypatch.delenv(provenance.KEY_ENV, raising=False)
     images = torch.rand(2, 32, 48, 3, generator=torch.Generator().manual_seed(0))
     result = save.KontextCoreSaveImage.run(
-        images, "kontext/test", prompt={"1": {"class_type": "X", "inputs": {}}},
+        images,
+        "kontext/test",
+        prompt={"1": {"class_type": "X", "inputs": {}}},
         extra_pnginfo={"workflow": {"nodes": []}, "note": "hi"},
-    )  # fmt: skip
+    )
     files = [tmp_path / "kontext" / f"test_0000{i}_.png" for i in (1, 2)]
     assert [f"{d['subfolder']}/{d['filename']}" for d in result.ui["images"]] == [f"kontext/{f.name}" for f in files]
     png = Image.open(files[0])
@@ -45,8 +47,9 @@ def test_disable_metadata_leaves_out_prompt_and_workflow(monkeypatch, tmp_path):
     monkeypatch.delenv(provenance.CERT_ENV, raising=False)
     monkeypatch.delenv(provenance.KEY_ENV, raising=False)
     prompt = {"1": {"class_type": "KontextCoreModelLoader", "inputs": {"model_name": "kontext.safetensors"}}}
-    save.KontextCoreSaveImage.run(torch.rand(1, 16, 16, 3), "private", prompt=prompt,
-                                  extra_pnginfo={"workflow": {"nodes": []}, "note": "hi"})  # fmt: skip
+    save.KontextCoreSaveImage.run(
+        torch.rand(1, 16, 16, 3), "private", prompt=prompt, extra_pnginfo={"workflow": {"nodes": []}, "note": "hi"}
+    )
     png = Image.open(tmp_path / "private_00001_.png")
     assert not {"prompt", "workflow", "note"} & set(png.text)
     assert png.text["ai_generated"] == "true" and png.text["model"] == "FLUX.1 Kontext (kontext.safetensors)"

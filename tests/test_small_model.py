@@ -12,15 +12,15 @@ from PIL import Image
 from safetensors import safe_open
 
 from kontext_core import load_default_pipeline
-from kontext_core.__main__ import DEMO_SEED, main
-from kontext_core.checkpoints.inspect import describe
-from kontext_core.model import Flux
-from kontext_core.quality import judge
+from kontext_core.cli.main import DEMO_SEED, main
+from kontext_core.checkpoints.summary import describe
+from kontext_core.model.flux import Flux
+from kontext_core.synthetic.judge import judge
 from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SMALL_VAE, small_model_files
 from kontext_core.small_model.store_fp8 import MARKER
 from kontext_core.small_model.tokenizers import write_clip_tokenizer, write_t5_tokenizer
-from kontext_core.tasks import HELD_OUT_SEED, make_task, vocabulary
-from kontext_core.text import load_tokenizer
+from kontext_core.synthetic.tasks import HELD_OUT_SEED, make_task, vocabulary
+from kontext_core.model.text import load_tokenizer
 
 FILES = small_model_files()
 MIB = 2**20
@@ -117,8 +117,19 @@ def test_cli_uses_the_small_model_when_nothing_is_configured(tmp_path, monkeypat
     monkeypatch.delenv("COMFYUI_ROOT", raising=False)
     task = make_task(DEMO_SEED)
     task.images[0].save(tmp_path / "in.png")
-    code = main(["edit", "--image", str(tmp_path / "in.png"), "--prompt", task.instruction,
-                 "--out", str(tmp_path / "out.png"), "--steps", "8"])  # fmt: skip
+    code = main(
+        [
+            "edit",
+            "--image",
+            str(tmp_path / "in.png"),
+            "--prompt",
+            task.instruction,
+            "--out",
+            str(tmp_path / "out.png"),
+            "--steps",
+            "8",
+        ]
+    )
     assert code == 0 and (tmp_path / "out.png").is_file()
     assert "built-in small model" in capsys.readouterr().err
 
@@ -127,7 +138,7 @@ def test_small_model_workflow_edits_in_the_node_graph(monkeypatch, tmp_path):
     """The shipped workflow, run node by node with the real built-in files (no stand-ins), does the edit."""
     from test_workflows import execute, host_folders, load
 
-    from kontext_core.tasks_render import render
+    from kontext_core.synthetic.render import render
 
     for kind in ("diffusion_models", "text_encoders", "vae", "input", "output"):
         (tmp_path / kind).mkdir()

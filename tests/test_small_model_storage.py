@@ -13,7 +13,7 @@ from safetensors import safe_open
 from tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core.checkpoints.transformer import load_transformer
-from kontext_core.quant import quantize_fp8
+from kontext_core.runtime.quant import quantize_fp8
 from kontext_core.small_model.store_fp8 import main as store_main
 from kontext_core.small_model.store_fp8 import store_fp8
 from kontext_core.small_model.train_flux import deepen
@@ -64,8 +64,11 @@ def test_fp8_store_keeps_every_weight_to_fp8_rounding(tmp_path):
 
 def test_fp8_store_loads_as_a_scaled_fp8_transformer(tmp_path):
     model = tiny_flux_model(seed=5)
-    source = save_state(tmp_path / "fp16.safetensors", {k: v.half() for k, v in model.state_dict().items()},
-                        {"flux_params": json.dumps(dataclasses.asdict(TINY_FLUX))})  # fmt: skip
+    source = save_state(
+        tmp_path / "fp16.safetensors",
+        {k: v.half() for k, v in model.state_dict().items()},
+        {"flux_params": json.dumps(dataclasses.asdict(TINY_FLUX))},
+    )
     store_fp8(source, tmp_path / "fp8.safetensors")
     loaded = load_transformer(tmp_path / "fp8.safetensors", dtype=torch.float32)
     reference = load_transformer(source, dtype=torch.float32)

@@ -16,8 +16,8 @@ from kontext_core.small_model import SMALL_FLUX, load_default_pipeline, small_mo
 from kontext_core.small_model import train_flux, train_vae
 from kontext_core.small_model.data import image_pool, training_tasks
 from kontext_core.small_model.train_flux import TaskGroup, batches, parse_kind_weights
-from kontext_core.tasks import HELD_OUT_SEED, KINDS, make_task
-from kontext_core.text import load_tokenizer
+from kontext_core.synthetic.tasks import HELD_OUT_SEED, KINDS, make_task
+from kontext_core.model.text import load_tokenizer
 
 
 def test_training_never_sees_held_out_seeds():
@@ -43,15 +43,48 @@ def trained(tmp_path_factory):
     assert math.isfinite(info["final_mse"])
     train_vae.save(vae, small_model_files(out).vae, info)
     # Half the shipped depth, as the shipped model started out (README's lineage): it also trains faster here.
-    train_flux.main(["--vae", str(small_model_files(out).vae), "--tasks", "24", "--batch", "4", "--max-steps", "2",
-                     "--blocks", f"{SMALL_FLUX.depth // 2},{SMALL_FLUX.depth_single_blocks // 2}", "--out", str(out)])  # fmt: skip
+    train_flux.main(
+        [
+            "--vae",
+            str(small_model_files(out).vae),
+            "--tasks",
+            "24",
+            "--batch",
+            "4",
+            "--max-steps",
+            "2",
+            "--blocks",
+            f"{SMALL_FLUX.depth // 2},{SMALL_FLUX.depth_single_blocks // 2}",
+            "--out",
+            str(out),
+        ]
+    )
     return out
 
 
 def test_distillation_and_kind_weights_run(trained, tmp_path):
-    train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--batch", "4", "--max-steps", "2",
-                     "--resume", str(trained), "--minutes", "5", "--distill-minutes", "5",
-                     "--kind-weights", "move=3,restyle=0", "--out", str(tmp_path)])  # fmt: skip
+    train_flux.main(
+        [
+            "--vae",
+            str(small_model_files(trained).vae),
+            "--tasks",
+            "24",
+            "--batch",
+            "4",
+            "--max-steps",
+            "2",
+            "--resume",
+            str(trained),
+            "--minutes",
+            "5",
+            "--distill-minutes",
+            "5",
+            "--kind-weights",
+            "move=3,restyle=0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     with safe_open(small_model_files(tmp_path).transformer, "pt") as f:
         info = json.loads(f.metadata()["training"])
     assert info["flow_steps"] == 0 and info["steps"] == 2  # both steps distilled guidance
@@ -61,8 +94,23 @@ def test_distillation_and_kind_weights_run(trained, tmp_path):
 
 
 def test_deepened_run_saves_the_deeper_config(trained, tmp_path):
-    train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--batch", "4", "--max-steps", "1",
-                     "--resume", str(trained), "--deepen", "--out", str(tmp_path)])  # fmt: skip
+    train_flux.main(
+        [
+            "--vae",
+            str(small_model_files(trained).vae),
+            "--tasks",
+            "24",
+            "--batch",
+            "4",
+            "--max-steps",
+            "1",
+            "--resume",
+            str(trained),
+            "--deepen",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     params = load_default_pipeline(folder=tmp_path).transformer.params
     assert load_default_pipeline(folder=trained).transformer.params.depth == SMALL_FLUX.depth // 2
     assert params == SMALL_FLUX  # grown from half the depth to the shipped shape, as the shipped model was
@@ -70,8 +118,13 @@ def test_deepened_run_saves_the_deeper_config(trained, tmp_path):
 
 def _group(kinds: list[str], targets: torch.Tensor, references: list[torch.Tensor]) -> TaskGroup:
     n = len(kinds)
-    return TaskGroup(targets, references, torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, 4, dtype=torch.long),
-                     torch.tensor([KINDS.index(kind) for kind in kinds]))  # fmt: skip
+    return TaskGroup(
+        targets,
+        references,
+        torch.zeros(n, 4, dtype=torch.long),
+        torch.zeros(n, 4, dtype=torch.long),
+        torch.tensor([KINDS.index(kind) for kind in kinds]),
+    )
 
 
 def test_kind_weights_steer_which_tasks_are_drawn():
@@ -193,7 +246,10 @@ def test_first_task_must_pick_training_seeds(args, message, capsys, tmp_path):
         (["--blocks", "2"], "argument --blocks: expected two counts"),
         (["--blocks", "2,0"], "at least 1"),
         (["--blocks", "2,6", "--resume", "run"], "keeps its own"),
-        (["--save-every", "0"], "argument --save-every: must be at least 1, got 0"),  # was a ZeroDivisionError after encoding
+        (
+            ["--save-every", "0"],
+            "argument --save-every: must be at least 1, got 0",
+        ),  # was a ZeroDivisionError after encoding
         (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
         (["--batch", "x"], "argument --batch: expected a whole number, got 'x'"),
         (["--minutes", "inf"], "argument --minutes: must be positive, got inf"),
@@ -215,8 +271,9 @@ def test_a_run_never_replaces_another_vae_in_its_out_folder(trained, tmp_path, c
     other = small_model_files(tmp_path).vae
     other.write_bytes(b"a VAE trained elsewhere")
     with pytest.raises(SystemExit):
-        train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--prepare-only",
-                         "--out", str(tmp_path)])  # fmt: skip
+        train_flux.main(
+            ["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--prepare-only", "--out", str(tmp_path)]
+        )
     assert "holds another ae-small.safetensors than --vae" in capsys.readouterr().err
     assert other.read_bytes() == b"a VAE trained elsewhere"
 
@@ -229,9 +286,12 @@ def test_vae_training_needs_an_out_folder(capsys):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--steps", "0"], "argument --steps: must be at least 1, got 0"), (["--tasks", "0"], "argument --tasks: must be at least 1, got 0"),
-     (["--lr", "-1"], "argument --lr: must be positive, got -1.0")],
-)  # fmt: skip
+    [
+        (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["--tasks", "0"], "argument --tasks: must be at least 1, got 0"),
+        (["--lr", "-1"], "argument --lr: must be positive, got -1.0"),
+    ],
+)
 def test_bad_vae_training_options_are_refused_by_name(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
         train_vae.main([*args, "--out", str(tmp_path)])
@@ -241,9 +301,29 @@ def test_bad_vae_training_options_are_refused_by_name(args, message, capsys, tmp
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_runs_on_the_gpu(trained, tmp_path):
-    train_flux.main(["--vae", str(small_model_files(trained).vae), "--tasks", "24", "--batch", "4", "--max-steps", "2",
-                     "--resume", str(trained), "--device", "cuda", "--no-cache", "--minutes", "5",
-                     "--distill-minutes", "5", "--out", str(tmp_path)])  # fmt: skip
+    train_flux.main(
+        [
+            "--vae",
+            str(small_model_files(trained).vae),
+            "--tasks",
+            "24",
+            "--batch",
+            "4",
+            "--max-steps",
+            "2",
+            "--resume",
+            str(trained),
+            "--device",
+            "cuda",
+            "--no-cache",
+            "--minutes",
+            "5",
+            "--distill-minutes",
+            "5",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     with safe_open(small_model_files(tmp_path).transformer, "pt") as f:
         assert json.loads(f.metadata()["training"])["steps"] == 2
     assert (

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import pytest
 
-from kontext_core.styles import STYLE_PRESETS, apply_style
+from kontext_core.policy.styles import STYLE_PRESETS, apply_style
 
 NAMES = [
-    "3d-model", "analog-film", "anime", "cinematic", "comic-book", "craft-clay", "digital-art", "enhance",
-    "fantasy-art", "isometric", "line-art", "low-poly", "neon-punk", "origami", "photographic", "pixel-art",
+    "3d-model",
+    "analog-film",
+    "anime",
+    "cinematic",
+    "comic-book",
+    "craft-clay",
+    "digital-art",
+    "enhance",
+    "fantasy-art",
+    "isometric",
+    "line-art",
+    "low-poly",
+    "neon-punk",
+    "origami",
+    "photographic",
+    "pixel-art",
     "texture",
-]  # fmt: skip
+]
 
 
 def test_the_seventeen_presets():
@@ -39,9 +53,13 @@ def test_punctuation_is_kept():
 
 @pytest.mark.parametrize(
     "args, name",
-    [(("x", "watercolour"), "style"), (("x", "anime", "remix"), "mode"), (("", "anime", "generate"), "prompt"),
-     ((None, "anime"), "prompt")],
-)  # fmt: skip
+    [
+        (("x", "watercolour"), "style"),
+        (("x", "anime", "remix"), "mode"),
+        (("", "anime", "generate"), "prompt"),
+        ((None, "anime"), "prompt"),
+    ],
+)
 def test_errors_name_the_argument(args, name):
     with pytest.raises(ValueError, match=name):
         apply_style(*args)

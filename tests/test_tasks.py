@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kontext_core import tasks
-from kontext_core.quality import edit_mask
-from kontext_core.tasks_render import (
+from kontext_core.synthetic import tasks
+from kontext_core.synthetic.judge import edit_mask
+from kontext_core.synthetic.render import (
     IMAGE_SIZES,
     PALETTE,
     POSITIONS,

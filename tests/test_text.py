@@ -16,7 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from kontext_core import load_text_encoder
 from kontext_core.checkpoints import CheckpointError
 from kontext_core.checkpoints.text_encoders import clip_config_from_shapes, t5_config_from_shapes
-from kontext_core.text import FluxTextEncoder, TokenizerNotFoundError
+from kontext_core.model.text import FluxTextEncoder, TokenizerNotFoundError
 
 DATA = Path(__file__).parent / "data"
 PROMPTS = ["make the car red", "Turn the sky into a sunset, and add a small blue circle at the top left!"]
@@ -47,10 +47,18 @@ def tiny(tmp_path_factory):
     clip_state["text_projection.weight"] = torch.randn(128, 128)
     save_file(clip_state, root / "clip_l.safetensors")
     return {
-        "root": root, "t5": t5, "clip": clip, "t5_tok": t5_tok, "clip_tok": clip_tok,
-        "files": {"t5": root / "t5xxl_fp32.safetensors", "clip": root / "clip_l.safetensors",
-                  "t5_tokenizer": t5_tok_dir, "clip_tokenizer": clip_tok_dir},
-    }  # fmt: skip
+        "root": root,
+        "t5": t5,
+        "clip": clip,
+        "t5_tok": t5_tok,
+        "clip_tok": clip_tok,
+        "files": {
+            "t5": root / "t5xxl_fp32.safetensors",
+            "clip": root / "clip_l.safetensors",
+            "t5_tokenizer": t5_tok_dir,
+            "clip_tokenizer": clip_tok_dir,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +74,14 @@ def with_files(tiny, **files):
 def test_encode_matches_diffusers_flux_kontext_pipeline(tiny, length):
     diffusers = pytest.importorskip("diffusers")
     pipe = diffusers.FluxKontextPipeline(
-        scheduler=None, vae=None, transformer=None, text_encoder=tiny["clip"], tokenizer=tiny["clip_tok"],
-        text_encoder_2=tiny["t5"], tokenizer_2=tiny["t5_tok"],
-    )  # fmt: skip
+        scheduler=None,
+        vae=None,
+        transformer=None,
+        text_encoder=tiny["clip"],
+        tokenizer=tiny["clip_tok"],
+        text_encoder_2=tiny["t5"],
+        tokenizer_2=tiny["t5_tok"],
+    )
     with torch.no_grad():  # as the pipeline's __call__ runs it
         txt_ref, y_ref, _ = pipe.encode_prompt(PROMPTS, None, device=torch.device("cpu"), max_sequence_length=length)
     txt, y = with_files(tiny, t5_max_length=length).encode(PROMPTS)
@@ -189,8 +202,11 @@ def _fp8_files(tiny, tmp_path):
     layers = {k.removesuffix(".weight"): {"format": "float8_e4m3fn"} for k in linears}
     save_file(plain, tmp_path / "t5xxl_fp8_e4m3fn.safetensors")
     save_file(scaled, tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors")
-    save_file(newer, tmp_path / "t5xxl_fp8_new.safetensors",
-              metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})})  # fmt: skip
+    save_file(
+        newer,
+        tmp_path / "t5xxl_fp8_new.safetensors",
+        metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})},
+    )
     return {"t5xxl_fp8_e4m3fn": plain_ref, "t5xxl_fp8_e4m3fn_scaled": scaled_ref, "t5xxl_fp8_new": scaled_ref}
 
 
@@ -203,8 +219,10 @@ def test_fp8_t5_files_match_their_dequantized_weights(tiny, expected, tmp_path):
             dequantized = reference(input_ids=ids).last_hidden_state
         encoder = with_files(tiny, t5=tmp_path / f"{name}.safetensors", dtype=torch.float32)
         txt, _ = encoder.encode(PROMPTS)
-        print(f"\n[{name}] vs dequantized max |Δ| {(txt - dequantized).abs().max():.1e}; "
-              f"vs full precision rel-L2 {rel_l2(txt, expected[0]):.3e}")  # fmt: skip
+        print(
+            f"\n[{name}] vs dequantized max |Δ| {(txt - dequantized).abs().max():.1e}; "
+            f"vs full precision rel-L2 {rel_l2(txt, expected[0]):.3e}"
+        )
         assert (txt - dequantized).abs().max() <= 1e-5
         # e4m3 keeps 3 mantissa bits (~2% RMS error per weight); through the 7 linears of each of the
         # 2 blocks those errors add up to several percent of the output, and stay well under 10%
@@ -242,7 +260,7 @@ def test_config_in_the_file_header_wins_over_shapes(tiny, tmp_path):
 def test_tokenizer_files_spiece_and_tokenizer_json_agree(tiny, tmp_path):
     tiny["t5_tok"].save_pretrained(tmp_path / "t5_json")
     assert not (tmp_path / "t5_json" / "spiece.model").exists()
-    from kontext_core.text import load_tokenizer
+    from kontext_core.model.text import load_tokenizer
 
     a = load_tokenizer(tiny["files"]["t5_tokenizer"], "t5")(PROMPTS).input_ids
     b = load_tokenizer(tmp_path / "t5_json", "t5")(PROMPTS).input_ids
@@ -273,7 +291,7 @@ def test_tokenizers_found_in_a_comfyui_install(tiny, expected, tmp_path, monkeyp
     reason="needs COMFYUI_ROOT pointing at a ComfyUI checkout (its shipped tokenizers)",
 )
 def test_comfyui_shipped_tokenizers_and_real_clip_pooling():
-    from kontext_core.text import find_tokenizer, load_tokenizer
+    from kontext_core.model.text import find_tokenizer, load_tokenizer
 
     root = os.environ["COMFYUI_ROOT"]
     t5_tok = load_tokenizer(find_tokenizer("t5", None, "t5xxl.safetensors", root), "t5")
@@ -296,7 +314,10 @@ def test_comfyui_shipped_tokenizers_and_real_clip_pooling():
 def test_missing_tokenizer_says_which_folder_to_provide(tiny, tmp_path, monkeypatch):
     monkeypatch.delenv("COMFYUI_ROOT", raising=False)
     files = tiny["files"]
-    with pytest.raises(TokenizerNotFoundError, match=r"no T5 tokenizer.*t5_tokenizer= \(the command line.s --t5-tokenizer\).*tokenizer_2/.*COMFYUI_ROOT"):
+    with pytest.raises(
+        TokenizerNotFoundError,
+        match=r"no T5 tokenizer.*t5_tokenizer= \(the command line.s --t5-tokenizer\).*tokenizer_2/.*COMFYUI_ROOT",
+    ):
         load_text_encoder(t5=files["t5"], clip=files["clip"], clip_tokenizer=files["clip_tokenizer"])
     with pytest.raises(TokenizerNotFoundError, match=r"clip_tokenizer=.*not a CLIP tokenizer folder.*vocab\.json"):
         with_files(tiny, clip_tokenizer=tmp_path)
@@ -316,10 +337,14 @@ def test_foreign_tokenizers_are_caught(tiny, tmp_path):
 
 def test_wrong_files_are_named(tiny, tmp_path):
     files = tiny["files"]
-    save_file({"double_blocks.0.img_attn.qkv.weight": torch.randn(6, 2), "img_in.weight": torch.randn(2, 64)},
-              tmp_path / "flux1-kontext-dev.safetensors")  # fmt: skip
-    save_file({"encoder.conv_in.weight": torch.randn(4, 3, 3, 3), "decoder.conv_in.weight": torch.randn(4, 16, 3, 3)},
-              tmp_path / "ae.safetensors")  # fmt: skip
+    save_file(
+        {"double_blocks.0.img_attn.qkv.weight": torch.randn(6, 2), "img_in.weight": torch.randn(2, 64)},
+        tmp_path / "flux1-kontext-dev.safetensors",
+    )
+    save_file(
+        {"encoder.conv_in.weight": torch.randn(4, 3, 3, 3), "decoder.conv_in.weight": torch.randn(4, 16, 3, 3)},
+        tmp_path / "ae.safetensors",
+    )
     cases = [
         ({"t5": tmp_path / "flux1-kontext-dev.safetensors"}, r"flux1-kontext-dev\.safetensors: not a T5 .*transformer"),
         ({"clip": tmp_path / "ae.safetensors"}, r"ae\.safetensors: not a CLIP text model: .*VAE"),
@@ -333,8 +358,11 @@ def test_wrong_files_are_named(tiny, tmp_path):
     del broken["encoder.block.1.layer.0.SelfAttention.o.weight"]
     broken["encoder.block.1.layer.0.SelfAttention.extra.weight"] = torch.randn(2, 2)
     save_file(broken, tmp_path / "t5_broken.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): encoder\.block\.1\.layer\.0\.SelfAttention\.o\.weight;"
-                                              r" unexpected keys \(1\): .*extra\.weight"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing keys \(1\): encoder\.block\.1\.layer\.0\.SelfAttention\.o\.weight;"
+        r" unexpected keys \(1\): .*extra\.weight",
+    ):
         with_files(tiny, t5=tmp_path / "t5_broken.safetensors")
     (tmp_path / "t5.bin").write_bytes(b"\x80\x04fake pickle")
     with pytest.raises(CheckpointError, match="pickle"):
@@ -342,8 +370,10 @@ def test_wrong_files_are_named(tiny, tmp_path):
 
 
 def test_real_configs_on_meta_match_the_manifests():
-    builders = {"t5xxl_encoder_keys.tsv": (t5_config_from_shapes, T5EncoderModel),
-                "clip_l_text_keys.tsv": (clip_config_from_shapes, CLIPTextModel)}  # fmt: skip
+    builders = {
+        "t5xxl_encoder_keys.tsv": (t5_config_from_shapes, T5EncoderModel),
+        "clip_l_text_keys.tsv": (clip_config_from_shapes, CLIPTextModel),
+    }
     for name, (make_config, model_class) in builders.items():
         manifest = read_manifest(name)
         with torch.device("meta"):  # 4.9B parameters: never allocated
@@ -360,7 +390,7 @@ def test_real_configs_on_meta_match_the_manifests():
 
 
 def test_a_t5_tokenizer_that_fails_without_protobuf_names_protobuf(tiny, monkeypatch):
-    import kontext_core.text as text
+    import kontext_core.model.text as text
 
     assert text._has_protobuf()  # a dependency of the pack, so installed here
     folder = tiny["files"]["t5_tokenizer"]

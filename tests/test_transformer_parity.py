@@ -7,7 +7,7 @@ import torch
 from reference_mappings import diffusers_twin
 from tiny_models import TINY_FLUX, tiny_flux_model
 
-from kontext_core.config import FluxParams
+from kontext_core.model.config import FluxParams
 from kontext_core.sampling import pack, position_ids, reference_tokens
 
 diffusers = pytest.importorskip("diffusers")
@@ -36,9 +36,15 @@ def test_forward_matches_diffusers_fp32():
     img, img_ids, txt, txt_ids, t, y, guidance = kontext_inputs(model.params)
     ours = model(img, img_ids, txt, txt_ids, t, y, guidance)
     theirs = twin(
-        hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
-        img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance, return_dict=False,
-    )[0]  # fmt: skip
+        hidden_states=img,
+        encoder_hidden_states=txt,
+        pooled_projections=y,
+        timestep=t,
+        img_ids=img_ids[0],
+        txt_ids=txt_ids[0],
+        guidance=guidance,
+        return_dict=False,
+    )[0]
     err = (ours - theirs).abs().max().item()
     scale = theirs.abs().max().item()
     print(f"transformer fp32 max abs error vs diffusers: {err:.3e} (output max {scale:.3f})")
@@ -54,9 +60,14 @@ def test_forward_without_guidance_embedding():
     img, img_ids, txt, txt_ids, t, y, _ = kontext_inputs(params, batch=1)
     ours = model(img, img_ids, txt, txt_ids, t, y)
     theirs = twin(
-        hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
-        img_ids=img_ids[0], txt_ids=txt_ids[0], return_dict=False,
-    )[0]  # fmt: skip
+        hidden_states=img,
+        encoder_hidden_states=txt,
+        pooled_projections=y,
+        timestep=t,
+        img_ids=img_ids[0],
+        txt_ids=txt_ids[0],
+        return_dict=False,
+    )[0]
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from tiny_models import TINY_FLUX, tiny_flux_model
 
 import kontext_core
-from kontext_core import provenance
+from kontext_core.policy import provenance
 
 pack = load_pack()
 _comfy = sys.modules[f"{pack.__name__}.nodes._comfy"]
@@ -26,13 +26,24 @@ CORE = {
     "PreviewImage": ({"images": "IMAGE"}, [], []),
     "SaveImage": ({"images": "IMAGE"}, [], ["filename_prefix"]),
 }
-NAMES = ["batch_folder", "multi_reference", "multi_round_edit", "multi_round_keep_unchanged", "safety_filtered_edit",
-         "single_edit", "small_model_edit", "style_preset", "text_to_image"]  # fmt: skip
+NAMES = [
+    "batch_folder",
+    "multi_reference",
+    "multi_round_edit",
+    "multi_round_keep_unchanged",
+    "safety_filtered_edit",
+    "single_edit",
+    "small_model_edit",
+    "style_preset",
+    "text_to_image",
+]
 
 
 def load(name: str) -> tuple[dict, dict]:
-    return (json.loads((ROOT / "workflows" / f"{name}.json").read_text()),
-            json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text()))  # fmt: skip
+    return (
+        json.loads((ROOT / "workflows" / f"{name}.json").read_text()),
+        json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text()),
+    )
 
 
 def widget_names(node_type: str) -> list[str | None]:
@@ -112,8 +123,9 @@ def test_api_graph_is_valid_for_our_nodes(name):
         values = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
         for s in spec.INPUTS:  # widget values within the spec (combos of files are checked when run)
             if s.name in values and (s.type != "COMBO" or not callable(s.options)):
-                _comfy.check_inputs(types.SimpleNamespace(NODE_ID=spec.NODE_ID, INPUTS=(s,), HIDDEN=()),
-                                    {s.name: values[s.name]})  # fmt: skip
+                _comfy.check_inputs(
+                    types.SimpleNamespace(NODE_ID=spec.NODE_ID, INPUTS=(s,), HIDDEN=()), {s.name: values[s.name]}
+                )
         for link in (v for v in node["inputs"].values() if isinstance(v, list)):
             assert link[0] in api, f"{name}: node {node_id} links to missing node {link[0]}"
 
@@ -149,20 +161,32 @@ def tiny_comfy(monkeypatch, tmp_path):
     """Model folders with placeholder files whose loaders return tiny models; an input folder with images."""
     for kind in ("diffusion_models", "text_encoders", "vae"):
         (tmp_path / kind).mkdir()
-    for kind, name in [("diffusion_models", "flux1-kontext-dev.safetensors"), ("text_encoders", "t5xxl_fp16.safetensors"),
-                       ("text_encoders", "clip_l.safetensors"), ("vae", "ae.safetensors")]:  # fmt: skip
+    for kind, name in [
+        ("diffusion_models", "flux1-kontext-dev.safetensors"),
+        ("text_encoders", "t5xxl_fp16.safetensors"),
+        ("text_encoders", "clip_l.safetensors"),
+        ("vae", "ae.safetensors"),
+    ]:
         (tmp_path / kind / name).write_bytes(b"placeholder")
     (tmp_path / "input" / "batch").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for name, size in [("kontext_example.png", (40, 24)), ("kontext_character.png", (24, 32)),
-                       ("kontext_object.png", (32, 32)), ("batch/a.png", (24, 24)), ("batch/b.png", (40, 24)),
-                       ("kontext_small_scene.png", (64, 48))]:  # fmt: skip
+    for name, size in [
+        ("kontext_example.png", (40, 24)),
+        ("kontext_character.png", (24, 32)),
+        ("kontext_object.png", (32, 32)),
+        ("batch/a.png", (24, 24)),
+        ("batch/b.png", (40, 24)),
+        ("kontext_small_scene.png", (64, 48)),
+    ]:
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "input" / name)
     host_folders(monkeypatch, tmp_path)
     monkeypatch.setitem(vars(kontext_core), "load_transformer", lambda path, **kw: tiny_flux_model(seed=1))
     monkeypatch.setitem(vars(kontext_core), "load_vae", lambda path, **kw: TinyVAE(seed=2))
-    monkeypatch.setitem(vars(kontext_core), "load_text_encoder",
-                        lambda **kw: TinyTextEncoder(TINY_FLUX.context_in_dim, TINY_FLUX.vec_in_dim))  # fmt: skip
+    monkeypatch.setitem(
+        vars(kontext_core),
+        "load_text_encoder",
+        lambda **kw: TinyTextEncoder(TINY_FLUX.context_in_dim, TINY_FLUX.vec_in_dim),
+    )
     safe = types.SimpleNamespace(blocked=False, category=None, reason="ok", score=0.01)
     engine = types.SimpleNamespace(check_prompt=lambda p, tolerance: safe, check_image=lambda i, tolerance: safe)
     monkeypatch.setattr(sys.modules[f"{pack.__name__}.nodes.safety"], "_engine", lambda: engine)
@@ -224,6 +248,8 @@ def test_kept_rounds_edit_the_previous_kept_result():
         sampler = api[api[keep["inputs"]["edited"][0]]["inputs"]["samples"][0]]
         encode = api[sampler["inputs"]["latent"][0]]
         # the pixels put back are those of the image this round edited
-        assert encode["class_type"] == "KontextCoreVAEEncode" and encode["inputs"]["pixels"] == keep["inputs"]["original"]
+        assert (
+            encode["class_type"] == "KontextCoreVAEEncode" and encode["inputs"]["pixels"] == keep["inputs"]["original"]
+        )
     for previous, following in zip(keeps, keeps[1:]):
         assert api[str(following)]["inputs"]["original"] == [str(previous), 0]  # the next round edits the kept image

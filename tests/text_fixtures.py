@@ -7,7 +7,7 @@ from pathlib import Path
 from _text_helpers import state, tiny_clip, tiny_t5, write_clip_tokenizer, write_t5_tokenizer
 from safetensors.torch import save_file
 
-from kontext_core.text import load_tokenizer
+from kontext_core.model.text import load_tokenizer
 
 
 def save_models(root: Path) -> dict[str, Path]:
@@ -20,8 +20,12 @@ def save_models(root: Path) -> dict[str, Path]:
     save_file(t5_state, root / "t5xxl_tiny.safetensors", metadata={"config": t5.config.to_json_string()})
     clip_state = {f"text_model.{k}": v for k, v in state(clip).items()}
     save_file(clip_state, root / "clip_l_tiny.safetensors", metadata={"config": clip.config.to_json_string()})
-    return {"t5": root / "t5xxl_tiny.safetensors", "clip": root / "clip_l_tiny.safetensors",
-            "t5_tokenizer": t5_dir, "clip_tokenizer": clip_dir}  # fmt: skip
+    return {
+        "t5": root / "t5xxl_tiny.safetensors",
+        "clip": root / "clip_l_tiny.safetensors",
+        "t5_tokenizer": t5_dir,
+        "clip_tokenizer": clip_dir,
+    }
 
 
 def text_widths(files: dict[str, Path]) -> tuple[int, int]:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..autoencoder import AutoEncoder
-from ..config import AutoEncoderParams
-from .safetensors_io import (
+from kontext_core.model.autoencoder import AutoEncoder
+from kontext_core.model.config import AutoEncoderParams
+from kontext_core.checkpoints.safetensors_io import (
     CheckpointError,
     TensorSource,
     assign_tensors,
@@ -135,7 +135,9 @@ def _config_constants(source: TensorSource, folder_config: dict | None) -> dict[
     if "norm_groups" in constants:
         groups = constants["norm_groups"]
         if groups != int(groups) or groups < 1:
-            raise CheckpointError(source.origin, f"the config's norm_num_groups is {groups!r}; expected a positive integer")
+            raise CheckpointError(
+                source.origin, f"the config's norm_num_groups is {groups!r}; expected a positive integer"
+            )
         constants["norm_groups"] = int(groups)
     if constants.get("scale_factor") == 0:
         raise CheckpointError(source.origin, "the config's scaling_factor is 0; the latent cannot be scaled by it")
@@ -145,8 +147,16 @@ def _config_constants(source: TensorSource, folder_config: dict | None) -> dict[
 def _not_a_vae_hint(keys: list[str]) -> str:
     if any(re.search(r"(^|\.)input_blocks\.\d+\.", k) for k in keys) or any(k.startswith("down_blocks.") for k in keys):
         return "this is a UNet (SD1.x/SDXL family), not a VAE"
-    transformer = ("double_blocks.", "single_blocks.", "model.diffusion_model.", "diffusion_model.",
-                   "transformer_blocks.", "single_transformer_blocks.", "img_in.", "x_embedder.")  # fmt: skip
+    transformer = (
+        "double_blocks.",
+        "single_blocks.",
+        "model.diffusion_model.",
+        "diffusion_model.",
+        "transformer_blocks.",
+        "single_transformer_blocks.",
+        "img_in.",
+        "x_embedder.",
+    )
     if any(k.startswith(transformer) for k in keys):
         return "this is a diffusion transformer (load it with load_transformer), not a VAE"
     if any(".SelfAttention." in k or k.startswith(("encoder.block.", "shared.")) for k in keys):

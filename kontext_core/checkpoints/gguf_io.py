@@ -14,11 +14,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .safetensors_io import CheckpointError, TensorNames
+from kontext_core.checkpoints.safetensors_io import CheckpointError, TensorNames
 
 # the image architectures ComfyUI-GGUF writes; this loader takes only FLUX
-_IMAGE_ARCHITECTURES = ("flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2",
-                        "qwen_image")  # fmt: skip
+_IMAGE_ARCHITECTURES = (
+    "flux",
+    "sd1",
+    "sdxl",
+    "sd3",
+    "aura",
+    "hidream",
+    "cosmos",
+    "ltxv",
+    "hyvid",
+    "wan",
+    "lumina2",
+    "qwen_image",
+)
 # no architecture (stable-diffusion.cpp's files) or ComfyUI-GGUF's placeholders for "tell from the tensor names"
 _UNNAMED = (None, "pig", "cow")
 _ORIGINAL_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF's record of a tensor reshaped to fit GGUF
@@ -48,8 +60,11 @@ class GGUFSource(TensorNames):
         self._open()
         architecture = self._string("general.architecture")
         if architecture not in _UNNAMED and architecture not in _IMAGE_ARCHITECTURES:
-            raise CheckpointError(path, f"a GGUF file of architecture {architecture!r} (a language model or text "
-                                        "encoder?): only FLUX transformers are read from GGUF here")  # fmt: skip
+            raise CheckpointError(
+                path,
+                f"a GGUF file of architecture {architecture!r} (a language model or text "
+                "encoder?): only FLUX transformers are read from GGUF here",
+            )
         if architecture not in _UNNAMED and architecture != "flux":
             raise CheckpointError(path, f"a GGUF {architecture!r} model, not a FLUX transformer")
         if not self._entries:
@@ -63,7 +78,9 @@ class GGUFSource(TensorNames):
         try:
             self._reader = self._gguf.GGUFReader(self.origin)
         except Exception as e:  # a foreign parser: whatever it raises for a bad or cut file, the file is unusable
-            raise CheckpointError(self.origin, f"not a readable GGUF file, or truncated ({type(e).__name__}: {e})") from None
+            raise CheckpointError(
+                self.origin, f"not a readable GGUF file, or truncated ({type(e).__name__}: {e})"
+            ) from None
         self._entries = {t.name: t for t in self._reader.tensors}
 
     def _string(self, key: str) -> str | None:
@@ -80,8 +97,11 @@ class GGUFSource(TensorNames):
         types = self._gguf.GGUFValueType
         shape = tuple(int(field.parts[i][0]) for i in field.data) if field.types == [types.ARRAY, types.INT32] else None
         if shape is None or int(np.prod(shape)) != int(np.prod(stored)):
-            raise CheckpointError(self.origin, f"bad {_ORIGINAL_SHAPE}{tensor.name} metadata: expected the "
-                                               f"{int(np.prod(stored))} values' shape as INT32s")  # fmt: skip
+            raise CheckpointError(
+                self.origin,
+                f"bad {_ORIGINAL_SHAPE}{tensor.name} metadata: expected the "
+                f"{int(np.prod(stored))} values' shape as INT32s",
+            )
         return shape
 
     def quant_types(self) -> dict[str, int]:
@@ -112,8 +132,10 @@ class GGUFSource(TensorNames):
             else:
                 array = self._gguf.quants.dequantize(t.data, kind)
         except NotImplementedError:
-            raise CheckpointError(self.origin, f"tensor {key!r} is stored as {kind.name}, which the installed "
-                                               "`gguf` package cannot dequantize") from None  # fmt: skip
+            raise CheckpointError(
+                self.origin,
+                f"tensor {key!r} is stored as {kind.name}, which the installed `gguf` package cannot dequantize",
+            ) from None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = torch.from_numpy(array)

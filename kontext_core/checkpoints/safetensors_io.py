@@ -24,11 +24,19 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Hugging Face's shard names: model-00001-of-00004.safetensors
 _SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<part>\d+)-of-(?P<total>\d+)\.safetensors")
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 # ComfyUI's scaled-fp8 files (transformer and text encoders): a marker key and a float32 scale per fp8 weight.
 SCALED_FP8_MARKERS = ("scaled_fp8",)
 WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -48,7 +56,7 @@ def _pickle_refusal(path: Path) -> CheckpointError:
         path,
         "pickle-based checkpoints (.ckpt/.pt/.pth/.bin) are refused because loading them can execute "
         "arbitrary code. Convert the file to safetensors on a machine you trust, e.g. "
-        "`python -c \"import torch, safetensors.torch as st; "
+        '`python -c "import torch, safetensors.torch as st; '
         "st.save_file(torch.load('in.ckpt', weights_only=True), 'out.safetensors')\"`, "
         "or download the .safetensors release of the model.",
     )
@@ -98,7 +106,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
                 "download the file again",
             )
         if end - start != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
-            raise CheckpointError(path, f"malformed header: tensor {key!r} spans {end - start} bytes, not {shape} {dtype}")
+            raise CheckpointError(
+                path, f"malformed header: tensor {key!r} spans {end - start} bytes, not {shape} {dtype}"
+            )
     if not header:
         raise CheckpointError(path, "the file holds no tensors")
     return header, metadata
@@ -142,7 +152,9 @@ class TensorSource(TensorNames):
             self.metadata.update(metadata)
             for key, entry in entries.items():
                 if key in self._file_of:  # two files in one folder that are not shards of one model
-                    raise CheckpointError(origin, f"tensor {key!r} is in both {self._file_of[key].name} and {file.name}")
+                    raise CheckpointError(
+                        origin, f"tensor {key!r} is in both {self._file_of[key].name} and {file.name}"
+                    )
                 self._entries[key] = entry
                 self._file_of[key] = file
         self._handles: dict[Path, object] = {}
@@ -176,7 +188,7 @@ def open_tensors(path: str | os.PathLike, weights_name: str = "diffusion_pytorch
     GGUF file (`gguf_io.GGUFSource`, the same interface)."""
     path = Path(path)
     if path.suffix.lower() == ".gguf":
-        from .gguf_io import GGUFSource
+        from kontext_core.checkpoints.gguf_io import GGUFSource
 
         return GGUFSource(path)
     if path.is_dir():
@@ -204,8 +216,9 @@ def _folder_shards(folder: Path, weights_name: str) -> list[Path]:
         return found
     if found:  # e.g. ComfyUI's models/vae: several models side by side, which must never be merged
         names = ", ".join(f.name for f in found)
-        raise CheckpointError(folder, f"holds several .safetensors files that are not the shards of one model "
-                                      f"({names}): give one of them")  # fmt: skip
+        raise CheckpointError(
+            folder, f"holds several .safetensors files that are not the shards of one model ({names}): give one of them"
+        )
     pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
         raise _pickle_refusal(folder / pickles[0])
@@ -239,7 +252,6 @@ def strip_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str:
         if prefix and keys and all(k.startswith(prefix) for k in keys):
             return prefix
     return ""
-
 
 
 def assign_tensors(

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from ..quant import FP8_DTYPES
-from .safetensors_io import (
+from kontext_core.runtime.quant import FP8_DTYPES
+from kontext_core.checkpoints.safetensors_io import (
     SCALED_FP8_MARKERS,
     WEIGHT_SCALE_SUFFIXES,
     CheckpointError,
@@ -164,11 +164,20 @@ def t5_config_from_shapes(shapes: dict[str, tuple[int, ...]], origin: str | os.P
     if inner % heads:
         raise CheckpointError(origin, f"T5 attention width {inner} is not a multiple of its {heads} heads")
     return T5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=_count(shapes, r"encoder\.block\.(\d+)\."),
-        num_heads=heads, relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
-        layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False,
-        use_cache=False, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=inner // heads,
+        d_ff=d_ff,
+        num_layers=_count(shapes, r"encoder\.block\.(\d+)\."),
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
 
 
 def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]], origin: str | os.PathLike) -> CLIPTextConfig:
@@ -187,11 +196,19 @@ def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]], origin: str | os
         )
     # CLIP's vocabulary ends with <|startoftext|>, <|endoftext|> (49406, 49407 in CLIP-L's)
     return CLIPTextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=_count(shapes, r"encoder\.layers\.(\d+)\."), num_attention_heads=hidden // CLIP_HEAD_DIM,
-        max_position_embeddings=positions, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=hidden,
-        pad_token_id=1, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=_count(shapes, r"encoder\.layers\.(\d+)\."),
+        num_attention_heads=hidden // CLIP_HEAD_DIM,
+        max_position_embeddings=positions,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=hidden,
+        pad_token_id=1,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+    )
 
 
 def t5_config_from_dict(config: dict, origin: str | os.PathLike) -> T5Config:
@@ -232,9 +249,13 @@ def _compute_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dty
 
 
 def _load(
-    model: nn.Module, tensors: _FileTensors, names: dict[str, str], what: str,
-    device: torch.device | str, dtype: torch.dtype | None,
-) -> nn.Module:  # fmt: skip
+    model: nn.Module,
+    tensors: _FileTensors,
+    names: dict[str, str],
+    what: str,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+) -> nn.Module:
     dtype = dtype or tensors.float_dtype()
     dtypes = _compute_dtypes(model, dtype)
     shapes = {ours: tensors.source.shape(full) for ours, full in names.items()}

@@ -19,11 +19,18 @@ from pathlib import Path
 
 import torch
 
-from ..config import FluxParams, default_axes_dim
-from ..model import Flux
-from ..quant import FP8_DTYPES, enable_fp8_matmul, fp8_matmul_supported, use_fp8_linears
-from .flux_diffusers import Recipe, diffusers_recipes, diffusers_to_bfl, is_diffusers_flux, recipe_shape, unused_keys
-from .safetensors_io import (
+from kontext_core.model.config import FluxParams, default_axes_dim
+from kontext_core.model.flux import Flux
+from kontext_core.runtime.quant import FP8_DTYPES, enable_fp8_matmul, fp8_matmul_supported, use_fp8_linears
+from kontext_core.checkpoints.flux_diffusers import (
+    Recipe,
+    diffusers_recipes,
+    diffusers_to_bfl,
+    is_diffusers_flux,
+    recipe_shape,
+    unused_keys,
+)
+from kontext_core.checkpoints.safetensors_io import (
     SCALED_FP8_MARKERS,
     WEIGHT_SCALE_SUFFIXES,
     CheckpointError,
@@ -57,7 +64,9 @@ def wrong_architecture(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> s
     """Why these tensors are not a FLUX.1 [dev]/Kontext transformer, or None if they may be one."""
     key_set = set(keys)
     if any(".lora_" in k or k.startswith("lora_unet_") or ".lora." in k for k in keys):
-        return "this is a LoRA, not a model: load the base model, then apply it with kontext_core.lora.apply_lora"
+        return (
+            "this is a LoRA, not a model: load the base model, then apply it with kontext_core.runtime.lora.apply_lora"
+        )
     if any(re.search(r"(^|\.)input_blocks\.\d+\.", k) for k in keys) or any(k.startswith("down_blocks.") for k in keys):
         return "this is a UNet (SD1.x/SDXL family), not a FLUX transformer"
     if "redux_up.weight" in key_set or "redux_down.weight" in key_set:
@@ -113,8 +122,11 @@ def flux_params_from_tensors(
             guidance_embed="guidance_in.in_layer.weight" in shapes,
         )
     except (KeyError, ValueError):
-        raise CheckpointError(origin, "incomplete FLUX transformer: img_in, txt_in, vector_in, final_layer or "
-                                      "double_blocks.0 tensors are missing") from None  # fmt: skip
+        raise CheckpointError(
+            origin,
+            "incomplete FLUX transformer: img_in, txt_in, vector_in, final_layer or "
+            "double_blocks.0 tensors are missing",
+        ) from None
     if sum(params.axes_dim) != head_dim:
         raise CheckpointError(origin, f"RoPE axes {params.axes_dim} do not sum to the head dim {head_dim}")
     return params
@@ -232,7 +244,11 @@ def _check_scales(path: Path, source: TensorSource, scales: dict[str, str], weig
         raise CheckpointError(
             path, f"per-channel or block-wise weight scales are not supported (per-tensor only): {first_items(wide)}"
         )
-    unscaled = sorted(weights[f"{layer}.weight"] for layer in scales if source.dtype(weights[f"{layer}.weight"]) not in FP8_DTYPES + (torch.uint8,))  # fmt: skip
+    unscaled = sorted(
+        weights[f"{layer}.weight"]
+        for layer in scales
+        if source.dtype(weights[f"{layer}.weight"]) not in FP8_DTYPES + (torch.uint8,)
+    )
     if unscaled:
         raise CheckpointError(path, f"weight scales next to weights that are not fp8: {first_items(unscaled)}")
 
@@ -258,13 +274,15 @@ def _check_device(
         )
     if fp8_matmul and compute not in (torch.bfloat16, torch.float16):
         raise CheckpointError(
-            path, f"fp8 matmul computes in bf16 or fp16, not {compute}: every layer would quietly upcast instead",
-        )  # fmt: skip
+            path,
+            f"fp8 matmul computes in bf16 or fp16, not {compute}: every layer would quietly upcast instead",
+        )
     if fp8_matmul and not fp8_matmul_supported(device):
         raise CheckpointError(
-            path, f"fp8 matmul needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper), not {device}; "
+            path,
+            f"fp8 matmul needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper), not {device}; "
             "leave fp8_matmul off to upcast fp8 weights per layer instead",
-        )  # fmt: skip
+        )
 
 
 def stored_fp8_dtype(path: str | os.PathLike) -> torch.dtype | None:

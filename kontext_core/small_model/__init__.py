@@ -1,5 +1,5 @@
 """The small Kontext model we train and ship: the real architectures (Flux DiT, 16-channel VAE, T5 and CLIP
-text towers) at a tiny size, trained on the synthetic edit tasks of `kontext_core.tasks`.
+text towers) at a tiny size, trained on the synthetic edit tasks of `kontext_core.synthetic.tasks`.
 
 Its files sit in `weights/` in the layouts the real loaders read (BFL transformer and `ae` keys, ComfyUI-style
 text-encoder singles with their config in the header, Hugging Face tokenizer folders), so every loader, node
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import AutoEncoderParams, FluxParams
+from kontext_core.model.config import AutoEncoderParams, FluxParams
 
 if TYPE_CHECKING:
-    from ..pipeline import KontextPipeline
+    from kontext_core.pipeline import KontextPipeline
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # How the ComfyUI loaders list the small model's files beside the user's.
@@ -61,10 +61,20 @@ SMALL_VAE = AutoEncoderParams(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, nor
 # (Trained as 2 + 6 blocks, then grown: `train_flux --deepen`.) Shipped with scaled-fp8 block weights
 # (`store_fp8`), which is what fits this depth in 5 MiB; loaders dequantize them for fp32 compute.
 SMALL_FLUX = FluxParams(
-    in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=64, hidden_size=128, mlp_ratio=2.0,
-    num_heads=4, depth=4, depth_single_blocks=12, axes_dim=[4, 14, 14], theta=10_000, qkv_bias=True,
+    in_channels=64,
+    out_channels=64,
+    vec_in_dim=64,
+    context_in_dim=64,
+    hidden_size=128,
+    mlp_ratio=2.0,
+    num_heads=4,
+    depth=4,
+    depth_single_blocks=12,
+    axes_dim=[4, 14, 14],
+    theta=10_000,
+    qkv_bias=True,
     guidance_embed=True,
-)  # fmt: skip
+)
 # T5 pads every prompt to this many tokens (the tokenizer's model_max_length), as the real one pads to 512.
 SMALL_T5_LENGTH = 48
 
@@ -73,12 +83,12 @@ def load_default_pipeline(
     *, device: torch.device | str = "cpu", folder: str | os.PathLike[str] | None = None
 ) -> KontextPipeline:
     """The shipped small model as a `KontextPipeline` (fp32): it edits the synthetic scenes of
-    `kontext_core.tasks` at their own size (references keep their size: `resize="keep"`). `folder` loads the
+    `kontext_core.synthetic.tasks` at their own size (references keep their size: `resize="keep"`). `folder` loads the
     same six files (`small_model_files`) from another folder, such as a newly trained model's."""
-    from ..checkpoints.autoencoder import load_vae
-    from ..checkpoints.transformer import load_transformer
-    from ..pipeline import KontextPipeline
-    from ..text import load_text_encoder
+    from kontext_core.checkpoints.autoencoder import load_vae
+    from kontext_core.checkpoints.transformer import load_transformer
+    from kontext_core.pipeline import KontextPipeline
+    from kontext_core.model.text import load_text_encoder
 
     files = small_model_files(WEIGHTS_DIR if folder is None else folder)
     if missing := files.missing():
@@ -89,9 +99,14 @@ def load_default_pipeline(
         load_transformer(files.transformer, device=device, dtype=torch.float32),
         load_vae(files.vae, device=device, dtype=torch.float32),
         load_text_encoder(
-            files.t5, files.clip, files.t5_tokenizer, files.clip_tokenizer, SMALL_T5_LENGTH,
-            device=device, dtype=torch.float32,
+            files.t5,
+            files.clip,
+            files.t5_tokenizer,
+            files.clip_tokenizer,
+            SMALL_T5_LENGTH,
+            device=device,
+            dtype=torch.float32,
         ),
-    )  # fmt: skip
+    )
     pipeline.default_resize = "keep"
     return pipeline

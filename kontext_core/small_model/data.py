@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..tasks import HELD_OUT_SEED, EditTask, make_task
+from kontext_core.synthetic.tasks import HELD_OUT_SEED, EditTask, make_task
 
 
 def check_training_seeds(first: int, count: int) -> None:

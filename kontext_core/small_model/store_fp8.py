@@ -20,10 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoints.safetensors_io import SCALED_FP8_MARKERS
-from ..checkpoints.transformer import is_block_linear_weight
-from ..files import written_whole
-from ..quant import FP8_DTYPES, quantize_fp8
+from kontext_core.checkpoints.safetensors_io import SCALED_FP8_MARKERS
+from kontext_core.checkpoints.transformer import is_block_linear_weight
+from kontext_core.files import written_whole
+from kontext_core.runtime.quant import FP8_DTYPES, quantize_fp8
 
 MARKER = SCALED_FP8_MARKERS[0]
 

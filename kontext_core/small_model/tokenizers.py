@@ -14,8 +14,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from ..tasks import make_task, vocabulary, words
-from . import SMALL_T5_LENGTH
+from kontext_core.synthetic.tasks import make_task, vocabulary, words
+from kontext_core.small_model import SMALL_T5_LENGTH
 
 CLIP_LENGTH = 77
 # An upper bound (hard_vocab_limit=False): the corpus yields 115 pieces, every task word one piece except
@@ -34,10 +34,19 @@ def write_t5_tokenizer(folder: Path) -> Path:
     # another folder would differ in bytes (and rewriting the shipped one would dirty the package).
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus()), model_writer=model, vocab_size=T5_VOCAB_SIZE,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, num_threads=1,
-        normalization_rule_name="nmt_nfkc_cf", minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(corpus()),
+        model_writer=model,
+        vocab_size=T5_VOCAB_SIZE,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        num_threads=1,
+        normalization_rule_name="nmt_nfkc_cf",
+        minloglevel=2,
+    )
     (folder / "spiece.model").write_bytes(model.getvalue())
     config = {"extra_ids": 0, "legacy": False, "model_max_length": SMALL_T5_LENGTH}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
@@ -70,7 +79,12 @@ def write_clip_tokenizer(folder: Path) -> Path:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    config = {"model_max_length": CLIP_LENGTH, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
-              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}  # fmt: skip
+    config = {
+        "model_max_length": CLIP_LENGTH,
+        "pad_token": "<|endoftext|>",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     return folder

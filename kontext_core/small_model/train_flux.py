@@ -46,17 +46,17 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
-from ..checkpoints.autoencoder import load_vae
-from ..cli_options import at_least, positive
-from ..files import written_whole
-from ..layers import DoubleStreamBlock, SingleStreamBlock
-from ..model import Flux
-from ..sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
-from ..text import load_tokenizer
-from ..tasks import KINDS
-from . import SMALL_FLUX, SMALL_T5_LENGTH, SmallModelFiles, small_model_files
-from .data import check_training_seeds, draw_batches, to_signed, to_uint8, training_tasks
-from .tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
+from kontext_core.checkpoints.autoencoder import load_vae
+from kontext_core.cli.options import at_least, positive
+from kontext_core.files import written_whole
+from kontext_core.model.layers import DoubleStreamBlock, SingleStreamBlock
+from kontext_core.model.flux import Flux
+from kontext_core.sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
+from kontext_core.model.text import load_tokenizer
+from kontext_core.synthetic.tasks import KINDS
+from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SmallModelFiles, small_model_files
+from kontext_core.small_model.data import check_training_seeds, draw_batches, to_signed, to_uint8, training_tasks
+from kontext_core.small_model.tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
 
 PROMPT_DROPOUT = 0.1
 GUIDANCE_RANGE = (1.0, 4.0)
@@ -64,17 +64,35 @@ EMA_DECAY = 0.999
 
 
 def small_t5(vocab_size: int) -> T5EncoderModel:
-    config = T5Config(vocab_size=vocab_size, d_model=SMALL_FLUX.context_in_dim, d_kv=16, d_ff=128, num_layers=2,
-                      num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=64,
-                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)  # fmt: skip
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=SMALL_FLUX.context_in_dim,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=64,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
     return T5EncoderModel(config)
 
 
 def small_clip(vocab_size: int, eos_token_id: int) -> CLIPTextModel:
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=SMALL_FLUX.vec_in_dim, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=CLIP_LENGTH,
-                            hidden_act="quick_gelu", bos_token_id=eos_token_id - 1, eos_token_id=eos_token_id,
-                            pad_token_id=eos_token_id)  # fmt: skip
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=SMALL_FLUX.vec_in_dim,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        max_position_embeddings=CLIP_LENGTH,
+        hidden_act="quick_gelu",
+        bos_token_id=eos_token_id - 1,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
     return CLIPTextModel(config)
 
 
@@ -104,8 +122,9 @@ def deepen(flux: Flux) -> Flux:
     """Twice the blocks: each trained block followed by a closed copy of itself. The deeper model computes
     exactly what `flux` did, and the copies' gates open as training needs them (progressive stacking)."""
     deeper = copy.deepcopy(flux)
-    deeper.params = dataclasses.replace(flux.params, depth=2 * flux.params.depth,
-                                        depth_single_blocks=2 * flux.params.depth_single_blocks)  # fmt: skip
+    deeper.params = dataclasses.replace(
+        flux.params, depth=2 * flux.params.depth, depth_single_blocks=2 * flux.params.depth_single_blocks
+    )
     deeper.double_blocks = nn.ModuleList(b for block in deeper.double_blocks for b in (block, closed(block)))
     deeper.single_blocks = nn.ModuleList(b for block in deeper.single_blocks for b in (block, closed(block)))
     return deeper
@@ -131,14 +150,23 @@ ENCODE_BATCH = {"cpu": 16, "cuda": 256}
 def render_tasks(seeds: range) -> list[tuple[str, str, list[np.ndarray]]]:
     """(kind, instruction, [target, *references] as 3×H×W uint8) of each training task: numpy arrays, which
     come back from the workers by pickling (tensors would go through shared-memory handles, one per image)."""
-    return [(task.kind, task.instruction, [to_uint8(image).numpy() for image in (task.target, *task.images)])
-            for task in training_tasks(seeds.start, len(seeds))]  # fmt: skip
+    return [
+        (task.kind, task.instruction, [to_uint8(image).numpy() for image in (task.target, *task.images)])
+        for task in training_tasks(seeds.start, len(seeds))
+    ]
 
 
 # What encoded tasks are made of besides their seeds and the VAE's weights: the code that renders, tokenizes and
 # encodes them (package-relative paths).
-PREPARED_FROM = ("tasks.py", "tasks_render.py", "autoencoder.py", "config.py", "checkpoints/autoencoder.py",
-                 "small_model/data.py", "small_model/tokenizers.py")  # fmt: skip
+PREPARED_FROM = (
+    "synthetic/tasks.py",
+    "synthetic/render.py",
+    "model/autoencoder.py",
+    "model/config.py",
+    "checkpoints/autoencoder.py",
+    "small_model/data.py",
+    "small_model/tokenizers.py",
+)
 
 
 def prepared_cache(vae: Path, first: int, count: int) -> Path:
@@ -156,8 +184,15 @@ def prepared_cache(vae: Path, first: int, count: int) -> Path:
 
 
 @torch.no_grad()
-def prepare(vae_path: Path, count: int, t5_tok: PreTrainedTokenizerBase, clip_tok: PreTrainedTokenizerBase,
-            device: torch.device, workers: int = 1, first: int = 0) -> list[TaskGroup]:  # fmt: skip
+def prepare(
+    vae_path: Path,
+    count: int,
+    t5_tok: PreTrainedTokenizerBase,
+    clip_tok: PreTrainedTokenizerBase,
+    device: torch.device,
+    workers: int = 1,
+    first: int = 0,
+) -> list[TaskGroup]:
     """`count` training tasks from seed `first` on, encoded into latents (on `device`), grouped by their images'
     sizes. Rendering is pure Python and runs in `workers` processes; tasks come back in seed order either way."""
     end = first + count
@@ -179,8 +214,12 @@ def prepare(vae_path: Path, count: int, t5_tok: PreTrainedTokenizerBase, clip_to
                     by_size.setdefault(image.shape, []).append((i, slot, image))
             for entries in by_size.values():
                 pixels = torch.from_numpy(np.stack([e[2] for e in entries])).contiguous().to(device)
-                z = torch.cat([vae.encoder(to_signed(pixels[s : s + per_call])).chunk(2, dim=1)[0]
-                               for s in range(0, len(pixels), per_call)])  # fmt: skip
+                z = torch.cat(
+                    [
+                        vae.encoder(to_signed(pixels[s : s + per_call])).chunk(2, dim=1)[0]
+                        for s in range(0, len(pixels), per_call)
+                    ]
+                )
                 z = ((z - vae.params.shift_factor) * vae.params.scale_factor).cpu()
                 for (i, slot, _), latent in zip(entries, z):
                     latents[i][slot] = latent
@@ -193,10 +232,12 @@ def prepare(vae_path: Path, count: int, t5_tok: PreTrainedTokenizerBase, clip_to
         TaskGroup(
             targets=torch.stack([latents[i][0] for i in indices]),
             references=[torch.stack([latents[i][1 + r] for i in indices]) for r in range(len(latents[indices[0]]) - 1)],
-            t5_ids=t5_all.input_ids[indices], clip_ids=clip_all.input_ids[indices], kinds=kind_ids[indices],
+            t5_ids=t5_all.input_ids[indices],
+            clip_ids=clip_all.input_ids[indices],
+            kinds=kind_ids[indices],
         )
         for indices in groups.values()
-    ]  # fmt: skip
+    ]
 
 
 def parse_kind_weights(text: str) -> dict[str, float]:
@@ -227,8 +268,9 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return double, single
 
 
-def batches(groups: list[TaskGroup], batch: int, generator: torch.Generator,
-            kind_weights: dict[str, float] | None = None) -> Iterator[tuple[TaskGroup, Tensor]]:  # fmt: skip
+def batches(
+    groups: list[TaskGroup], batch: int, generator: torch.Generator, kind_weights: dict[str, float] | None = None
+) -> Iterator[tuple[TaskGroup, Tensor]]:
     """Endless batches of one task group; with `kind_weights`, tasks of a kind drawn that much more often."""
     row_weights = None
     if kind_weights:
@@ -256,8 +298,9 @@ class Student(nn.Module):
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
 
-    def forward(self, group: TaskGroup, idx: Tensor, x_t: Tensor, t: Tensor, guidance: Tensor,
-                t5_ids: Tensor, clip_ids: Tensor) -> Tensor:  # fmt: skip
+    def forward(
+        self, group: TaskGroup, idx: Tensor, x_t: Tensor, t: Tensor, guidance: Tensor, t5_ids: Tensor, clip_ids: Tensor
+    ) -> Tensor:
         """Velocity of the target tokens for packed noisy targets `x_t`, as `sampling.sample` computes it."""
         batch, (lat_h, lat_w) = len(idx), group.targets.shape[-2:]
         txt = self.t5(input_ids=t5_ids).last_hidden_state
@@ -296,8 +339,11 @@ def train(args: argparse.Namespace) -> None:
             with written_whole(cache) as partial:  # a truncated cache would be read by the next run
                 torch.save([dataclasses.asdict(g) for g in groups], partial)
             origin += f", cached in {cache}"
-    print(f"prepared {args.tasks} tasks from seed {args.first_task} in {len(groups)} shape groups ({origin}), "
-          f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
+    print(
+        f"prepared {args.tasks} tasks from seed {args.first_task} in {len(groups)} shape groups ({origin}), "
+        f"{time.time() - start:.0f}s",
+        flush=True,
+    )
     if args.prepare_only:
         return
     noise_generator = torch.Generator(device).manual_seed(args.seed)  # noise, t, guidance, prompt dropout
@@ -308,8 +354,9 @@ def train(args: argparse.Namespace) -> None:
     if args.resume is None:
         double, single = args.blocks or (SMALL_FLUX.depth, SMALL_FLUX.depth_single_blocks)
         shape = dataclasses.replace(SMALL_FLUX, depth=double, depth_single_blocks=single)
-        student = Student(zero_init_outputs(Flux(shape)), small_t5(len(t5_tok)),
-                          small_clip(len(clip_tok), clip_tok.eos_token_id))  # fmt: skip
+        student = Student(
+            zero_init_outputs(Flux(shape)), small_t5(len(t5_tok)), small_clip(len(clip_tok), clip_tok.eos_token_id)
+        )
     else:
         student = resume(args.resume)
     if args.deepen:
@@ -321,8 +368,9 @@ def train(args: argparse.Namespace) -> None:
         flush=True,
     )
     ema = copy.deepcopy(student).requires_grad_(False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99),
-                                  fused=device.type == "cuda")  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99), fused=device.type == "cuda"
+    )
     deadline = start + 60 * args.minutes
     distill_from = deadline - 60 * args.distill_minutes
     teacher = None
@@ -378,13 +426,24 @@ def train(args: argparse.Namespace) -> None:
         loss_avg = loss.detach() if loss_avg is None else 0.99 * loss_avg + 0.01 * loss.detach()
         step += 1
         if step % 200 == 0:
-            print(f"step {step} loss {float(loss_avg):.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                  f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
+            print(
+                f"step {step} loss {float(loss_avg):.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                f"{time.time() - start:.0f}s",
+                flush=True,
+            )
         if step % args.save_every == 0:
             save(ema, files, {**info, "steps": step, "loss": smoothed_loss(), "seconds": round(time.time() - start)})
-    info.update(steps=step, loss=smoothed_loss(), seconds=round(time.time() - start),
-                tasks=args.tasks, first_task=args.first_task, batch=args.batch,
-                lr=args.lr, distill_minutes=args.distill_minutes, kind_weights=args.kind_weights)  # fmt: skip
+    info.update(
+        steps=step,
+        loss=smoothed_loss(),
+        seconds=round(time.time() - start),
+        tasks=args.tasks,
+        first_task=args.first_task,
+        batch=args.batch,
+        lr=args.lr,
+        distill_minutes=args.distill_minutes,
+        kind_weights=args.kind_weights,
+    )
     save(ema, files, info)
     print(f"done: {json.dumps(info)}", flush=True)
 
@@ -395,12 +454,15 @@ def _to(value: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Ten
 
 def resume(folder: Path) -> Student:
     """A saved model (the EMA weights, in fp32 again) to train on."""
-    from ..checkpoints.text_encoders import load_clip, load_t5
-    from ..checkpoints.transformer import load_transformer
+    from kontext_core.checkpoints.text_encoders import load_clip, load_t5
+    from kontext_core.checkpoints.transformer import load_transformer
 
     files = small_model_files(folder)
-    student = Student(load_transformer(files.transformer, dtype=torch.float32),
-                      load_t5(files.t5, dtype=torch.float32), load_clip(files.clip, dtype=torch.float32))  # fmt: skip
+    student = Student(
+        load_transformer(files.transformer, dtype=torch.float32),
+        load_t5(files.t5, dtype=torch.float32),
+        load_clip(files.clip, dtype=torch.float32),
+    )
     return student.train().requires_grad_(True)
 
 
@@ -414,8 +476,10 @@ def save(model: Student, files: SmallModelFiles, info: dict) -> None:
         k: v.detach().cpu().contiguous() for k, v in model.t5.state_dict().items() if k != "encoder.embed_tokens.weight"
     }
     # ComfyUI's clip_l layout: the tower under `text_model.` (transformers 5 no longer nests it)
-    clip = {f"text_model.{k.removeprefix('text_model.')}": v.detach().cpu().contiguous()
-            for k, v in model.clip.state_dict().items()}  # fmt: skip
+    clip = {
+        f"text_model.{k.removeprefix('text_model.')}": v.detach().cpu().contiguous()
+        for k, v in model.clip.state_dict().items()
+    }
     # all three written before any is renamed: a run stopped mid-save keeps its previous checkpoint whole
     with written_whole(files.transformer) as f, written_whole(files.t5) as t, written_whole(files.clip) as c:
         save_file(flux, f, metadata=meta)
@@ -426,8 +490,12 @@ def save(model: Student, files: SmallModelFiles, info: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae", type=Path, default=small_model_files().vae)
-    parser.add_argument("--minutes", type=positive, default=45.0,
-                        help="wall-clock budget, distillation included, and encoding the tasks when not cached")
+    parser.add_argument(
+        "--minutes",
+        type=positive,
+        default=45.0,
+        help="wall-clock budget, distillation included, and encoding the tasks when not cached",
+    )
     parser.add_argument("--distill-minutes", type=float, default=0.0, help="last part spent distilling guidance")
     parser.add_argument(
         "--kind-weights",
@@ -482,8 +550,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--first-task {args.first_task} with --tasks {args.tasks}: {e}")
     out_vae = small_model_files(args.out).vae
     if out_vae.exists() and args.vae.exists() and not filecmp.cmp(out_vae, args.vae, shallow=False):
-        parser.error(f"--out {args.out} holds another {out_vae.name} than --vae {args.vae}; "
-                     "train into a new folder, or pass that VAE as --vae")  # fmt: skip
+        parser.error(
+            f"--out {args.out} holds another {out_vae.name} than --vae {args.vae}; "
+            "train into a new folder, or pass that VAE as --vae"
+        )
     train(args)
 
 

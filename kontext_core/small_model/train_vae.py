@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..autoencoder import AutoEncoder
-from ..checkpoints.autoencoder import load_vae
-from ..cli_options import at_least, positive
-from ..files import written_whole
-from ..tasks import HELD_OUT_SEED
-from . import SMALL_VAE, small_model_files
-from .data import image_pool, size_batches, to_signed
+from kontext_core.model.autoencoder import AutoEncoder
+from kontext_core.checkpoints.autoencoder import load_vae
+from kontext_core.cli.options import at_least, positive
+from kontext_core.files import written_whole
+from kontext_core.synthetic.tasks import HELD_OUT_SEED
+from kontext_core.small_model import SMALL_VAE, small_model_files
+from kontext_core.small_model.data import image_pool, size_batches, to_signed
 
 LATENT_NOISE = 0.05  # model-space std of the noise the decoder learns to ignore
 STATS_WEIGHT = 1e-2
@@ -74,17 +74,30 @@ def train(
         mse_avg = mse.item() if mse_avg is None else 0.98 * mse_avg + 0.02 * mse.item()
         if step % log_every == 0 or step == steps - 1:
             psnr = 10 * math.log10(4.0 / max(mse_avg, 1e-12))  # signal range 2 in [-1, 1]
-            print(f"step {step} mse {mse_avg:.5f} (~{psnr:.1f} dB) z mean {z.mean():.3f} std {z.std():.3f} "
-                  f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
-    info = {"steps": steps, "batch": batch, "lr": lr, "tasks": tasks, "seconds": round(time.time() - start),
-            "final_mse": mse_avg, "decoder_only_from": None if init is None else str(init)}  # fmt: skip
+            print(
+                f"step {step} mse {mse_avg:.5f} (~{psnr:.1f} dB) z mean {z.mean():.3f} std {z.std():.3f} "
+                f"{time.time() - start:.0f}s",
+                flush=True,
+            )
+    info = {
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "tasks": tasks,
+        "seconds": round(time.time() - start),
+        "final_mse": mse_avg,
+        "decoder_only_from": None if init is None else str(init),
+    }
     return vae.eval(), info
 
 
 def save(vae: AutoEncoder, path: Path, info: dict) -> None:
     state = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
-    config = {"scaling_factor": vae.params.scale_factor, "shift_factor": vae.params.shift_factor,
-              "norm_num_groups": vae.params.norm_groups}  # fmt: skip
+    config = {
+        "scaling_factor": vae.params.scale_factor,
+        "shift_factor": vae.params.shift_factor,
+        "norm_num_groups": vae.params.norm_groups,
+    }
     with written_whole(path) as partial:
         save_file(state, partial, metadata={"config": json.dumps(config), "training": json.dumps(info)})
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kontext_core import queue
+from kontext_core.tools import comfyui_client as queue
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "comfyui-kontext"
@@ -117,9 +117,21 @@ def start_server(root: Path, python: Path, base: Path) -> ComfyServer:
     port = free_port()
     log_path = base / "comfyui.log"
     command = [
-        str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-        "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb",
-    ]  # fmt: skip
+        str(python),
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-auto-launch",
+        "--base-directory",
+        str(base),
+        "--database-url",
+        "sqlite:///:memory:",
+        "--preview-method",
+        "latent2rgb",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1")
     started = time.monotonic()

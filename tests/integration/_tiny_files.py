@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tiny_models import TINY_FLUX, randomize_, tiny_flux_model
 
-from kontext_core.config import AutoEncoderParams
+from kontext_core.model.config import AutoEncoderParams
 
 TRANSFORMER = "flux1-kontext-dev.safetensors"
 VAE = "ae.safetensors"
@@ -46,8 +46,10 @@ def write_transformer(path: Path, seed: int = 1) -> None:
 
 def write_lora(path: Path, seed: int = 5) -> None:
     gen = torch.Generator().manual_seed(seed)
-    tensors = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
-               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8)}  # fmt: skip
+    tensors = {
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+    }
     for name, linear in tiny_flux_model(1).named_modules():
         if isinstance(linear, torch.nn.Linear) and "blocks." in name:
             stem = "lora_unet_" + name.replace(".", "_")
@@ -59,7 +61,7 @@ def write_lora(path: Path, seed: int = 5) -> None:
 
 
 def write_vae(path: Path, seed: int = 2) -> None:
-    from kontext_core.autoencoder import AutoEncoder
+    from kontext_core.model.autoencoder import AutoEncoder
 
     _save(randomize_(AutoEncoder(TINY_VAE), seed, std=0.1).state_dict(), path, torch.float32, {})
 
@@ -68,10 +70,17 @@ def write_t5(path: Path, seed: int = 3) -> None:
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=32128, d_model=TINY_FLUX.context_in_dim, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        vocab_size=32128,
+        d_model=TINY_FLUX.context_in_dim,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     model = randomize_(T5EncoderModel(config), seed, std=0.2)
     _save(model.state_dict(), path, torch.float16, {"config": config.to_json_string()})
 
@@ -80,10 +89,18 @@ def write_clip(path: Path, seed: int = 4) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=TINY_FLUX.vec_in_dim, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=TINY_FLUX.vec_in_dim,
-        hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-    )  # fmt: skip
+        vocab_size=49408,
+        hidden_size=TINY_FLUX.vec_in_dim,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TINY_FLUX.vec_in_dim,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
     model = randomize_(CLIPTextModel(config), seed, std=0.2)
     tensors = {"text_model." + k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(seed + 100)

@@ -21,7 +21,7 @@ import pytest
 from _server import PACK_FOLDER, ROOT, ComfyServer, comfy_session
 from PIL import Image
 
-from kontext_core import queue
+from kontext_core.tools import comfyui_client as queue
 
 WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
 STEPS = 2
@@ -143,8 +143,10 @@ def test_every_api_workflow_runs_to_saved_images(comfy, path):
         # without the `safety` extra the image filter must fail closed, never pass images unchecked
         with pytest.raises(queue.QueueError, match=r"\(KontextCoreSafetyFilterImage\) failed: .*SafetyUnavail"):
             run(comfy, workflow)
-        pytest.skip("the image classifier (the pack's `safety` extra) is not installed in COMFYUI_PYTHON; "
-                    "the workflow failed closed as it must")  # fmt: skip
+        pytest.skip(
+            "the image classifier (the pack's `safety` extra) is not installed in COMFYUI_PYTHON; "
+            "the workflow failed closed as it must"
+        )
     entry, seconds = run(comfy, workflow)
     saves = sorted((i for i, n in workflow.items() if n["class_type"] == "KontextCoreSaveImage"), key=int)
     images = saved_images(comfy, entry)
@@ -174,7 +176,11 @@ def test_the_sampler_sends_latent_previews(comfy):
             text = ws.receive(1.0)
             message = json.loads(text) if text else {}
             data = message.get("data", {})
-            if message.get("type") == "executing" and data.get("node") is None and data.get("prompt_id") == body["prompt_id"]:
+            if (
+                message.get("type") == "executing"
+                and data.get("node") is None
+                and data.get("prompt_id") == body["prompt_id"]
+            ):
                 break
     finally:
         ws.close()
@@ -283,13 +289,31 @@ def engine_edit(comfy: ComfyServer, out: Path, prompt: str, seed: int, *lora: st
     from _tiny_files import CLIP, T5, TRANSFORMER, VAE
 
     models = comfy.base / "models"
-    files = [models / "diffusion_models" / (transformer or TRANSFORMER), models / "vae" / VAE,
-             models / "text_encoders" / T5, models / "text_encoders" / CLIP, comfy.root]  # fmt: skip
+    files = [
+        models / "diffusion_models" / (transformer or TRANSFORMER),
+        models / "vae" / VAE,
+        models / "text_encoders" / T5,
+        models / "text_encoders" / CLIP,
+        comfy.root,
+    ]
     subprocess.run(
-        [str(comfy.python), "-c", ENGINE_EDIT, str(ROOT), *map(str, files),
-         str(comfy.base / "input" / "kontext_example.png"), prompt, str(seed), str(STEPS), str(out), *lora],
-        check=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+        [
+            str(comfy.python),
+            "-c",
+            ENGINE_EDIT,
+            str(ROOT),
+            *map(str, files),
+            str(comfy.base / "input" / "kontext_example.png"),
+            prompt,
+            str(seed),
+            str(STEPS),
+            str(out),
+            *lora,
+        ],
+        check=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
 
 
@@ -306,8 +330,10 @@ def test_the_sampler_inside_comfyui_matches_the_engine_outside(comfy, tmp_path):
     assert inside.shape == outside.shape
     assert len(np.unique(inside)) > 50  # a real picture, not a flat image that would match anything flat
     difference = np.abs(inside - outside)
-    print(f"\n[parity] {inside.shape}, max |inside − outside| = {difference.max()}/255, "
-          f"{(difference > 0).mean():.4%} of values differ")  # fmt: skip
+    print(
+        f"\n[parity] {inside.shape}, max |inside − outside| = {difference.max()}/255, "
+        f"{(difference > 0).mean():.4%} of values differ"
+    )
     # same files, seed, settings and torch build: the node graph must give the engine's pixels exactly
     assert difference.max() == 0
 
@@ -321,8 +347,10 @@ def test_a_lora_branch_and_a_plain_branch_share_one_loaded_model(comfy, tmp_path
     plain[_first(plain, "KontextCoreTextEncode")]["inputs"]["prompt"] = prompt
     with_lora = shrink(plain, "lora_on")
     loader, sampler = _first(with_lora, "KontextCoreModelLoader"), _first(with_lora, "KontextCoreSampler")
-    with_lora["90"] = {"class_type": "KontextCoreLoraLoader",
-                       "inputs": {"model": [loader, 0], "lora_name": LORA, "strength": strength}}  # fmt: skip
+    with_lora["90"] = {
+        "class_type": "KontextCoreLoraLoader",
+        "inputs": {"model": [loader, 0], "lora_name": LORA, "strength": strength},
+    }
     with_lora[sampler]["inputs"]["model"] = ["90", 0]
     # the plain graph again, its sampler made to run again (a latent is connected, so width changes nothing)
     plain_again = shrink(plain, "lora_plain_again")
@@ -335,12 +363,15 @@ def test_a_lora_branch_and_a_plain_branch_share_one_loaded_model(comfy, tmp_path
         images[name] = np.asarray(Image.open(saved).convert("RGB"), dtype=np.int16)
         if name == "lora":
             label = Image.open(saved).text["model"]
-    engine = engine_edit(comfy, tmp_path / "engine_lora.png", prompt, seed,
-                         str(comfy.base / "models" / "loras" / LORA), str(strength))  # fmt: skip
+    engine = engine_edit(
+        comfy, tmp_path / "engine_lora.png", prompt, seed, str(comfy.base / "models" / "loras" / LORA), str(strength)
+    )
 
     lora_effect = np.abs(images["lora"] - images["plain"]).max()
-    print(f"\n[lora] max |with LoRA − without| = {lora_effect}/255; "
-          f"max |with LoRA − engine with apply_lora| = {np.abs(images['lora'] - engine).max()}/255")  # fmt: skip
+    print(
+        f"\n[lora] max |with LoRA − without| = {lora_effect}/255; "
+        f"max |with LoRA − engine with apply_lora| = {np.abs(images['lora'] - engine).max()}/255"
+    )
     assert lora_effect > 10  # the LoRA acts
     assert np.array_equal(images["lora"], engine)  # as the library's apply_lora does
     assert np.array_equal(images["plain_again"], images["plain"])  # and comes off for the branch without it
@@ -383,9 +414,22 @@ def test_the_batch_client_runs_a_folder_and_resumes(comfy, tmp_path, capsys):
     workflow_path = tmp_path / "single_edit.json"
     workflow = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "batch")
     workflow_path.write_text(json.dumps(workflow))
-    args = ["--server", comfy.url, "--workflow", str(workflow_path), "--images", str(tmp_path / "in"),
-            "--prompt", "Make it look like an oil painting", "--seed", "5", "--out", str(tmp_path / "out"),
-            "--timeout", "240"]  # fmt: skip
+    args = [
+        "--server",
+        comfy.url,
+        "--workflow",
+        str(workflow_path),
+        "--images",
+        str(tmp_path / "in"),
+        "--prompt",
+        "Make it look like an oil painting",
+        "--seed",
+        "5",
+        "--out",
+        str(tmp_path / "out"),
+        "--timeout",
+        "240",
+    ]
 
     started = time.monotonic()
     assert queue.main(args) == 0
@@ -415,8 +459,20 @@ def test_the_batch_client_reports_a_rejected_prompt_and_goes_on(comfy, tmp_path,
     (tmp_path / "items.csv").write_text("image,prompt,seed\na.png,first,3\nb.png,second,99999999999999999999999\n")
     workflow_path = tmp_path / "single_edit.json"
     workflow_path.write_text(json.dumps(shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "csv")))
-    code = queue.main(["--server", comfy.url, "--workflow", str(workflow_path), "--csv", str(tmp_path / "items.csv"),
-                       "--out", str(tmp_path / "out"), "--timeout", "240"])  # fmt: skip
+    code = queue.main(
+        [
+            "--server",
+            comfy.url,
+            "--workflow",
+            str(workflow_path),
+            "--csv",
+            str(tmp_path / "items.csv"),
+            "--out",
+            str(tmp_path / "out"),
+            "--timeout",
+            "240",
+        ]
+    )
     err = capsys.readouterr().err
     print(f"\n[batch client, CSV with a seed over the maximum] exit {code}: {err.strip().splitlines()[-2]}")
     assert code == 1

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from _server import PACK_FOLDER, ROOT, comfy_session
 
-from kontext_core import queue
+from kontext_core.tools import comfyui_client as queue
 
 BROWSER_TIMEOUT = 60.0
 UI_WORKFLOWS = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
@@ -46,12 +46,25 @@ class Chromium:
     def __init__(self, binary: str, url: str):
         self.profile = tempfile.mkdtemp(prefix="kontext-chromium-")
         self.process = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-             f"--user-data-dir={self.profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-             "--window-size=1920,1080", url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={self.profile}",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "--window-size=1920,1080",
+                url,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         port_file = Path(self.profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 30
         while not port_file.is_file() or not port_file.read_text().strip():
@@ -89,8 +102,10 @@ class Chromium:
             details = params["exceptionDetails"]
             self.console.append(f"exception: {details.get('exception', {}).get('description') or details.get('text')}")
         elif message.get("method") == "Runtime.consoleAPICalled" and params.get("type") in ("error", "warning"):
-            self.console.append(f"console.{params['type']}: " + " ".join(
-                str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+            self.console.append(
+                f"console.{params['type']}: "
+                + " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+            )
         elif message.get("method") == "Log.entryAdded" and params["entry"]["level"] in ("error", "warning"):
             self.console.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
 
@@ -164,6 +179,8 @@ def test_the_frontend_loads_the_extension_and_a_workflow_in_chromium(comfy):
         browser.close()
     path = Path(tempfile.mkdtemp(prefix="kontext-frontend-")) / "comfyui_single_edit.png"
     path.write_bytes(shot)
-    print(f"\n[frontend] our extension registered {loaded_in:.1f} s after opening ({len(names)} extensions); "
-          f"{len(UI_WORKFLOWS)} UI workflows loaded with every node known; screenshot: {path}")  # fmt: skip
+    print(
+        f"\n[frontend] our extension registered {loaded_in:.1f} s after opening ({len(names)} extensions); "
+        f"{len(UI_WORKFLOWS)} UI workflows loaded with every node known; screenshot: {path}"
+    )
     assert shot.startswith(b"\x89PNG") and len(shot) > 10_000

@@ -64,7 +64,10 @@ def _pairs(shapes: dict[str, tuple[int, int]], gen: torch.Generator, alpha: bool
     out = {}
     for i, (name, (rows, cols)) in enumerate(sorted(shapes.items())):
         rank = 2 + i % 3
-        pair = {"up": torch.randn(rows, rank, generator=gen) * 0.3, "down": torch.randn(rank, cols, generator=gen) * 0.3}
+        pair = {
+            "up": torch.randn(rows, rank, generator=gen) * 0.3,
+            "down": torch.randn(rank, cols, generator=gen) * 0.3,
+        }
         if alpha:
             pair["alpha"] = torch.tensor(1.0 + i % 4)
         out[name] = pair
@@ -86,8 +89,11 @@ def lora_files(folder: Path) -> list[Path]:
         tensors = {}
         for name, pair in _pairs(names, gen, alpha=True).items():
             stem = prefix + name.replace(".", "_")
-            tensors |= {f"{stem}.lora_up.weight": pair["up"], f"{stem}.lora_down.weight": pair["down"],
-                        f"{stem}.alpha": pair["alpha"]}  # fmt: skip
+            tensors |= {
+                f"{stem}.lora_up.weight": pair["up"],
+                f"{stem}.lora_down.weight": pair["down"],
+                f"{stem}.alpha": pair["alpha"],
+            }
         return tensors
 
     layouts["kohya_bfl"] = kohya("lora_unet_", bfl)
@@ -101,20 +107,26 @@ def lora_files(folder: Path) -> list[Path]:
     # ComfyUI's trainer / extractor: BFL names, pairs with alpha, full differences of biases and norm scales
     trainer = {}
     for name, pair in _pairs({n: s for n, s in bfl.items() if "blocks.0." in n}, gen, alpha=True).items():
-        trainer |= {f"diffusion_model.{name}.lora_up.weight": pair["up"],
-                    f"diffusion_model.{name}.lora_down.weight": pair["down"],
-                    f"diffusion_model.{name}.alpha": pair["alpha"],
-                    f"diffusion_model.{name}.diff_b": torch.randn(pair["up"].shape[0], generator=gen) * 0.1}  # fmt: skip
+        trainer |= {
+            f"diffusion_model.{name}.lora_up.weight": pair["up"],
+            f"diffusion_model.{name}.lora_down.weight": pair["down"],
+            f"diffusion_model.{name}.alpha": pair["alpha"],
+            f"diffusion_model.{name}.diff_b": torch.randn(pair["up"].shape[0], generator=gen) * 0.1,
+        }
     state = model.state_dict()
     for name in ("double_blocks.1.img_attn.proj.weight", "single_blocks.1.linear2.weight"):
-        trainer[f"diffusion_model.{name.removesuffix('.weight')}.diff"] = torch.randn(state[name].shape, generator=gen) * 0.1
+        trainer[f"diffusion_model.{name.removesuffix('.weight')}.diff"] = (
+            torch.randn(state[name].shape, generator=gen) * 0.1
+        )
     for name in ("double_blocks.1.txt_attn.norm.key_norm.scale", "single_blocks.0.norm.query_norm.scale"):
         trainer[f"diffusion_model.{name}.diff"] = torch.randn(state[name].shape, generator=gen) * 0.1
     hidden = model.params.hidden_size
     qkv = _pairs({"single_blocks.1.linear1_qkv": (3 * hidden, hidden)}, gen, alpha=True)["single_blocks.1.linear1_qkv"]
-    trainer |= {"diffusion_model.single_blocks.1.linear1_qkv.lora_up.weight": qkv["up"],
-                "diffusion_model.single_blocks.1.linear1_qkv.lora_down.weight": qkv["down"],
-                "diffusion_model.single_blocks.1.linear1_qkv.alpha": qkv["alpha"]}  # fmt: skip
+    trainer |= {
+        "diffusion_model.single_blocks.1.linear1_qkv.lora_up.weight": qkv["up"],
+        "diffusion_model.single_blocks.1.linear1_qkv.lora_down.weight": qkv["down"],
+        "diffusion_model.single_blocks.1.linear1_qkv.alpha": qkv["alpha"],
+    }
     layouts["comfyui_trainer"] = trainer
 
     paths = []
@@ -132,8 +144,12 @@ def test_apply_lora_equals_comfyuis_lora_patcher(tmp_path, dtype):
     write_transformer(transformer)
     loras = lora_files(tmp_path)
     out = tmp_path / "comfy.pt"
-    subprocess.run([str(python), "-c", COMFY_PATCH, str(root), str(transformer), str(out), str(STRENGTH), dtype,
-                    *map(str, loras)], check=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    subprocess.run(
+        [str(python), "-c", COMFY_PATCH, str(root), str(transformer), str(out), str(STRENGTH), dtype, *map(str, loras)],
+        check=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     reference = torch.load(out)
 
     model = kontext_core.load_transformer(transformer, dtype=getattr(torch, dtype))
@@ -147,9 +163,13 @@ def test_apply_lora_equals_comfyuis_lora_patcher(tmp_path, dtype):
         changed = {k for k in ours if not torch.equal(comfy[k], original[k])}
         assert changed == {k for k in ours if not torch.equal(ours[k], original[k])}, lora.name
         assert all(ours[k].dtype == comfy[k].dtype == getattr(torch, dtype) for k in changed)
-        worst = max((ours[k] - comfy[k]).float().abs().max().item() / comfy[k].float().abs().max().item() for k in changed)
-        print(f"\n[lora vs ComfyUI, {dtype}] {lora.stem}: {len(changed)} tensors changed, "
-              f"max |ours − ComfyUI| / max |W| = {worst:.1e}")  # fmt: skip
+        worst = max(
+            (ours[k] - comfy[k]).float().abs().max().item() / comfy[k].float().abs().max().item() for k in changed
+        )
+        print(
+            f"\n[lora vs ComfyUI, {dtype}] {lora.stem}: {len(changed)} tensors changed, "
+            f"max |ours − ComfyUI| / max |W| = {worst:.1e}"
+        )
         # the same float32 sums rounded once to the weight's dtype: float32 rounding of the sum at most
         assert len(changed) >= 10 and worst <= 1e-6, lora.name
         result.remove()

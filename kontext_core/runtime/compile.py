@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import FluxParams
-from .lora import weights_version
-from .model import Flux
-from .reference_cache import ReferenceCache
+from kontext_core.model.config import FluxParams
+from kontext_core.runtime.lora import weights_version
+from kontext_core.model.flux import Flux
+from kontext_core.model.reference_cache import ReferenceCache
 
 
 def optimize(

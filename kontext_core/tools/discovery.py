@@ -22,8 +22,12 @@ from pathlib import Path
 KNOWN_FILES = {
     "transformer": (
         "diffusion_models",
-        ["flux1-kontext-dev.safetensors", "flux1-dev-kontext_fp8_scaled.safetensors", "*kontext*.safetensors",
-         "*kontext*.gguf"],  # fmt: skip
+        [
+            "flux1-kontext-dev.safetensors",
+            "flux1-dev-kontext_fp8_scaled.safetensors",
+            "*kontext*.safetensors",
+            "*kontext*.gguf",
+        ],
     ),
     "t5": (
         "text_encoders",
@@ -154,7 +158,12 @@ def find_in_models_folder(models_dir: Path, role: str) -> Path | None:
         folders.append(models_dir / "clip")
     for folder in folders:
         # ComfyUI lists subfolders too (vae/FLUX1/ae.safetensors); names match whatever their case (Flux_vae)
-        files = [f for ext in ("safetensors", "gguf") for glob in (f"*.{ext}", f"*/*.{ext}") for f in sorted(folder.glob(glob))]
+        files = [
+            f
+            for ext in ("safetensors", "gguf")
+            for glob in (f"*.{ext}", f"*/*.{ext}")
+            for f in sorted(folder.glob(glob))
+        ]
         for pattern in patterns:
             found = [f for f in files if fnmatch.fnmatchcase(f.name.lower(), pattern)]
             if found:
@@ -191,7 +200,9 @@ def resolve_model_files(
     """Explicit paths win; what is missing is looked up in `<comfyui_root>/models` (or $COMFYUI_ROOT), then in
     the Hugging Face cache (`hf_cache`, else the environment's). Raises FileNotFoundError naming what is missing."""
     if comfyui_root and not Path(comfyui_root).is_dir():  # a typo must not quietly fall through to the HF cache
-        raise FileNotFoundError(f"comfyui_root (--comfyui): {comfyui_root} is not a folder (expected a ComfyUI install)")
+        raise FileNotFoundError(
+            f"comfyui_root (--comfyui): {comfyui_root} is not a folder (expected a ComfyUI install)"
+        )
     root = Path(comfyui_root) if comfyui_root else comfyui_root_from_env()
     cache = hf_cache_dir(hf_cache)
     given = {"transformer": transformer, "vae": vae, "t5": t5, "clip": clip}

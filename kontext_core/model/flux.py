@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import FluxParams
-from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
-from .math import timestep_embedding
-from .reference_cache import ReferenceCache
+from kontext_core.model.config import FluxParams
+from kontext_core.model.layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
+from kontext_core.model.flux_math import timestep_embedding
+from kontext_core.model.reference_cache import ReferenceCache
 
 
 class Flux(nn.Module):
@@ -89,7 +89,9 @@ class Flux(nn.Module):
         txt = self.txt_in(txt.to(img.dtype))
 
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        slots = ref_cache.slots if ref_cache is not None else [None] * (len(self.double_blocks) + len(self.single_blocks))
+        slots = (
+            ref_cache.slots if ref_cache is not None else [None] * (len(self.double_blocks) + len(self.single_blocks))
+        )
 
         for block, slot in zip(self.double_blocks, slots):
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe, ref_kv=slot)

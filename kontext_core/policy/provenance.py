@@ -25,14 +25,23 @@ from PIL import Image, PngImagePlugin
 
 from kontext_core import __version__
 from kontext_core.files import written_whole
-from kontext_core.safety import INSTALL_HINT  # one extra installs both the classifier and c2pa
+from kontext_core.policy.safety import INSTALL_HINT  # one extra installs both the classifier and c2pa
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 DEFAULT_MODEL = "FLUX.1 Kontext [dev]"
 SOFTWARE = "comfyui-kontext"
 # The text chunks save_png writes itself; `extra_text` may not repeat them.
-RESERVED_TEXT_KEYS = ("prompt", "workflow", "parameters", "ai_generated", "model", "Software", "Description",
-                      "DigitalSourceType", "XML:com.adobe.xmp")
+RESERVED_TEXT_KEYS = (
+    "prompt",
+    "workflow",
+    "parameters",
+    "ai_generated",
+    "model",
+    "Software",
+    "Description",
+    "DigitalSourceType",
+    "XML:com.adobe.xmp",
+)
 CERT_ENV, KEY_ENV = "KONTEXT_C2PA_CERT_CHAIN", "KONTEXT_C2PA_PRIVATE_KEY"
 
 _EXIF_IMAGE_DESCRIPTION, _EXIF_SOFTWARE = 0x010E, 0x0131
@@ -80,8 +89,9 @@ def model_name(file_name: str, *, builtin: bool = False) -> str:
 def with_loras(model: str, loras: list[tuple[str, float | None]]) -> str:
     """`model` (a `model_name`) with the LoRAs put on it: each file's last part and its strength (None: not known
     where the name is written, e.g. linked from another node in a graph)."""
-    shown = sorted(f"{os.path.basename(name)} ({'strength from a linked node' if s is None else f'{s:g}'})"
-                   for name, s in loras)  # fmt: skip
+    shown = sorted(
+        f"{os.path.basename(name)} ({'strength from a linked node' if s is None else f'{s:g}'})" for name, s in loras
+    )
     return model + (f" with LoRA {', '.join(shown)}" if shown else "")
 
 
@@ -155,7 +165,9 @@ def verify_png(path: str | os.PathLike, trust_anchor_pem: str | os.PathLike | No
     try:
         context = c2pa.Context.from_dict(settings)
     except c2pa.C2paError as e:
-        raise ProvenanceError(f"{trust_anchor_pem}: the trust anchors are not PEM certificates c2pa can use ({e})") from None
+        raise ProvenanceError(
+            f"{trust_anchor_pem}: the trust anchors are not PEM certificates c2pa can use ({e})"
+        ) from None
     with open(path, "rb") as f:
         try:
             reader = c2pa.Reader.try_create("image/png", f, None, context)
@@ -170,8 +182,12 @@ def verify_png(path: str | os.PathLike, trust_anchor_pem: str | os.PathLike | No
     for section in (store.get("validation_results") or {}).values():
         if isinstance(section, dict):
             failures += [item["code"] for item in section.get("failure", [])]
-    return {"validation_state": store.get("validation_state"), "failures": sorted(set(failures)),
-            "active_manifest": active, "manifest_store": store}
+    return {
+        "validation_state": store.get("validation_state"),
+        "failures": sorted(set(failures)),
+        "active_manifest": active,
+        "manifest_store": store,
+    }
 
 
 def make_test_certificates(out_dir: str | os.PathLike, *, days: int = 365) -> TestCertificates:
@@ -191,34 +207,56 @@ def make_test_certificates(out_dir: str | os.PathLike, *, days: int = 365) -> Te
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def name(common_name: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "comfyui-kontext test")])
+        return x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "comfyui-kontext test"),
+            ]
+        )
 
     def key_usage(*, sign: bool, ca: bool) -> x509.KeyUsage:
-        return x509.KeyUsage(digital_signature=sign, content_commitment=False, key_encipherment=False,
-                             data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-                             encipher_only=False, decipher_only=False)
+        return x509.KeyUsage(
+            digital_signature=sign,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=ca,
+            crl_sign=ca,
+            encipher_only=False,
+            decipher_only=False,
+        )
 
     root_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     start = now - datetime.timedelta(minutes=5)
-    root = (x509.CertificateBuilder().subject_name(name("comfyui-kontext test root CA"))
-            .issuer_name(name("comfyui-kontext test root CA")).public_key(root_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(now + datetime.timedelta(days=days + 1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(key_usage(sign=False, ca=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
-            .sign(root_key, hashes.SHA256()))
-    leaf = (x509.CertificateBuilder().subject_name(name("comfyui-kontext test signer"))
-            .issuer_name(root.subject).public_key(leaf_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(key_usage(sign=True, ca=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
-            .sign(root_key, hashes.SHA256()))
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name("comfyui-kontext test root CA"))
+        .issuer_name(name("comfyui-kontext test root CA"))
+        .public_key(root_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(now + datetime.timedelta(days=days + 1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(key_usage(sign=False, ca=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
+        .sign(root_key, hashes.SHA256())
+    )
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(name("comfyui-kontext test signer"))
+        .issuer_name(root.subject)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage(sign=True, ca=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
+        .sign(root_key, hashes.SHA256())
+    )
 
     def pem(cert: x509.Certificate) -> bytes:
         return cert.public_bytes(serialization.Encoding.PEM)
@@ -226,8 +264,9 @@ def make_test_certificates(out_dir: str | os.PathLike, *, days: int = 365) -> Te
     certs = TestCertificates(out / "root_ca.pem", out / "signer_chain.pem", out / "signer_key.pem")
     certs.root_cert.write_bytes(pem(root))
     certs.cert_chain.write_bytes(pem(leaf) + pem(root))
-    key_bytes = leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption())
+    key_bytes = leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(certs.private_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key_bytes)
@@ -235,7 +274,9 @@ def make_test_certificates(out_dir: str | os.PathLike, *, days: int = 365) -> Te
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kontext_core.provenance", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kontext_core.policy.provenance", description=__doc__.splitlines()[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     ca = commands.add_parser("make-test-ca", help="write a throwaway root CA + ES256 signing certificate (tests only)")
     ca.add_argument("out_dir")
@@ -246,16 +287,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _command(args)
     except (OSError, ProvenanceError) as e:  # a missing or unreadable file, an existing CA folder: its message
-        print(f"python -m kontext_core.provenance {args.command}: error: {e}", file=sys.stderr)
+        print(f"python -m kontext_core.policy.provenance {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
 def _command(args: argparse.Namespace) -> int:
     if args.command == "make-test-ca":
         certs = make_test_certificates(args.out_dir)
-        print(f"root CA (trust anchor): {certs.root_cert}\nsigning chain: {certs.cert_chain}\n"
-              f"private key: {certs.private_key}\n"
-              f"sign with: {CERT_ENV}={certs.cert_chain} {KEY_ENV}={certs.private_key}")
+        print(
+            f"root CA (trust anchor): {certs.root_cert}\nsigning chain: {certs.cert_chain}\n"
+            f"private key: {certs.private_key}\n"
+            f"sign with: {CERT_ENV}={certs.cert_chain} {KEY_ENV}={certs.private_key}"
+        )
         return 0
     result = verify_png(args.path, args.trust)
     print(json.dumps({"validation_state": result["validation_state"], "failures": result["failures"]}, indent=2))
@@ -287,12 +330,21 @@ def _import_c2pa() -> Any:
     try:
         import c2pa
     except ImportError as exc:
-        raise ProvenanceError(f"C2PA signing and verification need c2pa-python ({exc}). Install: {INSTALL_HINT}") from exc
+        raise ProvenanceError(
+            f"C2PA signing and verification need c2pa-python ({exc}). Install: {INSTALL_HINT}"
+        ) from exc
     return c2pa
 
 
-def _sign(source: str, dest: str, signing: SigningConfig, *, model: str, title: str,
-          inputs: Sequence[Image.Image | str | os.PathLike]) -> None:
+def _sign(
+    source: str,
+    dest: str,
+    signing: SigningConfig,
+    *,
+    model: str,
+    title: str,
+    inputs: Sequence[Image.Image | str | os.PathLike],
+) -> None:
     c2pa = _import_c2pa()
     try:
         chain, key = Path(signing.cert_chain).read_bytes(), Path(signing.private_key).read_bytes()
@@ -321,8 +373,11 @@ def _sign(source: str, dest: str, signing: SigningConfig, *, model: str, title: 
             for i, item in enumerate(inputs):
                 fmt, data = _ingredient_bytes(item)
                 relationship = "parentOf" if i == 0 else "componentOf"
-                builder.add_ingredient({"title": _ingredient_title(item, i), "relationship": relationship,
-                                        "label": f"input_{i}"}, fmt, io.BytesIO(data))
+                builder.add_ingredient(
+                    {"title": _ingredient_title(item, i), "relationship": relationship, "label": f"input_{i}"},
+                    fmt,
+                    io.BytesIO(data),
+                )
             with open(source, "rb") as src, open(dest, "w+b") as dst:
                 builder.sign(signer, "image/png", src, dst)
     except c2pa.C2paError as exc:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from kontext_core.tasks_render import (
+from kontext_core.synthetic.render import (
     COLOURS,
     IMAGE_SIZES,
     POSITIONS,
@@ -34,8 +34,15 @@ from kontext_core.tasks_render import (
 )
 
 KINDS: tuple[str, ...] = (
-    "recolor", "remove", "add", "move", "background", "restyle", "text_to_image", "two_reference",
-)  # fmt: skip
+    "recolor",
+    "remove",
+    "add",
+    "move",
+    "background",
+    "restyle",
+    "text_to_image",
+    "two_reference",
+)
 RESTYLES: tuple[str, ...] = ("grayscale", "invert", "pixelate", "outline")
 HELD_OUT_SEED = 1_000_000
 # One triple per colour; every colour, shape and position still appears in training in other combinations.
@@ -107,7 +114,7 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
 
 @dataclass(eq=False)
 class EditTask:
-    """One edit with its truth; `scenes`, `target_scene` and `focus` let the judge (`kontext_core.quality`)
+    """One edit with its truth; `scenes`, `target_scene` and `focus` let the judge (`kontext_core.synthetic.judge`)
     know exactly what changed."""
 
     images: list[Image.Image]  # the references; empty for text-to-image

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase, T5EncoderModel, T5TokenizerFast
 
-from .checkpoints.text_encoders import load_clip, load_t5
+from kontext_core.checkpoints.text_encoders import load_clip, load_t5
 
 CLIP_MAX_LENGTH = 77
 # Files that make a tokenizer folder usable, any one group suffices.
@@ -94,8 +94,10 @@ def load_tokenizer(folder: str | os.PathLike, kind: str) -> PreTrainedTokenizerB
         hint = ""
         if kind == "t5" and not _has_protobuf():
             # transformers then blames a missing `tiktoken`, which is not what this folder needs
-            hint = ("; a SentencePiece `spiece.model` is read with the `protobuf` package, which this pack "
-                    "requires: pip install protobuf")  # fmt: skip
+            hint = (
+                "; a SentencePiece `spiece.model` is read with the `protobuf` package, which this pack "
+                "requires: pip install protobuf"
+            )
         raise ValueError(f"{folder}: cannot load a {kind.upper()} tokenizer from this folder ({e}){hint}") from None
 
 
@@ -194,6 +196,9 @@ def load_text_encoder(
     t5_tok = load_tokenizer(find_tokenizer("t5", t5_tokenizer, t5, comfyui_root), "t5")
     clip_tok = load_tokenizer(find_tokenizer("clip", clip_tokenizer, clip, comfyui_root), "clip")
     return FluxTextEncoder(
-        load_t5(t5, device=device, dtype=dtype), load_clip(clip, device=device, dtype=dtype), t5_tok, clip_tok,
+        load_t5(t5, device=device, dtype=dtype),
+        load_clip(clip, device=device, dtype=dtype),
+        t5_tok,
+        clip_tok,
         t5_max_length,
-    )  # fmt: skip
+    )

@@ -1,4 +1,4 @@
-"""Judging an edit against the rendered truth of a synthetic task (`kontext_core.tasks`).
+"""Judging an edit against the rendered truth of a synthetic task (`kontext_core.synthetic.tasks`).
 
 An edit succeeds when the pixels it had to change now name the right palette colours: each pixel is named by
 its nearest palette colour, and around every edited object each group of pixels that shares its (input
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from kontext_core.tasks import EditTask
-from kontext_core.tasks_render import PALETTE, Scene, Shape, coverage, render
+from kontext_core.synthetic.tasks import EditTask
+from kontext_core.synthetic.render import PALETTE, Scene, Shape, coverage, render
 
 AGREEMENT_THRESHOLD = 0.8
 MIN_PART_PIXELS = 4

@@ -1,8 +1,8 @@
 """Batch client for a running ComfyUI: one API-format workflow, many images and prompts.
 
-    python -m kontext_core.queue --server http://127.0.0.1:8188 --workflow workflows/api/single_edit.json \\
+    python -m kontext_core.tools.comfyui_client --server http://127.0.0.1:8188 --workflow workflows/api/single_edit.json \\
         --images photos/ --prompt "Make it a watercolour painting" --out results/
-    python -m kontext_core.queue --workflow workflows/api/single_edit.json --csv items.csv --out results/
+    python -m kontext_core.tools.comfyui_client --workflow workflows/api/single_edit.json --csv items.csv --out results/
 
 For each item the image is uploaded (POST /upload/image), the workflow is patched and queued (POST /prompt),
 progress is followed over ComfyUI's websocket (polling /history/<id> where no websocket can be opened), and
@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import written_whole
+from kontext_core.files import written_whole
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 PROMPT_INPUTS = ("prompt", "text")
@@ -188,8 +188,9 @@ def patch_workflow(workflow: dict, slots: Slots, image: str, prompt: str | None,
         raise QueueError("the workflow has no LoadImage node to put the item's image in (or name one: --image-node)")
     patched[slots.image]["inputs"]["image"] = image
     for value, node, names, kind, what in (
-        (prompt, slots.prompt, PROMPT_INPUTS, str, "prompt"), (seed, slots.seed, SEED_INPUTS, int, "seed"),
-    ):  # fmt: skip
+        (prompt, slots.prompt, PROMPT_INPUTS, str, "prompt"),
+        (seed, slots.seed, SEED_INPUTS, int, "seed"),
+    ):
         if value is None:
             continue
         if node is None:
@@ -233,12 +234,14 @@ class Server:
         boundary = uuid.uuid4().hex
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         parts = [
-            (f'Content-Disposition: form-data; name="image"; filename="{name}"\r\nContent-Type: {content_type}',
-             path.read_bytes()),
+            (
+                f'Content-Disposition: form-data; name="image"; filename="{name}"\r\nContent-Type: {content_type}',
+                path.read_bytes(),
+            ),
             ('Content-Disposition: form-data; name="subfolder"', UPLOAD_SUBFOLDER.encode()),
             ('Content-Disposition: form-data; name="overwrite"', b"true"),
             ('Content-Disposition: form-data; name="type"', b"input"),
-        ]  # fmt: skip
+        ]
         body = b"".join(f"--{boundary}\r\n{head}\r\n\r\n".encode() + data + b"\r\n" for head, data in parts)
         body += f"--{boundary}--\r\n".encode()
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
@@ -570,15 +573,25 @@ def run_batch(runner: Runner, workflow: dict, slots: Slots, items: list[Item], o
             continue
         done += 1
         seconds = time.monotonic() - started
-        state.record({"key": key, "name": item.name, "image": str(item.image), "status": "done", "files": files,
-                      "seconds": round(seconds, 2)})  # fmt: skip
+        state.record(
+            {
+                "key": key,
+                "name": item.name,
+                "image": str(item.image),
+                "status": "done",
+                "files": files,
+                "seconds": round(seconds, 2),
+            }
+        )
         runner.log(f"{label}: done in {seconds:.1f} s -> {', '.join(files)}")
     return done, skipped, failed
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m kontext_core.queue", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m kontext_core.tools.comfyui_client",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI's address")
     parser.add_argument("--workflow", required=True, type=Path, help="API-format workflow (workflows/api/*.json)")

@@ -33,20 +33,27 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .checkpoints.flux_diffusers import (
+from kontext_core.checkpoints.flux_diffusers import (
     DOUBLE_BLOCK_RENAMES,
     FUSED_DOUBLE,
     FUSED_SINGLE,
     SINGLE_BLOCK_RENAMES,
     TOP_LEVEL_RENAMES,
 )
-from .checkpoints.safetensors_io import CheckpointError, first_items, open_tensors
-from .quant import Fp8Linear
+from kontext_core.checkpoints.safetensors_io import CheckpointError, first_items, open_tensors
+from kontext_core.runtime.quant import Fp8Linear
 
 __all__ = [
-    "LoraFactor", "LoraPatch", "LoraResult", "apply_lora", "load_lora", "remove_lora", "unmatched_note", "use_loras",
+    "LoraFactor",
+    "LoraPatch",
+    "LoraResult",
+    "apply_lora",
+    "load_lora",
+    "remove_lora",
+    "unmatched_note",
+    "use_loras",
     "weights_version",
-]  # fmt: skip
+]
 
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 _UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
@@ -58,8 +65,13 @@ _PART = re.compile(
 _TEXT_ENCODER_KEY = r"lora_te\d?_|text_encoders?(_2)?\."
 _DIFF_ROLES = {"diff": "diff", "w_norm": "diff", "diff_b": "diff_b", "b_norm": "diff_b"}
 # kinds of update this module does not apply, by a key part that only they use
-_UNSUPPORTED = {".dora_scale": "DoRA (`dora_scale`)", ".lora_magnitude_vector": "DoRA (`lora_magnitude_vector`)",
-                ".lokr_w1": "LyCORIS LoKr", ".hada_w1_a": "LyCORIS LoHa", ".oft_blocks": "OFT"}  # fmt: skip
+_UNSUPPORTED = {
+    ".dora_scale": "DoRA (`dora_scale`)",
+    ".lora_magnitude_vector": "DoRA (`lora_magnitude_vector`)",
+    ".lokr_w1": "LyCORIS LoKr",
+    ".hada_w1_a": "LyCORIS LoHa",
+    ".oft_blocks": "OFT",
+}
 
 
 @dataclass(eq=False)
@@ -115,7 +127,9 @@ def _targets(model: nn.Module) -> dict[str, tuple[str, slice, bool]]:
         if m := re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", name):
             kind, index, inner = m.groups()
             block = f"transformer_blocks.{index}." if kind == "double" else f"single_transformer_blocks.{index}."
-            renames, fused = (DOUBLE_BLOCK_RENAMES, FUSED_DOUBLE) if kind == "double" else (SINGLE_BLOCK_RENAMES, FUSED_SINGLE)
+            renames, fused = (
+                (DOUBLE_BLOCK_RENAMES, FUSED_DOUBLE) if kind == "double" else (SINGLE_BLOCK_RENAMES, FUSED_SINGLE)
+            )
             for diffusers, bfl in renames.items():
                 if bfl == inner:
                     targets[block + diffusers] = (name, slice(None), False)
@@ -179,8 +193,11 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
     tensors, origin = _read(lora)
     unsupported = sorted({kind for key in tensors for part, kind in _UNSUPPORTED.items() if part in key})
     if unsupported:
-        raise CheckpointError(origin, f"{' and '.join(unsupported)} LoRAs are not supported (only low-rank pairs "
-                                      "and full differences): applying part of one would give a wrong result")  # fmt: skip
+        raise CheckpointError(
+            origin,
+            f"{' and '.join(unsupported)} LoRAs are not supported (only low-rank pairs "
+            "and full differences): applying part of one would give a wrong result",
+        )
     targets = _targets(model)
     groups: dict[str, dict[str, Tensor]] = {}
     keys_of: dict[str, dict[str, str]] = {}  # module -> role -> the key it came from
@@ -224,8 +241,10 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
             up, down = parts["up"], parts["down"]
             rank = down.shape[0]
             if down.ndim != 2 or up.ndim != 2 or up.shape != (out_rows, rank) or down.shape[1] != linear.in_features:
-                wrong.append(f"{module} (up {tuple(up.shape)}, down {tuple(down.shape)} for {layer} "
-                             f"{out_rows}×{linear.in_features})")  # fmt: skip
+                wrong.append(
+                    f"{module} (up {tuple(up.shape)}, down {tuple(down.shape)} for {layer} "
+                    f"{out_rows}×{linear.in_features})"
+                )
             else:
                 alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
                 if isinstance(linear, Fp8Linear):  # it adds the update at every call: on its device, in float32, once
@@ -244,13 +263,19 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
                 diff = diff.to(linear.weight.device)
             factors.append(LoraFactor(layer, diff, None, strength, rows, swap, param))
     if wrong:
-        raise CheckpointError(origin, f"LoRA shapes do not fit this model (a LoRA for another model?): {first_items(wrong)}")
+        raise CheckpointError(
+            origin, f"LoRA shapes do not fit this model (a LoRA for another model?): {first_items(wrong)}"
+        )
     if not factors:
         if unmatched and all(re.match(_TEXT_ENCODER_KEY, key) for key in unmatched):
-            raise CheckpointError(origin, "it holds only text-encoder parts (`lora_te…`, `text_encoder…`), which "
-                                          f"apply to CLIP or T5, not to the FLUX transformer: {first_items(unmatched)}")  # fmt: skip
+            raise CheckpointError(
+                origin,
+                "it holds only text-encoder parts (`lora_te…`, `text_encoder…`), which "
+                f"apply to CLIP or T5, not to the FLUX transformer: {first_items(unmatched)}",
+            )
         raise CheckpointError(
-            origin, f"no LoRA layer names a layer of this FLUX model (a LoRA for another model?): {first_items(unmatched)}"
+            origin,
+            f"no LoRA layer names a layer of this FLUX model (a LoRA for another model?): {first_items(unmatched)}",
         )
     layers = sorted({_label(f) for f in factors})
     return LoraPatch(origin, strength, layers, sorted(unmatched), factors, weakref.ref(model))
@@ -288,8 +313,10 @@ def use_loras(model: nn.Module, patches: Sequence[LoraPatch]) -> None:
 
 def unmatched_note(unmatched: list[str]) -> str:
     """What to tell a user about the tensors of a LoRA that were not applied."""
-    return (f"{len(unmatched)} tensors name no layer of the transformer and are not applied (text-encoder parts "
-            f"are left out): {first_items(unmatched)}")  # fmt: skip
+    return (
+        f"{len(unmatched)} tensors name no layer of the transformer and are not applied (text-encoder parts "
+        f"are left out): {first_items(unmatched)}"
+    )
 
 
 def _label(factor: LoraFactor) -> str:
@@ -306,7 +333,7 @@ def weights_version(model: nn.Module) -> int:
 def _changing(model: nn.Module) -> None:
     if model.__dict__.get("_block_offload") is not None:
         raise ValueError(
-            "LoRAs cannot go on or come off while the transformer is offloaded (kontext_core.offload keeps its own "
+            "LoRAs cannot go on or come off while the transformer is offloaded (kontext_core.runtime.offload keeps its own "
             "copies of the block weights): change them before offload(), or after its remove()"
         )
     model.__dict__["_weights_version"] = weights_version(model) + 1

@@ -29,10 +29,16 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLOURS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
-)  # fmt: skip
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
 SIZES: dict[str, float] = {"small": 0.65, "large": 0.85}  # radius as a fraction of half the smaller cell side
 TEXTURES: tuple[str, ...] = ("stripes", "checks")
 IMAGE_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (96, 64), (64, 96))
@@ -139,10 +145,19 @@ def _outline_points(kind: str, cx: float, cy: float, r: float) -> list[tuple[flo
     if kind == "cross":
         a, b = 0.35 * r, r
         return [
-            (cx - a, cy - b), (cx + a, cy - b), (cx + a, cy - a), (cx + b, cy - a),
-            (cx + b, cy + a), (cx + a, cy + a), (cx + a, cy + b), (cx - a, cy + b),
-            (cx - a, cy + a), (cx - b, cy + a), (cx - b, cy - a), (cx - a, cy - a),
-        ]  # fmt: skip
+            (cx - a, cy - b),
+            (cx + a, cy - b),
+            (cx + a, cy - a),
+            (cx + b, cy - a),
+            (cx + b, cy + a),
+            (cx + a, cy + a),
+            (cx + a, cy + b),
+            (cx - a, cy + b),
+            (cx - a, cy + a),
+            (cx - b, cy + a),
+            (cx - b, cy - a),
+            (cx - a, cy - a),
+        ]
     raise ValueError(f"shape kind {kind!r} is not one of {SHAPES}")
 
 

@@ -6,7 +6,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from .safetensors_io import open_tensors
+from kontext_core.checkpoints.safetensors_io import open_tensors
 
 
 def describe(path: str | os.PathLike) -> str:

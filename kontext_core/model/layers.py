@@ -8,8 +8,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .math import apply_rope, rope, scaled_dot_product
-from .reference_cache import ReferenceKV
+from kontext_core.model.flux_math import apply_rope, rope, scaled_dot_product
+from kontext_core.model.reference_cache import ReferenceKV
 
 __all__ = [
     "DoubleStreamBlock",
@@ -21,7 +21,7 @@ __all__ = [
     "RMSNorm",
     "SelfAttention",
     "SingleStreamBlock",
-]  # fmt: skip
+]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, ref_kv: ReferenceKV | None) -> Tensor:

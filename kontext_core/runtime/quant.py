@@ -45,7 +45,7 @@ class Fp8Linear(nn.Linear):
 
     @property
     def lora_factors(self) -> list:
-        """The LoRA updates on the weight, as `kontext_core.lora` records them for every layer it patches: added to
+        """The LoRA updates on the weight, as `kontext_core.runtime.lora` records them for every layer it patches: added to
         the dequantized weight at each call, so the weight stays fp8."""
         return self.__dict__.get("_lora_factors", {}).get("weight", [])
 

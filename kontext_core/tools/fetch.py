@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .discovery import KONTEXT_REPO, TEXT_ENCODERS_REPO
+from kontext_core.tools.discovery import KONTEXT_REPO, TEXT_ENCODERS_REPO
 
 T5_FILES = {"fp16": "t5xxl_fp16.safetensors", "fp8_scaled": "t5xxl_fp8_e4m3fn_scaled.safetensors"}
 LICENSE_HINT = (
@@ -37,9 +37,18 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 8 << 20
 # Transport failures by class name: huggingface_hub has used requests, httpx and httpx2 across versions.
 _NETWORK_ERRORS = {
-    "ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "TimeoutException",
-    "NetworkError", "ProxyError", "RemoteProtocolError", "MaxRetryError", "NameResolutionError",
-}  # fmt: skip
+    "ConnectionError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "Timeout",
+    "TimeoutException",
+    "NetworkError",
+    "ProxyError",
+    "RemoteProtocolError",
+    "MaxRetryError",
+    "NameResolutionError",
+}
 
 
 class FetchError(RuntimeError):
@@ -188,9 +197,12 @@ def sha256_file(path: Path, label: str | None = None) -> str:
 
     digest = hashlib.sha256()
     size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(
-        total=size, unit="B", unit_scale=True, desc=f"sha256 {label or path.name}", disable=None, leave=False
-    ) as bar:  # fmt: skip
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=size, unit="B", unit_scale=True, desc=f"sha256 {label or path.name}", disable=None, leave=False
+        ) as bar,
+    ):
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
             bar.update(len(chunk))
@@ -428,7 +440,9 @@ def run_fetch(args: argparse.Namespace) -> int:
         print(f"dry run: {len(pending)} file(s) to fetch, {_size(total)} in all.")
     unreachable = [r.file.label for r in results if r.action == UNREACHABLE]
     if unreachable:
-        print(f"error: {', '.join(unreachable)}: not in the Hugging Face cache, and offline: fetching would fail",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {', '.join(unreachable)}: not in the Hugging Face cache, and offline: fetching would fail",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .model import Flux
+from kontext_core.model.flux import Flux
 
 
 class _BlockWeights:

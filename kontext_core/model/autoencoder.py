@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import AutoEncoderParams
+from kontext_core.model.config import AutoEncoderParams
 
 # Most attention scores (query rows × pixels) one SDPA call may hold, in case it falls back to its math
 # kernel (which materializes them): 2**28 fp32 scores are 1 GiB. A query row's result depends on no other row,
@@ -229,8 +229,9 @@ def decode_tiled(decoder: Callable[[Tensor], Tensor], z: Tensor, tile: int, over
     for top in _tile_starts(h, tile, tile - overlap):
         for left in _tile_starts(w, tile, tile - overlap):
             piece = decoder(z[:, :, top : top + tile, left : left + tile])
-            ramp = _blend_window(piece.shape[2], piece.shape[3], overlap * scale, top > 0, left > 0,
-                                 top + tile < h, left + tile < w).to(piece)  # fmt: skip
+            ramp = _blend_window(
+                piece.shape[2], piece.shape[3], overlap * scale, top > 0, left > 0, top + tile < h, left + tile < w
+            ).to(piece)
             if out is None:
                 out = piece.new_zeros(piece.shape[0], piece.shape[1], h * scale, w * scale)
                 weight = piece.new_zeros(1, 1, h * scale, w * scale)
