@@ -100,14 +100,15 @@ class KontextCoreModelLoader(KontextNode):
                 f"input 'attention': {attention!r} is not available on {device} "
                 f"(available: auto, {', '.join(kmath.available_backends(device))})"
             )
-        kmath.set_attention_backend(attention)
         dtype = COMPUTE_DTYPES[compute_dtype] or auto_compute_dtype(device)
         options = weight_options(weight_dtype)
 
         def load():
             return kontext_core.load_transformer(path, device=device, dtype=dtype, **options)
 
-        return (cls._slot.get(path, (weight_dtype, dtype, str(device)), load),)
+        model = cls._slot.get(path, (weight_dtype, dtype, str(device)), load)
+        model.attention_backend = attention
+        return (model,)
 
 
 class KontextCoreTextEncoderLoader(KontextNode):

@@ -130,13 +130,6 @@ def test_sampling_loop_has_no_host_sync():
 # ---------------------------------------------------------------- attention kernels
 
 
-@pytest.fixture
-def backend():
-    before = kmath.get_attention_backend()
-    yield kmath.set_attention_backend
-    kmath.set_attention_backend(before)
-
-
 def attention_case(device: str, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, 37, 64, generator=gen) for _ in range(3))
@@ -145,23 +138,33 @@ def attention_case(device: str, dtype: torch.dtype):
     return [t.to(device, dtype) for t in (q, k, v)], ref
 
 
-def test_sdpa_matches_float64_attention(backend):
-    backend("sdpa")
+def test_sdpa_matches_float64_attention():
     (q, k, v), ref = attention_case("cpu", torch.float32)
-    out = kmath.scaled_dot_product(q, k, v)
+    out = kmath.scaled_dot_product(q, k, v, "sdpa")
     assert out.shape == ref.shape
     assert (out.double() - ref).abs().max().item() <= 1e-5
 
 
-def test_auto_is_sdpa_on_cpu_and_missing_kernels_are_refused(backend):
-    backend("auto")
-    assert kmath.resolve_backend(torch.device("cpu"), torch.float32) == "sdpa"
+def test_auto_is_sdpa_on_cpu_and_missing_kernels_are_refused():
+    assert kmath.resolve_backend("auto", "cpu", torch.float32) == "sdpa"
     assert kmath.available_backends("cpu") == ["sdpa"]
-    backend("flash")
     with pytest.raises(RuntimeError, match="not available"):
-        kmath.resolve_backend(torch.device("cpu"), torch.bfloat16)
+        kmath.resolve_backend("flash", "cpu", torch.bfloat16)
     with pytest.raises(ValueError, match="attention backend"):
-        kmath.set_attention_backend("xformers")
+        kmath.check_backend_name("xformers")
+
+
+def test_the_attention_backend_belongs_to_the_model():
+    # two models in one process keep their own kernels; a bad name is refused when it is set, not at a forward
+    flash, exact = tiny_flux_model(seed=0), tiny_flux_model(seed=0)
+    flash.attention_backend = "flash"
+    assert (flash.attention_backend, exact.attention_backend) == ("flash", "auto")
+    with pytest.raises(ValueError, match="attention backend"):
+        exact.attention_backend = "xformers"
+    inputs = kontext_inputs(exact.params)
+    assert torch.isfinite(exact(*inputs)).all()
+    with pytest.raises(RuntimeError, match="'flash' is not available on cpu"):
+        flash(*inputs)
 
 
 # bf16 operands: 1e-3..1e-2 relative; SageAttention also quantizes q and k to int8 per block
@@ -170,12 +173,11 @@ KERNEL_TOLERANCE = {"sdpa": 1e-2, "flash": 1e-2, "sage": 3e-2}
 
 @cuda
 @pytest.mark.parametrize("name", ["sdpa", "flash", "sage"])
-def test_cuda_kernels_match_float64_attention(backend, name):
+def test_cuda_kernels_match_float64_attention(name):
     if name not in kmath.available_backends("cuda"):
         pytest.skip(f"{name} is not installed")
-    backend(name)
     (q, k, v), ref = attention_case("cuda", torch.bfloat16)
-    out = kmath.scaled_dot_product(q, k, v).double().cpu()
+    out = kmath.scaled_dot_product(q, k, v, kmath.resolve_backend(name, "cuda", torch.bfloat16)).double().cpu()
     rel = ((out - ref).norm() / ref.norm()).item()
     print(f"{name} bf16 vs float64: rel {rel:.2e}")
     assert rel < KERNEL_TOLERANCE[name]

@@ -223,7 +223,6 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
     """The pipeline, and the name its images' provenance gives the model."""
     from kontext_core import load_text_encoder, load_transformer, load_vae
     from kontext_core.tools.discovery import resolve_model_files
-    from kontext_core.model.flux_math import set_attention_backend
     from kontext_core.pipeline import KontextPipeline
     from kontext_core.policy.provenance import model_name
 
@@ -231,12 +230,13 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
         torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device {args.device!r} is not a device torch knows (cpu, cuda, cuda:1, mps …)") from None
-    set_attention_backend(args.attention)
     if small:
         from kontext_core.small_model import NOTICE, load_default_pipeline, small_model_files
 
         print(f"{NOTICE}. {REAL_MODEL_HINT}", file=sys.stderr)
-        return load_default_pipeline(device=args.device), model_name(small_model_files().transformer.name, builtin=True)
+        pipe = load_default_pipeline(device=args.device)
+        pipe.transformer.attention_backend = args.attention
+        return pipe, model_name(small_model_files().transformer.name, builtin=True)
     files = resolve_model_files(
         transformer=args.transformer, vae=args.vae, t5=args.t5, clip=args.clip, comfyui_root=args.comfyui
     )
@@ -258,6 +258,7 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
         dtype=dtype,
         comfyui_root=files.comfyui_root,
     )
+    transformer.attention_backend = args.attention
     return KontextPipeline(transformer, vae, text), model_name(str(files.transformer))
 
 

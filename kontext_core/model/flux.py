@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from kontext_core.model.config import FluxParams
 from kontext_core.model.layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
-from kontext_core.model.flux_math import timestep_embedding
+from kontext_core.model.flux_math import check_backend_name, resolve_backend, timestep_embedding
 from kontext_core.model.reference_cache import ReferenceCache
 
 
@@ -44,6 +44,16 @@ class Flux(nn.Module):
         )
         self.final_layer = LastLayer(self.hidden_size, 1, self.out_channels)
         self._compute_dtype: torch.dtype | None = None
+        self._attention_backend = "auto"
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention kernel this model asks for: "auto" (the fastest exact one here), "sdpa", "flash", "sage"."""
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        self._attention_backend = check_backend_name(name)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -89,15 +99,16 @@ class Flux(nn.Module):
         txt = self.txt_in(txt.to(img.dtype))
 
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        attention = resolve_backend(self._attention_backend, img.device.type, img.dtype)
         slots = (
             ref_cache.slots if ref_cache is not None else [None] * (len(self.double_blocks) + len(self.single_blocks))
         )
 
         for block, slot in zip(self.double_blocks, slots):
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, ref_kv=slot)
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, ref_kv=slot, attention=attention)
 
         x = torch.cat((txt, img), 1)
         for block, slot in zip(self.single_blocks, slots[len(self.double_blocks) :]):
-            x = block(x, vec=vec, pe=pe, ref_kv=slot)
+            x = block(x, vec=vec, pe=pe, ref_kv=slot, attention=attention)
         img = x[:, txt.shape[1] :, ...]
         return self.final_layer(img, vec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 
@@ -10,7 +11,6 @@ from einops import rearrange
 from torch import Tensor
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "sage")
-_backend = "auto"
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -25,34 +25,33 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return found
 
 
-def set_attention_backend(name: str) -> None:
-    """Pick the attention kernel for every later forward: "auto", "sdpa", "flash" or "sage"."""
-    global _backend
+def check_backend_name(name: str) -> str:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
-    _backend = name
+    return name
 
 
-def get_attention_backend() -> str:
-    return _backend
+@functools.cache
+def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
+    """The kernel that runs for backend `name` on tensors of `dtype` on a `device_type` device ("auto" chooses).
 
-
-def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The kernel that will actually run for tensors on `device` of `dtype` (what 'auto' means here)."""
-    usable = available_backends(device)
-    if _backend == "auto":
+    Cached: what is installed does not change while a process runs, and a model asks once per forward.
+    """
+    usable = available_backends(torch.device(device_type))
+    if check_backend_name(name) == "auto":
         # FlashAttention only takes half precision; for fp32 SDPA is the exact path.
         if "flash" in usable and dtype in (torch.float16, torch.bfloat16):
             return "flash"
         return "sdpa"
-    if _backend not in usable:
+    if name not in usable:
         raise RuntimeError(
-            f"attention backend {_backend!r} is not available on {device} "
+            f"attention backend {name!r} is not available on {device_type} "
             f"(available: {', '.join(usable)}); install it or choose 'auto'"
         )
-    return _backend
+    return name
 
 
+@functools.cache
 def _flash_module():
     # FlashAttention-3 (Hopper) ships as flash_attn_interface; FA2 as flash_attn.
     for name in ("flash_attn_interface", "flash_attn"):
@@ -61,9 +60,8 @@ def _flash_module():
     return None
 
 
-def scaled_dot_product(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q kᵀ/√d) v for B H L D tensors, on the selected kernel; returns B L (H D)."""
-    backend = resolve_backend(q.device, q.dtype)
+def scaled_dot_product(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
+    """softmax(q kᵀ/√d) v for B H L D tensors on a resolved `backend` (see `resolve_backend`); returns B L (H D)."""
     if backend == "flash":
         out = _flash_module().flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out[0] if isinstance(out, tuple) else out

@@ -24,12 +24,12 @@ __all__ = [
 ]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, ref_kv: ReferenceKV | None) -> Tensor:
-    """RoPE, then attention; `ref_kv` records or supplies the reference tokens' keys and values."""
+def attend(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, ref_kv: ReferenceKV | None, attention: str) -> Tensor:
+    """RoPE, then attention on the `attention` kernel; `ref_kv` records or supplies the reference tokens' K/V."""
     q, k = apply_rope(q, k, pe)
     if ref_kv is not None:
         k, v = ref_kv.extend(k, v)
-    return scaled_dot_product(q, k, v)
+    return scaled_dot_product(q, k, v, attention)
 
 
 class EmbedND(nn.Module):
@@ -89,9 +89,14 @@ class SelfAttention(nn.Module):
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normalized q, k and v as B H L D."""
-        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v
+        return split_heads(self.qkv(x), self.num_heads, self.norm)
+
+
+def split_heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """A fused B L (3 H D) projection → q, k, v as B H L D, with q and k RMS-normalized."""
+    q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=num_heads)
+    q, k = norm(q, k, v)
+    return q, k, v
 
 
 @dataclass
@@ -117,6 +122,14 @@ def modulate(x: Tensor, mod: ModulationOut) -> Tensor:
     return (1 + mod.scale) * x + mod.shift
 
 
+def mlp(hidden_size: int, mlp_hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(hidden_size, mlp_hidden_dim, bias=True),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(mlp_hidden_dim, hidden_size, bias=True),
+    )
+
+
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with their own weights, joined in one attention."""
 
@@ -125,23 +138,26 @@ class DoubleStreamBlock(nn.Module):
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.hidden_size = hidden_size
-        for stream in ("img", "txt"):
-            setattr(self, f"{stream}_mod", Modulation(hidden_size, double=True))
-            setattr(self, f"{stream}_norm1", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{stream}_attn", SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias))
-            setattr(self, f"{stream}_norm2", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            setattr(
-                self,
-                f"{stream}_mlp",
-                nn.Sequential(
-                    nn.Linear(hidden_size, mlp_hidden_dim, bias=True),
-                    nn.GELU(approximate="tanh"),
-                    nn.Linear(mlp_hidden_dim, hidden_size, bias=True),
-                ),
-            )
+        self.img_mod = Modulation(hidden_size, double=True)
+        self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
+        self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = mlp(hidden_size, mlp_hidden_dim)
+
+        self.txt_mod = Modulation(hidden_size, double=True)
+        self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
+        self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = mlp(hidden_size, mlp_hidden_dim)
 
     def forward(
-        self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, ref_kv: ReferenceKV | None = None
+        self,
+        img: Tensor,
+        txt: Tensor,
+        vec: Tensor,
+        pe: Tensor,
+        ref_kv: ReferenceKV | None = None,
+        attention: str = "sdpa",
     ) -> tuple[Tensor, Tensor]:
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
@@ -152,7 +168,7 @@ class DoubleStreamBlock(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attend(q, k, v, pe, ref_kv)
+        attn = attend(q, k, v, pe, ref_kv, attention)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -178,14 +194,15 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, ref_kv: ReferenceKV | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, vec: Tensor, pe: Tensor, ref_kv: ReferenceKV | None = None, attention: str = "sdpa"
+    ) -> Tensor:
         mod, _ = self.modulation(vec)
         qkv, mlp = torch.split(
             self.linear1(modulate(self.pre_norm(x), mod)), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
         )
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k, v)
-        attn = attend(q, k, v, pe, ref_kv)
+        q, k, v = split_heads(qkv, self.num_heads, self.norm)
+        attn = attend(q, k, v, pe, ref_kv, attention)
         return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
 
 
