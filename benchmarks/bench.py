@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from kontext_core.checkpoints.autoencoder import (
     vae_params_from_shapes,
 )
 from kontext_core.runtime.compile import CudaGraphForward, optimize
-from kontext_core.model.config import FluxParams
+from kontext_core.model.config import FLUX_KONTEXT_DEV, FluxParams
 from kontext_core.model.flux import Flux
 from kontext_core.runtime.offload import offload
 from kontext_core.pipeline import KontextPipeline
@@ -83,7 +83,8 @@ T5_XXL = {
 
 SIZES = {
     "tiny": BenchSize(
-        flux=FluxParams(
+        flux=replace(
+            FLUX_KONTEXT_DEV,
             vec_in_dim=32,
             context_in_dim=48,
             hidden_size=64,
@@ -112,7 +113,8 @@ SIZES = {
         note="CI size: checks that the benchmark runs and both implementations agree; timings mean little",
     ),
     "mid": BenchSize(
-        flux=FluxParams(
+        flux=replace(
+            FLUX_KONTEXT_DEV,
             vec_in_dim=768,
             context_in_dim=512,
             hidden_size=256,
@@ -140,7 +142,7 @@ SIZES = {
         "8 steps; T5 reduced to d_model 512 × 4 layers (T5-XXL is 4.7B parameters), CLIP-L full size",
     ),
     "full": BenchSize(
-        flux=FluxParams(),
+        flux=FLUX_KONTEXT_DEV,
         width=1024,
         height=1024,
         txt_tokens=512,

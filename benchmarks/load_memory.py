@@ -31,11 +31,13 @@ def write_model(path: Path, scaled_fp8: bool) -> int:
     """A random real-width 1+1-block transformer file; returns its size in bytes."""
     from safetensors.torch import save_file
 
-    from kontext_core.model.config import FluxParams
+    from dataclasses import replace
+
+    from kontext_core.model.config import FLUX_KONTEXT_DEV
     from kontext_core.model.flux import Flux
 
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Flux(FluxParams(depth=1, depth_single_blocks=1)).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in Flux(replace(FLUX_KONTEXT_DEV, depth=1, depth_single_blocks=1)).state_dict().items()}
     gen = torch.Generator().manual_seed(0)
     state: dict[str, torch.Tensor] = {}
     for key, shape in shapes.items():

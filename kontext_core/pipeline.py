@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch import Tensor
 from kontext_core.model.autoencoder import AutoEncoder
 from kontext_core.model.flux import Flux
 from kontext_core.resize import RESIZE_MODES, resize_to_kontext
-from kontext_core.sampling import StepInfo, get_noise, sample
+from kontext_core.sampling import SamplingOptions, StepInfo, get_noise, sample
 
 
 class TextEncoder(Protocol):
@@ -37,6 +38,48 @@ def _round16(value: int, name: str) -> int:
     if value < 16:
         raise ValueError(f"{name} must be at least 16 pixels, got {value}")
     return value // 16 * 16
+
+
+@dataclass
+class _Request:
+    """What one call asks for, apart from how it samples (`SamplingOptions`) and its references."""
+
+    prompt: str | list[str]
+    width: int
+    height: int
+    seed: int
+    noise: Tensor | None
+    negative_prompt: str | list[str] | None
+    num_images: int
+
+    def __post_init__(self) -> None:
+        self.prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {self.num_images}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if len(self.prompts) > 1 and self.num_images not in (1, len(self.prompts)):
+            raise ValueError(
+                f"got {len(self.prompts)} prompts and num_images={self.num_images}: give one prompt or one image each"
+            )
+
+    def noise_on(self, device: torch.device) -> Tensor:
+        """The seeded noise, or the given one checked against the size and batch asked for."""
+        batch = max(len(self.prompts), self.num_images)
+        if self.noise is None:
+            return get_noise(batch, self.height, self.width, self.seed, device=device)
+        expected = (16, self.height // 8, self.width // 8)
+        if self.noise.ndim != 4 or tuple(self.noise.shape[1:]) != expected:
+            raise ValueError(
+                f"noise must have shape B×{expected[0]}×{expected[1]}×{expected[2]}, got {tuple(self.noise.shape)}"
+            )
+        if batch > 1 and self.noise.shape[0] != batch:
+            raise ValueError(
+                f"noise has {self.noise.shape[0]} rows but {batch} images were asked for (prompts, num_images)"
+            )
+        return self.noise.to(device, torch.float32)
 
 
 class KontextPipeline:
@@ -98,6 +141,13 @@ class KontextPipeline:
         Kontext resolution as BFL and diffusers do; "crop": ComfyUI's center crop; "keep": own size
         rounded to 16; None: the pipeline's `default_resize`). `noise` (B×16×H/8×W/8, model space) overrides the seeded noise.
         """
+        options = SamplingOptions(
+            steps=steps,
+            guidance=guidance,
+            true_cfg_scale=true_cfg_scale,
+            reference_method=reference_method,
+            reference_cache_every=reference_cache_every,
+        )
         images = [image] if isinstance(image, Image.Image) else list(image)
         if not images or not all(isinstance(i, Image.Image) for i in images):
             raise ValueError("image must be a PIL image or a non-empty list of PIL images")
@@ -108,22 +158,8 @@ class KontextPipeline:
         references = [resize_to_kontext(img.convert("RGB"), resize) for img in images]
         width = _round16(width if width is not None else references[0].width, "width")
         height = _round16(height if height is not None else references[0].height, "height")
-        return self._run(
-            prompt,
-            width,
-            height,
-            self.encode_images(references),
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            noise=noise,
-            reference_method=reference_method,
-            negative_prompt=negative_prompt,
-            true_cfg_scale=true_cfg_scale,
-            num_images=num_images,
-            callback=callback,
-            reference_cache_every=reference_cache_every,
-        )
+        request = _Request(prompt, width, height, seed, noise, negative_prompt, num_images)
+        return self._run(request, options, self.encode_images(references), callback)
 
     @torch.no_grad()
     def generate(
@@ -142,85 +178,26 @@ class KontextPipeline:
         callback: Callable[[StepInfo], None] | None = None,
     ) -> Image.Image | list[Image.Image]:
         """Text to image at width×height (rounded down to multiples of 16)."""
-        return self._run(
-            prompt,
-            _round16(width, "width"),
-            _round16(height, "height"),
-            [],
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            noise=noise,
-            reference_method="offset",
-            negative_prompt=negative_prompt,
-            true_cfg_scale=true_cfg_scale,
-            num_images=num_images,
-            callback=callback,
-            reference_cache_every=0,
-        )
+        options = SamplingOptions(steps=steps, guidance=guidance, true_cfg_scale=true_cfg_scale)
+        width, height = _round16(width, "width"), _round16(height, "height")
+        request = _Request(prompt, width, height, seed, noise, negative_prompt, num_images)
+        return self._run(request, options, [], callback)
 
     def _run(
         self,
-        prompt: str | list[str],
-        width: int,
-        height: int,
+        request: _Request,
+        options: SamplingOptions,
         references: list[Tensor],
-        *,
-        steps: int,
-        guidance: float,
-        seed: int,
-        noise: Tensor | None,
-        reference_method: str,
-        negative_prompt: str | list[str] | None,
-        true_cfg_scale: float,
-        num_images: int,
         callback: Callable[[StepInfo], None] | None,
-        reference_cache_every: int,
     ) -> Image.Image | list[Image.Image]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        if num_images < 1:
-            raise ValueError(f"num_images must be at least 1, got {num_images}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        if len(prompts) > 1 and num_images not in (1, len(prompts)):
-            raise ValueError(
-                f"got {len(prompts)} prompts and num_images={num_images}: give one prompt or one image each"
-            )
-        batch = max(len(prompts), num_images)
-        if noise is None:
-            noise = get_noise(batch, height, width, seed, device=self.device)
-        else:
-            expected = (16, height // 8, width // 8)
-            if noise.ndim != 4 or tuple(noise.shape[1:]) != expected:
-                raise ValueError(
-                    f"noise must have shape B×{expected[0]}×{expected[1]}×{expected[2]}, got {tuple(noise.shape)}"
-                )
-            if batch > 1 and noise.shape[0] != batch:
-                raise ValueError(
-                    f"noise has {noise.shape[0]} rows but {batch} images were asked for (prompts, num_images)"
-                )
-            noise = noise.to(self.device, torch.float32)
-            batch = noise.shape[0]
-        txt, y = self.text_encoder.encode(prompts)
+        noise = request.noise_on(self.device)
+        txt, y = self.text_encoder.encode(request.prompts)
         negative = None  # true CFG without a negative prompt is refused by `sample`
-        if negative_prompt is not None and true_cfg_scale != 1.0:
-            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-            negative = self.text_encoder.encode(negatives)
+        if request.negative_prompt is not None and options.true_cfg_scale != 1.0:
+            negatives = request.negative_prompt
+            negative = self.text_encoder.encode([negatives] if isinstance(negatives, str) else list(negatives))
         latent = sample(
-            self.transformer,
-            noise,
-            txt,
-            y,
-            references=references,
-            reference_method=reference_method,
-            steps=steps,
-            guidance=guidance,
-            negative=negative,
-            true_cfg_scale=true_cfg_scale,
-            callback=callback,
-            reference_cache_every=reference_cache_every,
+            self.transformer, noise, txt, y, options, references=references, negative=negative, callback=callback
         )
         images = self.decode(latent)
         return images[0] if len(images) == 1 else images

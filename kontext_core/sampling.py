@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -10,20 +12,22 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from kontext_core.model.config import AutoEncoderParams
+from kontext_core.model.config import FLUX_LATENT, LatentFormat
 from kontext_core.model.flux import Flux
 
 REFERENCE_METHODS = ("offset", "index", "uxo")
-_LATENT = AutoEncoderParams()
+
+# dx/dσ at the packed target tokens x, noise level σ, step index: what the Euler loop integrates
+Velocity = Callable[[Tensor, float, int], Tensor]
 
 
-def latent_to_model(raw: Tensor) -> Tensor:
+def latent_to_model(raw: Tensor, latent: LatentFormat = FLUX_LATENT) -> Tensor:
     """Raw VAE latent (ComfyUI's LATENT) → the scaled latent the transformer works in."""
-    return (raw - _LATENT.shift_factor) * _LATENT.scale_factor
+    return (raw - latent.shift_factor) * latent.scale_factor
 
 
-def latent_from_model(z: Tensor) -> Tensor:
-    return z / _LATENT.scale_factor + _LATENT.shift_factor
+def latent_from_model(z: Tensor, latent: LatentFormat = FLUX_LATENT) -> Tensor:
+    return z / latent.scale_factor + latent.shift_factor
 
 
 def get_noise(
@@ -139,6 +143,43 @@ def denoise_schedule(steps: int, image_seq_len: int, denoise: float = 1.0) -> li
     return get_schedule(total, image_seq_len)[-(steps + 1) :]
 
 
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How one image is sampled, apart from its inputs (as BFL's CLI's `SamplingOptions`); checked when made.
+
+    `true_cfg_scale` > 1 runs true classifier-free guidance (two passes a step) and needs a negative prompt;
+    `denoise` < 1 starts part way, from an init latent; `reference_cache_every` = K > 0 is the approximate
+    fast mode: the references' keys/values are recomputed every K steps and reused between.
+    """
+
+    steps: int = 28
+    guidance: float = 2.5
+    denoise: float = 1.0
+    true_cfg_scale: float = 1.0
+    reference_method: str = "offset"
+    reference_cache_every: int = 0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.steps) or self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps!r}")
+        for name in ("guidance", "true_cfg_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.denoise, numbers.Real) or not 0.0 < self.denoise <= 1.0:
+            raise ValueError(f"denoise must be in (0, 1], got {self.denoise!r}")
+        if self.reference_method not in REFERENCE_METHODS:
+            raise ValueError(f"reference_method must be one of {REFERENCE_METHODS}, got {self.reference_method!r}")
+        if not _is_int(self.reference_cache_every) or self.reference_cache_every < 0:
+            raise ValueError(
+                f"reference_cache_every must be 0 (exact) or a step count K > 0, got {self.reference_cache_every!r}"
+            )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass
 class StepInfo:
     """What a per-step callback sees: for progress bars, previews and interruption."""
@@ -150,6 +191,79 @@ class StepInfo:
     denoised: Tensor
 
 
+def euler(
+    velocity: Velocity,
+    x: Tensor,
+    sigmas: Sequence[float],
+    callback: Callable[[int, float, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """Euler steps of dx/dσ = velocity along `sigmas` (k-diffusion's `sample_euler`, in velocity form).
+
+    `callback(i, next sigma, x after the step, denoised estimate before it)` follows every step.
+    """
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        v = velocity(x, sigma, i)
+        x_next = x + (sigma_next - sigma) * v
+        if callback is not None:
+            callback(i, sigma_next, x_next, x - sigma * v)
+        x = x_next
+    return x
+
+
+def true_cfg(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:
+    """Classifier-free guidance of two velocities: uncond + scale · (cond − uncond)."""
+
+    def guided(x: Tensor, sigma: float, step: int) -> Tensor:
+        v = cond(x, sigma, step)
+        v_neg = uncond(x, sigma, step)
+        return v_neg + scale * (v - v_neg)
+
+    return guided
+
+
+@dataclass
+class References:
+    """The references as context tokens of a batch: packed latents and their position ids."""
+
+    tokens: Tensor  # B × N × 64, in the model's compute dtype
+    ids: Tensor  # B × N × 3
+
+
+def flux_velocity(
+    model: Flux,
+    img_ids: Tensor,
+    txt: Tensor,
+    y: Tensor,
+    guidance: float,
+    references: References | None = None,
+    cache_every: int = 0,
+) -> Velocity:
+    """The transformer as a velocity field over the target tokens, with text, guidance and references bound.
+
+    The references ride along as trailing context tokens; with `cache_every` = K > 0 they do so only every
+    K-th step, and the steps between attend to their keys and values cached from then (the fast mode).
+    """
+    batch, device, dtype = img_ids.shape[0], img_ids.device, model.compute_dtype
+    txt_ids = torch.zeros(batch, txt.shape[1], 3, device=device)
+    guidance_vec = torch.full((batch,), guidance, device=device, dtype=dtype)
+    cache = None
+    if references is not None and cache_every > 0:
+        cache = model.new_reference_cache(references.tokens.shape[1])
+
+    def velocity(x: Tensor, sigma: float, step: int) -> Tensor:
+        x_in, ids = x.to(dtype), img_ids
+        with_references = references is not None and (cache is None or step % cache_every == 0)
+        if cache is not None:
+            cache.set_recording(with_references)
+        if with_references:
+            x_in, ids = torch.cat((x_in, references.tokens), dim=1), torch.cat((img_ids, references.ids), dim=1)
+        t_vec = torch.full((batch,), sigma, dtype=dtype, device=device)
+        pred = model(x_in, ids, txt, txt_ids, t_vec, y, guidance_vec, ref_cache=cache)
+        return pred[:, : x.shape[1]].float()
+
+    return velocity
+
+
 def _batched(x: Tensor, batch: int, name: str) -> Tensor:
     if x.shape[0] == batch:
         return x
@@ -159,14 +273,13 @@ def _batched(x: Tensor, batch: int, name: str) -> Tensor:
 
 
 def _check_text_widths(model: Flux, name: str, txt: Tensor, y: Tensor) -> None:
-    """A clear error where the matrix products would fail: text encoders of another model than the transformer
-    (the built-in small model's files mixed with real FLUX ones, say) encode to another width."""
+    """A clear error where the matrix products would fail: text encoders of another model encode to another width."""
     p = model.params
     if txt.shape[-1] != p.context_in_dim or y.shape[-1] != p.vec_in_dim:
         raise ValueError(
             f"{name}: the text encoders give T5 features {txt.shape[-1]} wide and a CLIP vector {y.shape[-1]} wide, "
             f"but this transformer takes {p.context_in_dim} and {p.vec_in_dim}: the text encoders and the diffusion "
-            "model are from different models (e.g. the built-in small model's files mixed with real FLUX ones)"
+            "model are from different models"
         )
 
 
@@ -176,92 +289,57 @@ def sample(
     noise: Tensor,
     txt: Tensor,
     y: Tensor,
+    options: SamplingOptions | None = None,
     *,
     references: Sequence[Tensor] = (),
-    reference_method: str = "offset",
-    steps: int = 28,
-    guidance: float = 2.5,
-    denoise: float = 1.0,
-    init_latent: Tensor | None = None,
     negative: tuple[Tensor, Tensor] | None = None,
-    true_cfg_scale: float = 1.0,
+    init_latent: Tensor | None = None,
     callback: Callable[[StepInfo], None] | None = None,
-    reference_cache_every: int = 0,
+    **fields,
 ) -> Tensor:
     """Euler sampling of the flow from `noise` to a model-space latent B×16×h×w.
 
-    `references` are clean model-space latents appended as context tokens. `negative` (txt, y) with
-    `true_cfg_scale` > 1 runs true classifier-free guidance (two passes a step). `denoise` < 1 starts
-    from `init_latent` noised to the first kept sigma. `reference_cache_every` = K > 0 turns on the
-    approximate fast mode: the references' keys/values are recomputed every K steps and reused between.
+    `options` (or its fields as keywords: `steps=4, guidance=3.0`, …) say how; `references` are clean
+    model-space latents appended as context tokens; `negative` (txt, y) is the negative prompt of true CFG;
+    `init_latent` is where `denoise` < 1 starts from, noised to the first kept sigma.
     """
+    options = dataclasses.replace(options or SamplingOptions(), **fields)
     if noise.ndim != 4:
         raise ValueError(f"noise must be B×16×h×w, got shape {tuple(noise.shape)}")
-    if not math.isfinite(guidance):
-        raise ValueError(f"guidance must be a finite number, got {guidance}")
-    if true_cfg_scale != 1.0 and negative is None:
+    if options.true_cfg_scale != 1.0 and negative is None:
         raise ValueError(
-            f"true_cfg_scale={true_cfg_scale} needs a negative prompt (negative=(txt, y)); "
+            f"true_cfg_scale={options.true_cfg_scale} needs a negative prompt (negative=(txt, y)); "
             "without one it would be ignored"
-        )
-    if (
-        isinstance(reference_cache_every, bool)
-        or not isinstance(reference_cache_every, int)
-        or reference_cache_every < 0
-    ):
-        raise ValueError(
-            f"reference_cache_every must be 0 (exact) or a step count K > 0, got {reference_cache_every!r}"
         )
     _check_text_widths(model, "txt/y", txt, y)
     if negative is not None:
         _check_text_widths(model, "negative", *negative)
     batch, _, lat_h, lat_w = noise.shape
     device, dtype = noise.device, model.compute_dtype
-    use_cfg = negative is not None and true_cfg_scale != 1.0
-    img = pack(noise.float())
     img_ids = position_ids(lat_h // 2, lat_w // 2)[None].expand(batch, -1, -1).to(device)
-    txt, y = _batched(txt, batch, "txt").to(device, dtype), _batched(y, batch, "y").to(device, dtype)
-    txt_ids = torch.zeros(batch, txt.shape[1], 3, device=device)
-    if use_cfg:
-        neg_txt, neg_y = (_batched(t, batch, f"negative {n}").to(device, dtype) for t, n in zip(negative, ("txt", "y")))
-        neg_txt_ids = torch.zeros(batch, neg_txt.shape[1], 3, device=device)
-
-    ref_tok = ref_ids = None
+    refs = None
     if references:
-        ref_tok, ref_ids = reference_tokens([r.to(device) for r in references], (lat_h, lat_w), reference_method)
-        ref_tok = _batched(ref_tok, batch, "references").to(dtype)
-        ref_ids = ref_ids[None].expand(batch, -1, -1).to(device)
-    use_cache = reference_cache_every > 0 and ref_tok is not None
-    caches = [model.new_reference_cache(ref_tok.shape[1]) for _ in range(1 + use_cfg)] if use_cache else None
+        tokens, ids = reference_tokens([r.to(device) for r in references], (lat_h, lat_w), options.reference_method)
+        refs = References(_batched(tokens, batch, "references").to(dtype), ids[None].expand(batch, -1, -1).to(device))
 
-    sigmas = denoise_schedule(steps, img.shape[1], denoise)
-    if denoise < 1.0:
+    def conditioned(txt: Tensor, y: Tensor, name: str) -> Velocity:
+        txt, y = (_batched(t, batch, f"{name}{n}").to(device, dtype) for t, n in ((txt, "txt"), (y, "y")))
+        return flux_velocity(model, img_ids, txt, y, options.guidance, refs, options.reference_cache_every)
+
+    velocity = conditioned(txt, y, "")
+    if negative is not None and options.true_cfg_scale != 1.0:
+        velocity = true_cfg(velocity, conditioned(*negative, "negative "), options.true_cfg_scale)
+
+    x = pack(noise.float())
+    sigmas = denoise_schedule(options.steps, x.shape[1], options.denoise)
+    if options.denoise < 1.0:
         if init_latent is None:
             raise ValueError("denoise < 1 needs an init_latent to start from")
-        img = sigmas[0] * img + (1.0 - sigmas[0]) * pack(_batched(init_latent, batch, "init_latent").to(device).float())
-    guidance_vec = torch.full((batch,), guidance, device=device, dtype=dtype)
+        init = pack(_batched(init_latent, batch, "init_latent").to(device).float())
+        x = sigmas[0] * x + (1.0 - sigmas[0]) * init
 
-    def velocity(x: Tensor, t_vec: Tensor, step: int, txt_: Tensor, txt_ids_: Tensor, y_: Tensor, cache) -> Tensor:
-        x_in, ids_in = x.to(dtype), img_ids
-        if ref_tok is not None:
-            recording = cache is None or step % reference_cache_every == 0
-            if cache is not None:
-                cache.set_recording(recording)
-            if recording:
-                x_in, ids_in = torch.cat((x_in, ref_tok), dim=1), torch.cat((img_ids, ref_ids), dim=1)
-        pred = model(x_in, ids_in, txt_, txt_ids_, t_vec, y_, guidance_vec, ref_cache=cache)
-        return pred[:, : x.shape[1]].float()
+    def report(i: int, sigma: float, x: Tensor, denoised: Tensor) -> None:
+        latent, denoised = unpack(x, lat_h, lat_w), unpack(denoised, lat_h, lat_w)
+        callback(StepInfo(i + 1, len(sigmas) - 1, sigma, latent, denoised))
 
-    total = len(sigmas) - 1
-    for step, (t_curr, t_prev) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        t_vec = torch.full((batch,), t_curr, dtype=dtype, device=device)
-        v = velocity(img, t_vec, step, txt, txt_ids, y, caches[0] if caches else None)
-        if use_cfg:
-            v_neg = velocity(img, t_vec, step, neg_txt, neg_txt_ids, neg_y, caches[1] if caches else None)
-            v = v_neg + true_cfg_scale * (v - v_neg)
-        if callback is not None:
-            denoised = unpack(img - t_curr * v, lat_h, lat_w)
-        img = img + (t_prev - t_curr) * v
-        if callback is not None:
-            callback(StepInfo(step + 1, total, t_prev, unpack(img, lat_h, lat_w), denoised))
-    return unpack(img, lat_h, lat_w)
+    return unpack(euler(velocity, x, sigmas, report if callback is not None else None), lat_h, lat_w)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -23,7 +24,7 @@ from kontext_core import load_transformer
 from kontext_core.checkpoints import stored_fp8_dtype
 from kontext_core.checkpoints.flux_diffusers import diffusers_recipes, recipe_shape
 from kontext_core.checkpoints.transformer import diffusers_to_bfl, flux_params_from_tensors
-from kontext_core.model.config import FluxParams
+from kontext_core.model.config import FLUX_KONTEXT_DEV, FluxParams
 from kontext_core.model.flux import Flux
 from kontext_core.runtime.quant import Fp8Linear, enable_fp8_matmul, fp8_matmul_supported
 
@@ -187,11 +188,11 @@ def test_diffusers_to_bfl_inverts_the_test_mapping(reference):
 
 def test_real_config_matches_bfl_manifest():
     with torch.device("meta"):
-        model = Flux(FluxParams())
+        model = Flux(FLUX_KONTEXT_DEV)
     state = model.state_dict()
     assert {k: tuple(v.shape) for k, v in state.items()} == read_manifest("flux_kontext_dev_keys.tsv")
     assert sum(p.numel() for p in model.parameters()) == 11_901_408_320
-    assert flux_params_from_tensors(state) == FluxParams()  # config inference at full size, on meta
+    assert flux_params_from_tensors(state) == FLUX_KONTEXT_DEV  # config inference at full size, on meta
 
 
 def test_diffusers_manifest_converts_to_bfl_manifest():
@@ -201,11 +202,11 @@ def test_diffusers_manifest_converts_to_bfl_manifest():
     assert used == set(theirs)  # every diffusers tensor lands somewhere
     converted = {k: recipe_shape(r, theirs.__getitem__) for k, r in recipes.items()}
     assert converted == read_manifest("flux_kontext_dev_keys.tsv")
-    assert flux_params_from_tensors(converted) == FluxParams()
+    assert flux_params_from_tensors(converted) == FLUX_KONTEXT_DEV
 
 
 def test_real_width_one_block_each_matches_manifest_rows():
-    params = FluxParams(depth=1, depth_single_blocks=1)
+    params = dataclasses.replace(FLUX_KONTEXT_DEV, depth=1, depth_single_blocks=1)
     with torch.device("meta"):
         model = Flux(params)
     manifest = read_manifest("flux_kontext_dev_keys.tsv")
@@ -226,6 +227,7 @@ def test_config_inference_reads_every_field():
         depth=3,
         depth_single_blocks=2,
         axes_dim=[4, 14, 14],
+        theta=10_000,
         qkv_bias=False,
         guidance_embed=False,
     )

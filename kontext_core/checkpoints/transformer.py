@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kontext_core.model.config import FluxParams, default_axes_dim
+from kontext_core.model.config import FLUX_KONTEXT_DEV, FluxParams, default_axes_dim
 from kontext_core.model.flux import Flux
 from kontext_core.runtime.quant import FP8_DTYPES, enable_fp8_matmul, fp8_matmul_supported, use_fp8_linears
 from kontext_core.checkpoints.flux_diffusers import (
@@ -118,6 +118,7 @@ def flux_params_from_tensors(
             depth=count(r"double_blocks\.(\d+)\."),
             depth_single_blocks=count(r"single_blocks\.(\d+)\."),
             axes_dim=list(axes_dim) if axes_dim is not None else default_axes_dim(head_dim),
+            theta=FLUX_KONTEXT_DEV.theta,  # no tensor shows it; every FLUX.1 model uses 10,000
             qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
             guidance_embed="guidance_in.in_layer.weight" in shapes,
         )
