@@ -37,7 +37,10 @@ def write_model(path: Path, scaled_fp8: bool) -> int:
     from kontext_core.model.flux import Flux
 
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Flux(replace(FLUX_KONTEXT_DEV, depth=1, depth_single_blocks=1)).state_dict().items()}
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in Flux(replace(FLUX_KONTEXT_DEV, depth=1, depth_single_blocks=1)).state_dict().items()
+        }
     gen = torch.Generator().manual_seed(0)
     state: dict[str, torch.Tensor] = {}
     for key, shape in shapes.items():
