@@ -81,18 +81,27 @@ T5_XXL = {
     "feed_forward_proj": "gated-gelu",
 }
 
+
+def kontext_layout(
+    hidden: int, heads: int, blocks: tuple[int, int], text_widths: tuple[int, int], axes: list[int]
+) -> FluxParams:
+    """FLUX.1 Kontext's layout at another width and depth: (double, single) blocks, (T5, CLIP) widths."""
+    (depth, single), (context, vec) = blocks, text_widths
+    return replace(
+        FLUX_KONTEXT_DEV,
+        hidden_size=hidden,
+        num_heads=heads,
+        depth=depth,
+        depth_single_blocks=single,
+        context_in_dim=context,
+        vec_in_dim=vec,
+        axes_dim=axes,
+    )
+
+
 SIZES = {
     "tiny": BenchSize(
-        flux=replace(
-            FLUX_KONTEXT_DEV,
-            vec_in_dim=32,
-            context_in_dim=48,
-            hidden_size=64,
-            num_heads=4,
-            depth=1,
-            depth_single_blocks=1,
-            axes_dim=[4, 6, 6],
-        ),
+        flux=kontext_layout(hidden=64, heads=4, blocks=(1, 1), text_widths=(48, 32), axes=[4, 6, 6]),
         width=64,
         height=48,
         txt_tokens=8,
@@ -113,16 +122,7 @@ SIZES = {
         note="CI size: checks that the benchmark runs and both implementations agree; timings mean little",
     ),
     "mid": BenchSize(
-        flux=replace(
-            FLUX_KONTEXT_DEV,
-            vec_in_dim=768,
-            context_in_dim=512,
-            hidden_size=256,
-            num_heads=4,
-            depth=2,
-            depth_single_blocks=4,
-            axes_dim=[8, 28, 28],
-        ),
+        flux=kontext_layout(hidden=256, heads=4, blocks=(2, 4), text_widths=(512, 768), axes=[8, 28, 28]),
         width=256,
         height=256,
         txt_tokens=128,

@@ -8,6 +8,7 @@ and workflow runs on them unchanged. `load_default_pipeline()` is the default wh
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kontext_core.model.config import AutoEncoderParams, FluxParams
+from kontext_core.model.config import FLUX_KONTEXT_DEV, AutoEncoderParams
 
 if TYPE_CHECKING:
     from kontext_core.pipeline import KontextPipeline
@@ -60,21 +61,8 @@ SMALL_VAE = AutoEncoderParams(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, nor
 # 4 heads of 32 (RoPE axes (4, 14, 14) by the default rule), 4 double + 12 single blocks, guidance embedding.
 # (Trained as 2 + 6 blocks, then grown: `train_flux --deepen`.) Shipped with scaled-fp8 block weights
 # (`store_fp8`), which is what fits this depth in 5 MiB; loaders dequantize them for fp32 compute.
-SMALL_FLUX = FluxParams(
-    in_channels=64,
-    out_channels=64,
-    vec_in_dim=64,
-    context_in_dim=64,
-    hidden_size=128,
-    mlp_ratio=2.0,
-    num_heads=4,
-    depth=4,
-    depth_single_blocks=12,
-    axes_dim=[4, 14, 14],
-    theta=10_000,
-    qkv_bias=True,
-    guidance_embed=True,
-)
+_NARROW = dataclasses.replace(FLUX_KONTEXT_DEV, vec_in_dim=64, context_in_dim=64, hidden_size=128, mlp_ratio=2.0)
+SMALL_FLUX = dataclasses.replace(_NARROW, num_heads=4, depth=4, depth_single_blocks=12, axes_dim=[4, 14, 14])
 # T5 pads every prompt to this many tokens (the tokenizer's model_max_length), as the real one pads to 512.
 SMALL_T5_LENGTH = 48
 
