@@ -67,6 +67,9 @@ class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if fullname in MOVED:
             warnings.warn(f"python -m {fullname} has moved: use python -m {new}", FutureWarning, stacklevel=2)
         spec = importlib.util.find_spec(new)
+        if spec.submodule_search_locations is not None:  # a package runs as its __main__, as runpy does
+            new += ".__main__"
+            spec = importlib.util.find_spec(new)
         return spec.loader.get_code(new)
 
 

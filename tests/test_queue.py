@@ -614,6 +614,6 @@ def test_the_client_needs_nothing_beyond_the_standard_library():
         capture_output=True,
         text=True,
         check=True,
-        cwd=Path(queue.__file__).parents[2],
+        cwd=ROOT,
     )
     assert result.stdout.strip() == "[]"
