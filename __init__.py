@@ -22,7 +22,7 @@ except ImportError:
 
 if __package__:  # loaded as a package (ComfyUI, importlib); a bare run of this file has no nodes to offer
     from .nodes import NODES
-    from .nodes._comfy import v1_class, v3_class
+    from .nodes._adapter import v1_class, v3_class
 
     if ComfyExtension is not None:
 

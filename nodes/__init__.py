@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import conditioning, images, loaders, safety, sampling, save
-from ._comfy import KontextNode
+from ._spec import KontextNode
 
 NODES: list[type[KontextNode]] = [
     *loaders.NODES,

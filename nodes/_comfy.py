@@ -1,27 +1,24 @@
-"""The one module that touches ComfyUI: node specs turned into V3 / V1 classes, model folders, progress.
+"""What the nodes take from the running ComfyUI: its model folders and directories, the device and memory,
+progress bars, previews and interrupts.
 
-Nodes are written once as plain classes (`KontextNode`) so they run and test without ComfyUI;
-`v3_class` / `v1_class` wrap them for whichever API the running ComfyUI has. Every ComfyUI import is
-guarded: outside ComfyUI the bridges quietly do nothing (no progress bar, no previews, no interrupts).
+Every ComfyUI import goes through `comfy_module` and is guarded: outside ComfyUI the bridges quietly do
+nothing (no progress bar, no previews, no interrupts), so the nodes run and test without it.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 # ComfyUI-GGUF's quantized transformers sit beside the others; GGUF text encoders and VAEs are not read here
 EXTRA_EXTENSIONS = {"diffusion_models": (".gguf",)}
-_HIDDEN_V1 = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}
 
 
 def comfy_module(name: str):
@@ -30,271 +27,6 @@ def comfy_module(name: str):
         return importlib.import_module(name)
     except ImportError:
         return None
-
-
-# ---------------------------------------------------------------- node specs
-
-
-@dataclass(frozen=True)
-class Input:
-    """One input socket or widget. `type` is ComfyUI's type name ("INT", "COMBO", "IMAGE", "KONTEXT_VAE", …)."""
-
-    name: str
-    type: str
-    tooltip: str
-    default: Any = None
-    options: Sequence[str] | Callable[[], list[str]] | None = None
-    min: float | None = None
-    max: float | None = None
-    step: float | None = None
-    multiline: bool = False
-    optional: bool = False
-    control_after_generate: bool = False
-
-    def choices(self) -> list[str]:
-        return list(self.options() if callable(self.options) else self.options or ())
-
-
-@dataclass(frozen=True)
-class Output:
-    type: str
-    name: str
-    tooltip: str
-
-
-@dataclass
-class NodeResult:
-    outputs: tuple
-    ui: dict | None = None
-
-
-class KontextNode:
-    """A node written once: its spec as class attributes and `run(**inputs)`."""
-
-    NODE_ID: ClassVar[str]
-    DISPLAY_NAME: ClassVar[str]
-    CATEGORY: ClassVar[str]
-    DESCRIPTION: ClassVar[str]
-    INPUTS: ClassVar[tuple[Input, ...]] = ()
-    OUTPUTS: ClassVar[tuple[Output, ...]] = ()
-    HIDDEN: ClassVar[tuple[str, ...]] = ()  # names from _HIDDEN_V1, passed to run as keywords
-    OUTPUT_NODE: ClassVar[bool] = False
-    NOT_IDEMPOTENT: ClassVar[bool] = False
-
-    @classmethod
-    def run(cls, **inputs) -> tuple | NodeResult:
-        raise NotImplementedError
-
-    @classmethod
-    def call(cls, **inputs) -> NodeResult:
-        """Check every input against the spec, then run. Errors name the node and the input."""
-        check_inputs(cls, inputs)
-        result = cls.run(**inputs)
-        return result if isinstance(result, NodeResult) else NodeResult(tuple(result))
-
-
-def check_inputs(node: type[KontextNode], inputs: dict[str, Any]) -> None:
-    """Raises a ValueError naming the first input that does not fit its spec; INT inputs given as whole floats
-    (2.0 from a JSON client) become ints in `inputs`."""
-    known = {spec.name for spec in node.INPUTS} | set(node.HIDDEN)
-    unknown = sorted(set(inputs) - known)
-    if unknown:
-        raise ValueError(f"{node.NODE_ID}: unknown input(s) {unknown}; expected some of {sorted(known)}")
-    for spec in node.INPUTS:
-        value = inputs.get(spec.name)
-        if value is None:
-            if not spec.optional:
-                raise ValueError(f"{node.NODE_ID}: input '{spec.name}' is required ({spec.type})")
-            continue
-        if spec.type in ("INT", "FLOAT"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{node.NODE_ID}: input '{spec.name}' must be a finite number, got {value!r}")
-            if spec.type == "INT":
-                if value != int(value):
-                    raise ValueError(f"{node.NODE_ID}: input '{spec.name}' must be a whole number, got {value!r}")
-                inputs[spec.name] = value = int(value)
-            if spec.min is not None and value < spec.min or spec.max is not None and value > spec.max:
-                raise ValueError(
-                    f"{node.NODE_ID}: input '{spec.name}' must be in [{spec.min}, {spec.max}], got {value!r}"
-                )
-        elif spec.type == "STRING" and not isinstance(value, str):
-            raise ValueError(f"{node.NODE_ID}: input '{spec.name}' must be a string, got {type(value).__name__}")
-        elif spec.type == "BOOLEAN" and not isinstance(value, bool):
-            raise ValueError(f"{node.NODE_ID}: input '{spec.name}' must be true or false, got {value!r}")
-        elif spec.type == "COMBO" and not callable(spec.options) and value not in spec.choices():
-            raise ValueError(f"{node.NODE_ID}: input '{spec.name}' must be one of {spec.choices()}, got {value!r}")
-
-
-def image_input(node: type[KontextNode], name: str, image: Any) -> torch.Tensor:
-    """A ComfyUI IMAGE ([B, H, W, C] floats in 0..1), or a ValueError naming the input."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"{node.NODE_ID}: input '{name}' must be an IMAGE [B, H, W, C], got {shape}")
-    if image.shape[0] == 0:
-        raise ValueError(f"{node.NODE_ID}: input '{name}' is an empty batch")
-    if image.shape[-1] == 1:  # grayscale: as RGB, which every consumer (VAE, save, safety) expects
-        image = image.expand(*image.shape[:-1], 3)
-    return image
-
-
-def latent_input(node: type[KontextNode], name: str, latent: Any) -> torch.Tensor:
-    """The raw [B, 16, h, w] tensor of a ComfyUI LATENT, or a ValueError naming the input."""
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[1] != 16:
-        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
-        raise ValueError(
-            f"{node.NODE_ID}: input '{name}' must be a FLUX LATENT {{'samples': [B, 16, h, w]}}, got {shape}"
-        )
-    return samples
-
-
-@dataclass(frozen=True)
-class LoraModel:
-    """A KONTEXT_MODEL with LoRAs: the loader's transformer, left as loaded, and the LoRAs to put on it for a run.
-    The sampler applies them (`kontext_core.runtime.lora.use_loras`), so branches of one graph that share a loaded
-    transformer, with and without LoRAs, each sample with their own."""
-
-    transformer: torch.nn.Module
-    loras: tuple  # kontext_core.runtime.lora.LoraPatch, in the order the LoRA loaders were chained
-
-
-def model_input(node: type[KontextNode], name: str, model: Any) -> tuple[torch.nn.Module, tuple]:
-    """The transformer of a KONTEXT_MODEL and the LoRAs it carries, or a ValueError naming the input."""
-    if isinstance(model, LoraModel):
-        return model.transformer, model.loras
-    if isinstance(model, torch.nn.Module):
-        return model, ()
-    raise ValueError(f"{node.NODE_ID}: input '{name}' must be a KONTEXT_MODEL, got {type(model).__name__}")
-
-
-def conditioning_input(node: type[KontextNode], name: str, conditioning: Any) -> list:
-    ok = (
-        isinstance(conditioning, list)
-        and conditioning
-        and all(
-            isinstance(c, (list, tuple)) and len(c) == 2 and isinstance(c[0], torch.Tensor) and isinstance(c[1], dict)
-            for c in conditioning
-        )
-    )
-    if not ok:
-        raise ValueError(f"{node.NODE_ID}: input '{name}' must be a CONDITIONING [[tensor, dict], …]")
-    return conditioning
-
-
-# ---------------------------------------------------------------- ComfyUI classes
-
-
-def v3_class(node: type[KontextNode]) -> type:
-    """A `comfy_api.latest.io.ComfyNode` subclass that runs `node`."""
-    from comfy_api.latest import io
-
-    def define_schema(cls):
-        return io.Schema(
-            node_id=node.NODE_ID,
-            display_name=node.DISPLAY_NAME,
-            category=node.CATEGORY,
-            description=node.DESCRIPTION,
-            inputs=[_v3_input(io, spec) for spec in node.INPUTS],
-            outputs=[_v3_type(io, out.type).Output(display_name=out.name, tooltip=out.tooltip) for out in node.OUTPUTS],
-            hidden=[getattr(io.Hidden, name) for name in node.HIDDEN],
-            is_output_node=node.OUTPUT_NODE,
-            not_idempotent=node.NOT_IDEMPOTENT,
-        )
-
-    def execute(cls, **inputs):
-        hidden = {name: getattr(cls.hidden, name, None) for name in node.HIDDEN} if cls.hidden else {}
-        result = node.call(**inputs, **hidden)
-        return io.NodeOutput(*result.outputs, ui=result.ui)
-
-    attrs = {"define_schema": classmethod(define_schema), "execute": classmethod(execute), "__doc__": node.DESCRIPTION}
-    if "validate_inputs" in node.__dict__:
-        # passed on as is: ComfyUI reads its parameter names, and a **kwargs signature would turn off
-        # its own min/max checks
-        attrs["validate_inputs"] = node.__dict__["validate_inputs"]
-    if "fingerprint_inputs" in node.__dict__:  # what besides the inputs decides the output (files on disk)
-        attrs["fingerprint_inputs"] = node.__dict__["fingerprint_inputs"]
-    return type(node.__name__, (io.ComfyNode,), attrs)
-
-
-def _v3_type(io, type_name: str):
-    builtin = {
-        "INT": io.Int,
-        "FLOAT": io.Float,
-        "STRING": io.String,
-        "BOOLEAN": io.Boolean,
-        "COMBO": io.Combo,
-        "IMAGE": io.Image,
-        "MASK": io.Mask,
-        "LATENT": io.Latent,
-        "CONDITIONING": io.Conditioning,
-    }
-    return builtin.get(type_name) or io.Custom(type_name)
-
-
-def _v3_input(io, spec: Input):
-    common = {"tooltip": spec.tooltip, "optional": spec.optional}
-    if spec.type == "COMBO":
-        return io.Combo.Input(spec.name, options=spec.choices(), default=spec.default, **common)
-    if spec.type in ("INT", "FLOAT"):
-        extra = {"control_after_generate": True} if spec.control_after_generate else {}
-        kind = io.Int if spec.type == "INT" else io.Float
-        return kind.Input(
-            spec.name, default=spec.default, min=spec.min, max=spec.max, step=spec.step, **extra, **common
-        )
-    if spec.type == "STRING":
-        return io.String.Input(spec.name, default=spec.default, multiline=spec.multiline, **common)
-    if spec.type == "BOOLEAN":
-        return io.Boolean.Input(spec.name, default=spec.default, **common)
-    return _v3_type(io, spec.type).Input(spec.name, **common)
-
-
-def v1_class(node: type[KontextNode]) -> type:
-    """The same node for ComfyUI builds without `comfy_api.latest` (INPUT_TYPES / RETURN_TYPES)."""
-
-    def input_types(cls):
-        required, optional = {}, {}
-        for spec in node.INPUTS:
-            (optional if spec.optional else required)[spec.name] = v1_input(spec)
-        types = {"required": required, "optional": optional}
-        if node.HIDDEN:
-            types["hidden"] = {name: _HIDDEN_V1[name] for name in node.HIDDEN}
-        return types
-
-    def execute(self, **inputs):
-        result = node.call(**inputs)
-        return {"result": result.outputs, "ui": result.ui} if result.ui is not None else result.outputs
-
-    attrs = {
-        "INPUT_TYPES": classmethod(input_types),
-        "RETURN_TYPES": tuple(out.type for out in node.OUTPUTS),
-        "RETURN_NAMES": tuple(out.name for out in node.OUTPUTS),
-        "OUTPUT_TOOLTIPS": tuple(out.tooltip for out in node.OUTPUTS),
-        "FUNCTION": "execute",
-        "execute": execute,
-        "CATEGORY": node.CATEGORY,
-        "DESCRIPTION": node.DESCRIPTION,
-        "OUTPUT_NODE": node.OUTPUT_NODE,
-        "NOT_IDEMPOTENT": node.NOT_IDEMPOTENT,
-    }
-    if "validate_inputs" in node.__dict__:
-        attrs["VALIDATE_INPUTS"] = node.__dict__["validate_inputs"]
-    if "fingerprint_inputs" in node.__dict__:
-        attrs["IS_CHANGED"] = node.__dict__["fingerprint_inputs"]
-    return type(node.__name__, (), attrs)
-
-
-def v1_input(spec: Input) -> tuple:
-    options = {"tooltip": spec.tooltip}
-    for key in ("default", "min", "max", "step"):
-        if getattr(spec, key) is not None:
-            options[key] = getattr(spec, key)
-    if spec.multiline:
-        options["multiline"] = True
-    if spec.control_after_generate:
-        options["control_after_generate"] = True
-    if spec.type == "COMBO":
-        return (spec.choices(), options)
-    return (spec.type, options)
 
 
 # ---------------------------------------------------------------- model folders

@@ -6,7 +6,7 @@ import torch
 
 from kontext_core.policy.styles import STYLE_MODES, STYLE_PRESETS, apply_style
 
-from ._comfy import Input, KontextNode, Output, conditioning_input, latent_input
+from ._spec import Input, KontextNode, Output, conditioning_input, latent_input
 
 CATEGORY = "Kontext Core/conditioning"
 DEFAULT_GUIDANCE = 2.5

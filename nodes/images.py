@@ -13,7 +13,7 @@ from kontext_core.recomposite import DEFAULT_GROW, DEFAULT_THRESHOLD, keep_uncha
 from kontext_core.resize import RESIZE_MODES, resize_to_kontext
 
 from . import _comfy
-from ._comfy import Input, KontextNode, Output, image_input, latent_input
+from ._spec import Input, KontextNode, Output, image_input, latent_input
 
 CATEGORY = "Kontext Core/image"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

@@ -11,19 +11,8 @@ from kontext_core.runtime.lora import load_lora, unmatched_note
 from kontext_core.runtime.quant import WEIGHT_DTYPES, weight_options
 from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
-from ._comfy import (
-    Input,
-    KontextNode,
-    LoraModel,
-    ModelSlot,
-    Output,
-    check_model_name,
-    comfyui_root,
-    list_models,
-    model_input,
-    model_path,
-    torch_device,
-)
+from ._comfy import ModelSlot, check_model_name, comfyui_root, list_models, model_path, torch_device
+from ._spec import Input, KontextNode, LoraModel, Output, model_input
 
 CATEGORY = "Kontext Core/loaders"
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -10,7 +10,7 @@ from PIL import Image, ImageFilter
 
 from kontext_core.policy.safety import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, TOLERANCE_HELP
 
-from ._comfy import Input, KontextNode, Output, image_input
+from ._spec import Input, KontextNode, Output, image_input
 
 CATEGORY = "Kontext Core/safety"
 

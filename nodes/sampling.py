@@ -7,16 +7,8 @@ import torch
 from kontext_core import sampling
 from kontext_core.runtime.lora import use_loras
 
-from ._comfy import (
-    Input,
-    KontextNode,
-    Output,
-    conditioning_input,
-    interruptible,
-    latent_input,
-    model_input,
-    step_callback,
-)
+from ._comfy import interruptible, step_callback
+from ._spec import Input, KontextNode, Output, conditioning_input, latent_input, model_input
 from .conditioning import DEFAULT_GUIDANCE, reference_method
 
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF

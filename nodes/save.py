@@ -14,7 +14,7 @@ from kontext_core.policy import provenance
 from kontext_core.small_model import BUILTIN_PREFIX
 
 from . import _comfy
-from ._comfy import Input, KontextNode, NodeResult, image_input
+from ._spec import Input, KontextNode, NodeResult, image_input
 
 CATEGORY = "Kontext Core/image"
 

@@ -23,6 +23,7 @@ from kontext_core.policy.styles import STYLE_PRESETS, apply_style
 pack = load_pack()
 nodes = sys.modules[f"{pack.__name__}.nodes"]
 _comfy = sys.modules[f"{pack.__name__}.nodes._comfy"]
+_adapter = sys.modules[f"{pack.__name__}.nodes._adapter"]
 BY_ID = {node.NODE_ID: node for node in nodes.NODES}
 
 
@@ -500,7 +501,7 @@ def test_load_image_from_folder_reruns_when_its_file_changes(monkeypatch, tmp_pa
         value = node.fingerprint_inputs(**{"folder": "batch", "pattern": "*", "index": 0} | bad)
         assert value != value
     after = node.fingerprint_inputs(folder="batch", pattern="*", index=0)
-    assert _comfy.v1_class(node).IS_CHANGED(folder="batch", pattern="*", index=0) == after  # ComfyUI's V1 name
+    assert _adapter.v1_class(node).IS_CHANGED(folder="batch", pattern="*", index=0) == after  # ComfyUI's V1 name
 
 
 # ---------------------------------------------------------------- loaders
@@ -887,7 +888,7 @@ def test_loaders_validate_model_names_before_queueing(monkeypatch, tmp_path):
     message = loaders.KontextCoreModelLoader.validate_inputs("missing.safetensors")
     assert "model_name" in message and "missing.safetensors" in message
     assert "clip_name" in loaders.KontextCoreTextEncoderLoader.validate_inputs("flux.safetensors", "nope.safetensors")
-    v1 = _comfy.v1_class(loaders.KontextCoreVAELoader)
+    v1 = _adapter.v1_class(loaders.KontextCoreVAELoader)
     assert "vae_name" in v1.VALIDATE_INPUTS("nope.safetensors")
     import inspect
 

@@ -18,6 +18,7 @@ from kontext_core.policy import provenance
 
 pack = load_pack()
 _comfy = sys.modules[f"{pack.__name__}.nodes._comfy"]
+_spec = sys.modules[f"{pack.__name__}.nodes._spec"]
 OURS = {node.NODE_ID: node for node in sys.modules[f"{pack.__name__}.nodes"].NODES}
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # core nodes the workflows may use: input sockets, output types, widget names (None: a UI-only widget)
@@ -123,7 +124,7 @@ def test_api_graph_is_valid_for_our_nodes(name):
         values = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
         for s in spec.INPUTS:  # widget values within the spec (combos of files are checked when run)
             if s.name in values and (s.type != "COMBO" or not callable(s.options)):
-                _comfy.check_inputs(
+                _spec.check_inputs(
                     types.SimpleNamespace(NODE_ID=spec.NODE_ID, INPUTS=(s,), HIDDEN=()), {s.name: values[s.name]}
                 )
         for link in (v for v in node["inputs"].values() if isinstance(v, list)):
