@@ -17,7 +17,8 @@ from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError
 
 from kontext_core.tools import fetch as fetch_mod
 from kontext_core.tools.discovery import KONTEXT_REPO, TEXT_ENCODERS_REPO, resolve_model_files
-from kontext_core.tools.fetch import FetchError, HashMismatchError, add_fetch_parser, fetch, files_to_fetch, run_fetch
+from kontext_core.cli.fetch import add_fetch_parser, run_fetch
+from kontext_core.tools.fetch import FetchError, HashMismatchError, fetch, files_to_fetch
 
 REV = "c" * 40
 CONTENT = {

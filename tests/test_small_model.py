@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from kontext_core import load_default_pipeline
-from kontext_core.cli.main import DEMO_SEED, main
+from kontext_core.cli.main import main
+from kontext_core.cli.parser import DEMO_SEED
 from kontext_core.checkpoints.summary import describe
 from kontext_core.model.flux import Flux
 from kontext_core.synthetic.judge import judge

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from kontext_core.small_model import SMALL_FLUX, load_default_pipeline, small_model_files
-from kontext_core.small_model import train_flux, train_vae
+from kontext_core.small_model import prepared, train_flux, train_vae
 from kontext_core.small_model.data import image_pool, training_tasks
 from kontext_core.small_model.train_flux import TaskGroup, batches, parse_kind_weights
 from kontext_core.synthetic.tasks import HELD_OUT_SEED, KINDS, make_task
@@ -170,7 +170,7 @@ def _prepared(trained, workers: int) -> list[TaskGroup]:
 
 
 def test_parallel_rendering_prepares_the_same_tasks(trained, monkeypatch):
-    monkeypatch.setattr(train_flux, "RENDER_CHUNK", 5)  # several chunks, the last one short
+    monkeypatch.setattr(prepared, "RENDER_CHUNK", 5)  # several chunks, the last one short
     serial, parallel = _prepared(trained, 1), _prepared(trained, 3)
     assert sum(len(g.targets) for g in serial) == 24
     assert sorted(int(k) for g in serial for k in g.kinds) == sorted(KINDS.index(make_task(s).kind) for s in range(24))
@@ -223,7 +223,7 @@ def test_the_task_cache_is_named_by_all_the_tasks_are_made_of(trained, tmp_path,
     other_weights = tmp_path / "ae.safetensors"
     other_weights.write_bytes(vae.read_bytes() + b" ")  # same mtime would not matter: the bytes are hashed
     assert train_flux.prepared_cache(other_weights, 0, 24) != name
-    monkeypatch.setattr(train_flux, "SMALL_T5_LENGTH", train_flux.SMALL_T5_LENGTH + 1)  # tokenized differently
+    monkeypatch.setattr(prepared, "SMALL_T5_LENGTH", prepared.SMALL_T5_LENGTH + 1)  # tokenized differently
     assert train_flux.prepared_cache(vae, 0, 24) != name
 
 

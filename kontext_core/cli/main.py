@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return run_demo(args)
     if args.command == "fetch":
-        from kontext_core.tools.fetch import run_fetch
+        from kontext_core.cli.fetch import run_fetch
 
         return run_fetch(args)
 

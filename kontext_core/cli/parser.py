@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="tell what a model file is, without loading its tensors")
     inspect.add_argument("path")
 
-    from kontext_core.tools.fetch import add_fetch_parser
+    from kontext_core.cli.fetch import add_fetch_parser
 
     add_fetch_parser(sub)
     for name, (_, help) in DELEGATED.items():

@@ -31,17 +31,9 @@ TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trai
 DEFAULT_MODEL = "FLUX.1 Kontext [dev]"
 SOFTWARE = "comfyui-kontext"
 # The text chunks save_png writes itself; `extra_text` may not repeat them.
-RESERVED_TEXT_KEYS = (
-    "prompt",
-    "workflow",
-    "parameters",
-    "ai_generated",
-    "model",
-    "Software",
-    "Description",
-    "DigitalSourceType",
-    "XML:com.adobe.xmp",
-)
+_TOOL_TEXT_KEYS = ("prompt", "workflow", "parameters", "ai_generated", "model")  # ComfyUI's, A1111's, ours
+_STANDARD_TEXT_KEYS = ("Software", "Description", "DigitalSourceType", "XML:com.adobe.xmp")  # PNG, IPTC, XMP
+RESERVED_TEXT_KEYS = _TOOL_TEXT_KEYS + _STANDARD_TEXT_KEYS
 CERT_ENV, KEY_ENV = "KONTEXT_C2PA_CERT_CHAIN", "KONTEXT_C2PA_PRIVATE_KEY"
 
 _EXIF_IMAGE_DESCRIPTION, _EXIF_SOFTWARE = 0x010E, 0x0131

@@ -24,220 +24,36 @@ some kinds more or less often.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import filecmp
-import hashlib
-import inspect
 import json
 import math
-import multiprocessing
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase, T5Config, T5EncoderModel
+from transformers import CLIPTextModel, T5EncoderModel
 
-from kontext_core.checkpoints.autoencoder import load_vae
 from kontext_core.cli.options import at_least, positive
 from kontext_core.files import written_whole
-from kontext_core.model.layers import DoubleStreamBlock, SingleStreamBlock
 from kontext_core.model.flux import Flux
 from kontext_core.sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
 from kontext_core.model.text import load_tokenizer
 from kontext_core.synthetic.tasks import KINDS
 from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SmallModelFiles, small_model_files
-from kontext_core.small_model.data import check_training_seeds, draw_batches, to_signed, to_uint8, training_tasks
+from kontext_core.small_model.data import check_training_seeds, draw_batches
 from kontext_core.small_model.tokenizers import CLIP_LENGTH, write_clip_tokenizer, write_t5_tokenizer
+from kontext_core.small_model.prepared import TaskGroup, prepare, prepared_cache
+from kontext_core.small_model.architecture import deepen, small_clip, small_t5, zero_init_outputs
 
 PROMPT_DROPOUT = 0.1
 GUIDANCE_RANGE = (1.0, 4.0)
 EMA_DECAY = 0.999
-
-
-def small_t5(vocab_size: int) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=SMALL_FLUX.context_in_dim,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=64,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    return T5EncoderModel(config)
-
-
-def small_clip(vocab_size: int, eos_token_id: int) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=SMALL_FLUX.vec_in_dim,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        max_position_embeddings=CLIP_LENGTH,
-        hidden_act="quick_gelu",
-        bos_token_id=eos_token_id - 1,
-        eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,
-    )
-    return CLIPTextModel(config)
-
-
-def zero_init_outputs(model: Flux) -> Flux:
-    """adaLN-Zero (DiT): every block starts as the identity and the output at zero, which trains stably."""
-    for block in model.double_blocks:
-        for mod in (block.img_mod.lin, block.txt_mod.lin):
-            nn.init.zeros_(mod.weight), nn.init.zeros_(mod.bias)
-    for block in model.single_blocks:
-        nn.init.zeros_(block.modulation.lin.weight), nn.init.zeros_(block.modulation.lin.bias)
-    for layer in (model.final_layer.linear, model.final_layer.adaLN_modulation[-1]):
-        nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
-    return model
-
-
-def closed(block: DoubleStreamBlock | SingleStreamBlock) -> DoubleStreamBlock | SingleStreamBlock:
-    """A copy of `block` whose residual gates are zero: it passes its input through unchanged."""
-    block = copy.deepcopy(block)
-    for mod in (block.img_mod, block.txt_mod) if isinstance(block, DoubleStreamBlock) else (block.modulation,):
-        with torch.no_grad():  # Modulation's chunks are (shift, scale, gate) per ModulationOut
-            mod.lin.weight.view(mod.multiplier // 3, 3, -1, mod.lin.in_features)[:, 2] = 0
-            mod.lin.bias.view(mod.multiplier // 3, 3, -1)[:, 2] = 0
-    return block
-
-
-def deepen(flux: Flux) -> Flux:
-    """Twice the blocks: each trained block followed by a closed copy of itself. The deeper model computes
-    exactly what `flux` did, and the copies' gates open as training needs them (progressive stacking)."""
-    deeper = copy.deepcopy(flux)
-    deeper.params = dataclasses.replace(
-        flux.params, depth=2 * flux.params.depth, depth_single_blocks=2 * flux.params.depth_single_blocks
-    )
-    deeper.double_blocks = nn.ModuleList(b for block in deeper.double_blocks for b in (block, closed(block)))
-    deeper.single_blocks = nn.ModuleList(b for block in deeper.single_blocks for b in (block, closed(block)))
-    return deeper
-
-
-@dataclass
-class TaskGroup:
-    """Training tasks of one shape: target size and reference sizes; latents in model space."""
-
-    targets: Tensor  # N×16×h×w
-    references: list[Tensor]  # each N×16×h_i×w_i
-    t5_ids: Tensor  # N×SMALL_T5_LENGTH
-    clip_ids: Tensor  # N×77
-    kinds: Tensor  # N, each row's task kind as an index into `tasks.KINDS`
-
-
-RENDER_CHUNK = 2000  # tasks rendered per worker call and encoded per VAE pass
-# Images per encoder call. On a CPU 16 64×64 images a call encode about twice as fast as 256 (measured 3.4 s
-# against 7.3 s per 1,024 on two cores: the activations stay in cache); a GPU wants large calls.
-ENCODE_BATCH = {"cpu": 16, "cuda": 256}
-
-
-def render_tasks(seeds: range) -> list[tuple[str, str, list[np.ndarray]]]:
-    """(kind, instruction, [target, *references] as 3×H×W uint8) of each training task: numpy arrays, which
-    come back from the workers by pickling (tensors would go through shared-memory handles, one per image)."""
-    return [
-        (task.kind, task.instruction, [to_uint8(image).numpy() for image in (task.target, *task.images)])
-        for task in training_tasks(seeds.start, len(seeds))
-    ]
-
-
-# What encoded tasks are made of besides their seeds and the VAE's weights: the code that renders, tokenizes and
-# encodes them (package-relative paths).
-PREPARED_FROM = (
-    "synthetic/tasks.py",
-    "synthetic/render.py",
-    "model/autoencoder.py",
-    "model/config.py",
-    "checkpoints/autoencoder.py",
-    "small_model/data.py",
-    "small_model/tokenizers.py",
-)
-
-
-def prepared_cache(vae: Path, first: int, count: int) -> Path:
-    """Where `prepare`'s tasks are kept for the next run (encoding them takes minutes): in the temp folder, named
-    by their seeds and a hash of all they are made from, so a changed generator, tokenizer or VAE never reads a
-    stale file."""
-    digest = hashlib.sha256(vae.read_bytes())
-    package = Path(__file__).resolve().parents[1]
-    for name in PREPARED_FROM:
-        digest.update((package / name).read_bytes())
-    for function in (render_tasks, prepare):
-        digest.update(inspect.getsource(function).encode())
-    digest.update(f"{SMALL_T5_LENGTH} {CLIP_LENGTH}".encode())
-    return Path(tempfile.gettempdir()) / f"kontext-small-prepared-{first}+{count}-{digest.hexdigest()[:16]}.pt"
-
-
-@torch.no_grad()
-def prepare(
-    vae_path: Path,
-    count: int,
-    t5_tok: PreTrainedTokenizerBase,
-    clip_tok: PreTrainedTokenizerBase,
-    device: torch.device,
-    workers: int = 1,
-    first: int = 0,
-) -> list[TaskGroup]:
-    """`count` training tasks from seed `first` on, encoded into latents (on `device`), grouped by their images'
-    sizes. Rendering is pure Python and runs in `workers` processes; tasks come back in seed order either way."""
-    end = first + count
-    chunks = [range(start, min(start + RENDER_CHUNK, end)) for start in range(first, end, RENDER_CHUNK)]
-    kinds, prompts, latents, groups = [], [], [], {}  # groups: image shapes -> task indices
-    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        # the workers are forked before the GPU is touched: a forked CUDA context is unusable
-        vae = load_vae(vae_path, device=device, dtype=torch.float32)
-        per_call = ENCODE_BATCH.get(device.type, ENCODE_BATCH["cpu"])
-        for chunk in pool.imap(render_tasks, chunks) if pool else map(render_tasks, chunks):
-            by_size: dict[tuple[int, ...], list[tuple[int, int, np.ndarray]]] = {}  # (task, slot, pixels)
-            for kind, prompt, images in chunk:
-                i = len(prompts)
-                kinds.append(KINDS.index(kind))
-                prompts.append(prompt)
-                latents.append([None] * len(images))
-                groups.setdefault(tuple(image.shape for image in images), []).append(i)
-                for slot, image in enumerate(images):
-                    by_size.setdefault(image.shape, []).append((i, slot, image))
-            for entries in by_size.values():
-                pixels = torch.from_numpy(np.stack([e[2] for e in entries])).contiguous().to(device)
-                z = torch.cat(
-                    [
-                        vae.encoder(to_signed(pixels[s : s + per_call])).chunk(2, dim=1)[0]
-                        for s in range(0, len(pixels), per_call)
-                    ]
-                )
-                z = ((z - vae.params.shift_factor) * vae.params.scale_factor).cpu()
-                for (i, slot, _), latent in zip(entries, z):
-                    latents[i][slot] = latent
-    t5_all = t5_tok(prompts, padding="max_length", max_length=SMALL_T5_LENGTH, truncation=True, return_tensors="pt")
-    if (t5_all.input_ids[:, -1] != t5_tok.pad_token_id).any():
-        raise RuntimeError(f"an instruction is longer than {SMALL_T5_LENGTH} T5 tokens")
-    clip_all = clip_tok(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt")
-    kind_ids = torch.tensor(kinds)
-    return [
-        TaskGroup(
-            targets=torch.stack([latents[i][0] for i in indices]),
-            references=[torch.stack([latents[i][1 + r] for i in indices]) for r in range(len(latents[indices[0]]) - 1)],
-            t5_ids=t5_all.input_ids[indices],
-            clip_ids=clip_all.input_ids[indices],
-            kinds=kind_ids[indices],
-        )
-        for indices in groups.values()
-    ]
 
 
 def parse_kind_weights(text: str) -> dict[str, float]:

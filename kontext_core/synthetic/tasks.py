@@ -10,9 +10,11 @@ to combinations never seen in training.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -66,49 +68,10 @@ _PIXELATE_BLOCK = 8
 # a single small outlined shape changes about 1.5 %.
 _MIN_RESTYLE_CHANGE = 0.01
 
+# The instruction wordings of each kind (and each restyle), drawn from by the task's seed: data, kept apart
 _TEMPLATES: dict[str, tuple[str, ...]] = {
-    "recolor": (
-        "Make the {name} {colour}.",
-        "Change the color of the {name} to {colour}.",
-        "Turn the {name} {colour}.",
-        "Paint the {name} {colour}.",
-    ),
-    "remove": ("Remove the {name}.", "Delete the {name}.", "Take away the {name}.", "Erase the {name}."),
-    "add": (
-        "Add a {size} {name} {location}.",
-        "Put a {size} {name} {location}.",
-        "Place a {size} {name} {location}.",
-        "Draw a {size} {name} {location}.",
-    ),
-    "move": (
-        "Move the {name} to the {position}.",
-        "Shift the {name} to the {position}.",
-        "Put the {name} {location} instead.",
-        "Place the {name} {location}.",
-    ),
-    "background": (
-        "Change the background to {background}.",
-        "Make the background {background}.",
-        "Replace the background with {background}.",
-    ),
-    "text_to_image": ("Draw {description}.", "Create an image of {description}.", "A picture of {description}."),
-    "two_reference": (
-        "Put the {name} from the second image {location} of the first image.",
-        "Take the {name} from image 2 and place it {location} in image 1.",
-        "Add the {name} of the second picture to the first picture, {location}.",
-    ),
-    "grayscale": (
-        "Make the image black and white.",
-        "Convert the picture to grayscale.",
-        "Remove all the color from the image.",
-    ),
-    "invert": ("Invert the colors.", "Invert the colors of the image.", "Turn the image into a color negative."),
-    "pixelate": ("Pixelate the image.", "Make the picture pixelated.", "Turn the image into big pixels."),
-    "outline": (
-        "Draw the shapes as outlines.",
-        "Make the shapes hollow outlines.",
-        "Keep only the outlines of the shapes.",
-    ),
+    kind: tuple(wordings)
+    for kind, wordings in json.loads(Path(__file__).with_name("instructions.json").read_text()).items()
 }
 
 
