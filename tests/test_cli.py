@@ -111,6 +111,27 @@ def test_missing_files_are_named(tmp_path, monkeypatch, capsys):
     assert not any(tmp_path.iterdir())  # no half-written output
 
 
+def test_a_missing_tokenizer_is_named_by_its_flag(comfyui, tmp_path, monkeypatch, capsys):
+    # the engine names its arguments (t5_tokenizer=, comfyui_root=); the command line says its own flags
+    import shutil
+
+    monkeypatch.delenv("COMFYUI_ROOT", raising=False)
+    models = comfyui / "models"
+    for name in ("t5xxl_fp16.safetensors", "clip_l.safetensors"):  # away from the ComfyUI install's tokenizers
+        shutil.copy(models / "text_encoders" / name, tmp_path / name)
+    files = ["--transformer", str(models / "diffusion_models" / "flux1-kontext-dev.safetensors")]
+    files += ["--vae", str(models / "vae" / "ae.safetensors"), "--clip", str(tmp_path / "clip_l.safetensors")]
+    files += ["--t5", str(tmp_path / "t5xxl_fp16.safetensors")]
+    generate = ["generate", "--steps", "1", "--prompt", "x", "--out", str(tmp_path / "a.png"), *files]
+    assert main(generate) == 2
+    err = capsys.readouterr().err
+    assert "generate: error: no T5 tokenizer found" in err
+    assert "Pass --t5-tokenizer a folder" in err and "or set --comfyui or COMFYUI_ROOT" in err
+    assert "_tokenizer=" not in err and "comfyui_root" not in err
+    assert main([*generate, "--t5-tokenizer", str(tmp_path)]) == 2
+    assert f"error: --t5-tokenizer {str(tmp_path)!r} is not a T5 tokenizer folder" in capsys.readouterr().err
+
+
 def test_bad_inputs_end_in_their_message(tmp_path, capsys):
     assert main(["demo", "--seed", "-1", "--out", str(tmp_path)]) == 2
     assert "demo: error: seed must be a non-negative integer, got -1" in capsys.readouterr().err

@@ -7,21 +7,14 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-
+from kontext_core.cli.errors import in_flags
 from kontext_core.cli.models import add_loras, load_pipeline, wants_small_model
 from kontext_core.cli.outputs import made_by, output_paths, progress_bar, refuse_bad_out, save_image
 from kontext_core.cli.parser import DELEGATED, build_parser
 from kontext_core.policy.provenance import ProvenanceError
-from kontext_core.policy.safety import (
-    SafetyUnavailableError,
-)
+from kontext_core.policy.safety import SafetyUnavailableError
 from kontext_core.synthetic.tasks import make_task
-
-if TYPE_CHECKING:  # the pipeline's imports load only when a command needs them
-    pass
-
 
 EXIT_BLOCKED = 3  # the safety checks refused the prompt, an input image or an output: not a usage error (2)
 
@@ -85,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         # unless asked for, since a genuine bug raising ValueError would look the same
         if args.traceback:
             raise
-        print(f"kontext {args.command}: error: {e}", file=sys.stderr)
+        print(f"kontext {args.command}: error: {in_flags(str(e))}", file=sys.stderr)
         return 2
 
 
@@ -128,15 +121,8 @@ def _run(args: argparse.Namespace) -> int:
     small = wants_small_model(args)
     pipe, model = load_pipeline(args, small)
     model = add_loras(pipe, args.lora, model)
-    common = dict(
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        negative_prompt=args.negative_prompt,
-        true_cfg_scale=args.true_cfg_scale,
-        num_images=args.num_images,
-        callback=progress_bar(args.command),
-    )
+    sampling = ("steps", "guidance", "seed", "negative_prompt", "true_cfg_scale", "num_images")
+    common = {name: getattr(args, name) for name in sampling} | {"callback": progress_bar(args.command)}
     if args.command == "edit":
         result = pipe.edit(
             images,

@@ -78,10 +78,9 @@ def find_tokenizer(
     near = [str(c) for c in candidates if "comfy" not in c.parts][:2]
     raise TokenizerNotFoundError(
         f"no {kind.upper()} tokenizer found for {model_path} (looked in {', '.join(near) or 'no model folder'}, "
-        f"and for ComfyUI's `{COMFYUI_TOKENIZERS[kind]}`). Pass {OPTION[kind]}= (the command line's "
-        f"--{OPTION[kind].replace('_', '-')}) a folder in Hugging Face format ({_describe_files(kind)}), such as the "
-        f"`{DIFFUSERS_TOKENIZERS[kind]}/` folder of FLUX.1-Kontext-dev, or set comfyui_root= (--comfyui) or "
-        f"COMFYUI_ROOT to a ComfyUI install."
+        f"and for ComfyUI's `{COMFYUI_TOKENIZERS[kind]}`). Pass {OPTION[kind]}= a folder in Hugging Face format "
+        f"({_describe_files(kind)}), such as the `{DIFFUSERS_TOKENIZERS[kind]}/` folder of FLUX.1-Kontext-dev, or set "
+        f"comfyui_root= or COMFYUI_ROOT to a ComfyUI install."
     )
 
 
