@@ -180,6 +180,10 @@ def test_any_model_configured(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     assert not any_model_configured(hf_cache=cache)
     assert any_model_configured(vae="ae.safetensors", hf_cache=cache)
+    with pytest.raises(
+        TypeError, match=r"any_model_configured: t5xxl is not a model role \(transformer, t5, clip, vae\)"
+    ):
+        any_model_configured(t5xxl="t5.safetensors", hf_cache=cache)  # a misspelt role must not read as "none"
 
     no_transformer = comfyui_with(tmp_path / "a", {"vae": "ae.safetensors"})
     assert any_model_configured(comfyui_root=no_transformer, hf_cache=cache)  # asked for: missing files are errors

@@ -5,13 +5,8 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 
 from kontext_core.files import written_whole
-
-if TYPE_CHECKING:  # the pipeline's imports load only when a command needs them
-    pass
 
 
 def progress_bar(total_label: str):

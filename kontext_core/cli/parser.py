@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,9 +15,6 @@ from kontext_core.policy.safety import (
     TOLERANCE_HELP,
 )
 from kontext_core.synthetic.tasks import HELD_OUT_SEED, KINDS
-
-if TYPE_CHECKING:  # the pipeline's imports load only when a command needs them
-    pass
 
 
 DESCRIPTION = """FLUX.1 Kontext from the command line (also `python -m kontext_core`).

@@ -235,21 +235,19 @@ def resolve_model_files(
 
 
 def any_model_configured(
-    *,
-    transformer: str | Path | None = None,
-    vae: str | Path | None = None,
-    t5: str | Path | None = None,
-    clip: str | Path | None = None,
-    comfyui_root: str | Path | None = None,
-    hf_cache: str | Path | None = None,
+    *, comfyui_root: str | Path | None = None, hf_cache: str | Path | None = None, **paths: str | Path | None
 ) -> bool:
-    """Whether the user has pointed at, or has, any real FLUX.1 Kontext model: an explicit path for any role,
+    """Whether the user has pointed at, or has, any real FLUX.1 Kontext model: an explicit path for any role
+    (`paths`: transformer=, vae=, t5=, clip=, as `resolve_model_files` takes them),
     an explicit `comfyui_root` (the user asked for that folder, so a missing file there is an error to name,
     not a reason to swap models), $COMFYUI_ROOT whose models/ holds a transformer (the variable may be set for
     other tools), or a transformer in a Hugging Face cache snapshot. When False, a caller may fall back to the
     built-in small model; when True, `resolve_model_files` with the same arguments either succeeds or names
     what is missing."""
-    if any(p is not None for p in (transformer, vae, t5, clip, comfyui_root)):
+    unknown = sorted(set(paths) - set(ROLES))
+    if unknown:
+        raise TypeError(f"any_model_configured: {', '.join(unknown)} is not a model role ({', '.join(ROLES)})")
+    if comfyui_root is not None or any(p is not None for p in paths.values()):
         return True
     root = comfyui_root_from_env()
     if root and find_in_models_folder(root / "models", "transformer"):
