@@ -6,12 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-import torch
-
-from kontext_core.cli.parser import DTYPES
-from kontext_core.runtime.quant import weight_options
-
-if TYPE_CHECKING:  # the pipeline's imports load only when a command needs them
+if TYPE_CHECKING:  # torch and the pipeline load only when a command runs a model, not for --help
     from kontext_core.pipeline import KontextPipeline
 
 
@@ -52,36 +47,37 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
     from kontext_core.tools.discovery import resolve_model_files
     from kontext_core.pipeline import KontextPipeline
     from kontext_core.policy.provenance import model_name
+    from kontext_core.runtime.quant import weight_options
 
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.device(args.device)
+        torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device torch knows (cpu, cuda, cuda:1, mps …)") from None
+        raise ValueError(f"--device {device!r} is not a device torch knows (cpu, cuda, cuda:1, mps …)") from None
     if small:
         from kontext_core.small_model import NOTICE, load_default_pipeline, small_model_files
 
         print(f"{NOTICE}. {REAL_MODEL_HINT}", file=sys.stderr)
-        pipe = load_default_pipeline(device=args.device)
+        pipe = load_default_pipeline(device=device)
         pipe.transformer.attention_backend = args.attention
         return pipe, model_name(small_model_files().transformer.name, builtin=True)
     files = resolve_model_files(
         transformer=args.transformer, vae=args.vae, t5=args.t5, clip=args.clip, comfyui_root=args.comfyui
     )
-    dtype = DTYPES[args.dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # by parser.DTYPE_CHOICES
+    dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)  # or auto
     print(f"transformer: {files.transformer}\nvae: {files.vae}\nt5: {files.t5}\nclip: {files.clip}", file=sys.stderr)
-    transformer = load_transformer(
-        files.transformer, device=args.device, dtype=dtype, **weight_options(args.weight_dtype)
-    )
-    vae = load_vae(files.vae, device=args.device, dtype=dtype)
+    transformer = load_transformer(files.transformer, device=device, dtype=dtype, **weight_options(args.weight_dtype))
+    vae = load_vae(files.vae, device=device, dtype=dtype)
     text = load_text_encoder(
         t5=files.t5,
         clip=files.clip,
         t5_tokenizer=args.t5_tokenizer or files.t5_tokenizer,
         clip_tokenizer=args.clip_tokenizer or files.clip_tokenizer,
         t5_max_length=args.t5_max_length,
-        device=args.device,
+        device=device,
         dtype=dtype,
         comfyui_root=files.comfyui_root,
     )

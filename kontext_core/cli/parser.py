@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from kontext_core.cli.options import at_least, lora_option
-from kontext_core.runtime.quant import WEIGHT_DTYPES
 from kontext_core.policy.safety import (
     DEFAULT_TOLERANCE,
     MAX_TOLERANCE,
@@ -30,7 +27,10 @@ DELEGATED = {
     "store-fp8": ("kontext_core.small_model.store_fp8", "store a small transformer's block weights as scaled fp8"),
 }
 DEMO_SEED = HELD_OUT_SEED  # the first held-out task: a recolour of a held-out (colour, shape, place)
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Choices by name only, so that building the parser (and `kontext --help`) does not import torch: cli/models.py
+# maps them to dtypes when a model loads, and a test keeps WEIGHT_DTYPE_CHOICES equal to the engine's WEIGHT_DTYPES.
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+WEIGHT_DTYPE_CHOICES = ("default", "fp8_e4m3fn", "fp8_e5m2")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -54,13 +54,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use the built-in small model (synthetic scenes of shapes) even if real files are found",
     )
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, mps …; default: cuda when there is one, else cpu")
     g.add_argument(
-        "--dtype", choices=list(DTYPES), default="auto", help="compute precision (auto: bf16 on CUDA, fp32 on CPU)"
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="compute precision (auto: bf16 on CUDA, fp32 on CPU)"
     )
     g.add_argument(
         "--weight-dtype",
-        choices=list(WEIGHT_DTYPES),
+        choices=WEIGHT_DTYPE_CHOICES,
         default="default",
         help="transformer weights in memory: default keeps the file's (an fp8 file stays fp8); "
         "an fp8 type casts a 16-bit file's block weights to it, halving their memory",
