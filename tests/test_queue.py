@@ -541,61 +541,17 @@ def test_usage_errors_exit_with_status_2(tmp_path, capsys):
         queue.main(["--workflow", workflow, "--images", str(tmp_path / "in"), "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and "--images needs --prompt" in capsys.readouterr().err
 
+    batch = ["--workflow", workflow, "--images", str(tmp_path / "in"), "--prompt", "p", "--out", str(tmp_path / "o")]
     with socket.socket() as sock:  # a loopback port nothing listens on
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    assert (
-        queue.main(
-            [
-                "--server",
-                closed,
-                "--workflow",
-                workflow,
-                "--images",
-                str(tmp_path / "in"),
-                "--prompt",
-                "p",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    assert queue.main(["--server", closed, *batch]) == 2
     assert f"error: no ComfyUI answers at {closed}" in capsys.readouterr().err
 
-    assert (
-        queue.main(
-            [
-                "--server",
-                "ftp://x",
-                "--workflow",
-                workflow,
-                "--images",
-                str(tmp_path / "in"),
-                "--prompt",
-                "p",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    assert queue.main(["--server", "ftp://x", *batch]) == 2
     assert "--server must be an http(s) URL" in capsys.readouterr().err
-    assert (
-        queue.main(
-            [
-                "--workflow",
-                workflow,
-                "--images",
-                str(tmp_path / "nowhere"),
-                "--prompt",
-                "p",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    nowhere = ["--workflow", workflow, "--images", str(tmp_path / "nowhere"), "--prompt", "p"]
+    assert queue.main([*nowhere, "--out", str(tmp_path / "o")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
 
