@@ -236,25 +236,8 @@ def test_a_refused_or_unchecked_result_is_not_written_and_the_others_are(tmp_pat
     _classifier_present(monkeypatch)
     monkeypatch.setattr(safety, "check_image", second_blocked_third_unscorable)
     (tmp_path / "gen_2.png").write_bytes(b"an earlier run's")
-    assert (
-        main(
-            [
-                "generate",
-                "--small-model",
-                "--steps",
-                "1",
-                "--num-images",
-                "4",
-                "--safety-tolerance",
-                "1",
-                "--prompt",
-                "a red circle",
-                "--out",
-                str(tmp_path / "gen.png"),
-            ]
-        )
-        == 3
-    )
+    four = "generate --small-model --steps 1 --num-images 4 --safety-tolerance 1".split()
+    assert main([*four, "--prompt", "a red circle", "--out", str(tmp_path / "gen.png")]) == 3
     assert verdicts == [1, 1, 1, 1]  # every result checked, at the tolerance asked for
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen_1.png", "gen_2.png", "gen_4.png"]
     assert (tmp_path / "gen_2.png").read_bytes() == b"an earlier run's"
@@ -289,22 +272,8 @@ def test_without_the_classifier_the_prompt_is_still_checked_and_the_unchecked_im
         f"note: the images are not checked for nudity: the image classifier is not installed ({safety.INSTALL_HINT})"
         in err
     )
-    assert (
-        main(
-            [
-                "generate",
-                "--small-model",
-                "--steps",
-                "1",
-                "--no-safety-check",
-                "--prompt",
-                "a nude woman",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    unchecked = "generate --small-model --steps 1 --no-safety-check".split()
+    assert main([*unchecked, "--prompt", "a nude woman", "--out", str(out)]) == 0
     assert "not checked" not in capsys.readouterr().err  # asked for no checks: nothing to report
 
 
