@@ -19,8 +19,11 @@ CATEGORY = "Kontext Core/image"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def _module_place(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    param = next(module.parameters())
+def _vae_place(node: type, vae, method: str) -> tuple[torch.device, torch.dtype]:
+    """Where `vae` runs, after checking it is a KONTEXT_VAE (it has `method`) for `node`'s input 'vae'."""
+    if not hasattr(vae, method):
+        raise ValueError(f"{node.NODE_ID}: input 'vae' must be a KONTEXT_VAE")
+    param = next(vae.parameters())
     return param.device, param.dtype
 
 
@@ -126,14 +129,12 @@ class KontextCoreVAEEncode(KontextNode):
     @classmethod
     def run(cls, vae, pixels):
         pixels = image_input(cls, "pixels", pixels)
-        if not hasattr(vae, "encode_raw"):
-            raise ValueError(f"{cls.NODE_ID}: input 'vae' must be a KONTEXT_VAE")
+        device, dtype = _vae_place(cls, vae, "encode_raw")
         height, width = pixels.shape[1] // 16 * 16, pixels.shape[2] // 16 * 16
         if height == 0 or width == 0:
             raise ValueError(f"{cls.NODE_ID}: input 'pixels' must be at least 16×16, got {tuple(pixels.shape)}")
         top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
         pixels = pixels[:, top : top + height, left : left + width, :3]
-        device, dtype = _module_place(vae)
         with torch.no_grad():
             x = pixels.to(device, dtype).movedim(-1, 1) * 2.0 - 1.0
             return ({"samples": vae.encode_raw(x).float().cpu()},)
@@ -153,9 +154,7 @@ class KontextCoreVAEDecode(KontextNode):
     @classmethod
     def run(cls, vae, samples):
         raw = latent_input(cls, "samples", samples)
-        if not hasattr(vae, "decode_raw"):
-            raise ValueError(f"{cls.NODE_ID}: input 'vae' must be a KONTEXT_VAE")
-        device, dtype = _module_place(vae)
+        device, dtype = _vae_place(cls, vae, "decode_raw")
         with torch.no_grad():
             x = vae.decode_raw(raw.to(device, dtype)).float()
             return (((x.clamp(-1.0, 1.0) + 1.0) / 2.0).movedim(1, -1).cpu(),)

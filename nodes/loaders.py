@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import kontext_core
-from kontext_core.model import flux_math as kmath
+from kontext_core.model import flux_math
 from kontext_core.checkpoints import CheckpointError
 from kontext_core.runtime.lora import load_lora, unmatched_note
 from kontext_core.runtime.quant import WEIGHT_DTYPES, weight_options
@@ -69,7 +69,7 @@ class KontextCoreModelLoader(KontextNode):
             "Attention kernel: 'auto' picks FlashAttention for half precision when it "
             "is installed, else PyTorch SDPA. 'flash' and 'sage' need their packages.",
             default="auto",
-            options=kmath.ATTENTION_BACKENDS,
+            options=flux_math.ATTENTION_BACKENDS,
         ),
     )
     OUTPUTS = (Output("KONTEXT_MODEL", "model", "The loaded Kontext transformer."),)
@@ -84,10 +84,10 @@ class KontextCoreModelLoader(KontextNode):
         path = model_path("diffusion_models", model_name, "model_name")
         _say_if_small(model_name)
         device = torch_device()
-        if attention not in ("auto", *kmath.available_backends(device)):
+        if attention not in ("auto", *flux_math.available_backends(device)):
             raise ValueError(
                 f"input 'attention': {attention!r} is not available on {device} "
-                f"(available: auto, {', '.join(kmath.available_backends(device))})"
+                f"(available: auto, {', '.join(flux_math.available_backends(device))})"
             )
         dtype = COMPUTE_DTYPES[compute_dtype] or auto_compute_dtype(device)
         options = weight_options(weight_dtype)
