@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from kontext_core.policy.styles import STYLE_MODES, STYLE_PRESETS, apply_style
+from kontext_core.sampling import REFERENCE_METHODS
 
 from ._spec import Input, KontextNode, Output, conditioning_input, latent_input
 
 CATEGORY = "Kontext Core/conditioning"
 DEFAULT_GUIDANCE = 2.5
-REFERENCE_METHODS = ("offset", "index", "uxo")
 
 
 def reference_method(name: str) -> str:

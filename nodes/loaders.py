@@ -8,14 +8,13 @@ import kontext_core
 from kontext_core.model import flux_math
 from kontext_core.checkpoints import CheckpointError
 from kontext_core.runtime.lora import load_lora, unmatched_note
-from kontext_core.runtime.quant import WEIGHT_DTYPES, weight_options
+from kontext_core.runtime.quant import COMPUTE_DTYPES, WEIGHT_DTYPES, weight_options
 from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
 from ._comfy import ModelSlot, check_model_name, comfyui_root, list_models, model_path, torch_device
 from ._spec import Input, KontextNode, LoraModel, Output, model_input
 
 CATEGORY = "Kontext Core/loaders"
-COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 T5_LENGTHS = ("auto", "512", "256")  # auto: the tokenizer's own (512 for T5-XXL, 48 for the small model)
 
 

@@ -47,7 +47,7 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
     from kontext_core.tools.discovery import resolve_model_files
     from kontext_core.pipeline import KontextPipeline
     from kontext_core.policy.provenance import model_name
-    from kontext_core.runtime.quant import weight_options
+    from kontext_core.runtime.quant import COMPUTE_DTYPES, weight_options
 
     import torch
 
@@ -66,8 +66,7 @@ def load_pipeline(args: argparse.Namespace, small: bool) -> tuple[KontextPipelin
     files = resolve_model_files(
         transformer=args.transformer, vae=args.vae, t5=args.t5, clip=args.clip, comfyui_root=args.comfyui
     )
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # by parser.DTYPE_CHOICES
-    dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)  # or auto
+    dtype = COMPUTE_DTYPES[args.dtype] or (torch.bfloat16 if device.startswith("cuda") else torch.float32)  # or auto
     print(f"transformer: {files.transformer}\nvae: {files.vae}\nt5: {files.t5}\nclip: {files.clip}", file=sys.stderr)
     transformer = load_transformer(files.transformer, device=device, dtype=dtype, **weight_options(args.weight_dtype))
     vae = load_vae(files.vae, device=device, dtype=dtype)

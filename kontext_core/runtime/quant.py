@@ -16,6 +16,8 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # The weight precisions the command line and the loader node offer: "default" keeps the file's, an fp8 file's
 # fp8 layers included (`load_transformer(keep_fp8=True)`); an fp8 type casts a 16-bit file's block weights to it.
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# The compute precisions the command line and the loader node offer: "auto" (None) leaves it to the device.
+COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def weight_options(choice: str) -> dict:
