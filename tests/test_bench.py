@@ -56,8 +56,18 @@ def test_output_structure(result, capsys):
     for row in written["step"]:
         assert row["s_per_step"] > 0 and row["tflops"] > 0 and row["peak_mib"] > 0
     for row in written["edit"]:
-        stages = row["text_encode_s"] + row["vae_encode_s"] + row["denoise_s"] + row["vae_decode_s"]
-        assert row["denoise_s"] > 0 and stages == pytest.approx(row["s_per_edit"])
+        # denoise_s is the remainder of the timed run, so the sum proves nothing; what can fail is that each
+        # stage was seen by the code path it names (the VAE wrappers were called, the text encode was timed)
+        # and that the reported total is one of the runs actually measured
+        name = f"{row['impl']} {row['mode']}"
+        assert row["text_encode_s"] > 0 and row["vae_encode_s"] > 0 and row["vae_decode_s"] > 0, name
+        assert row["denoise_s"] > 0, name
+        measured = row["s_per_edit"] - row["text_encode_s"]
+        assert any(t == pytest.approx(measured, rel=1e-9) for t in row["times"]), name
+        assert row["tflops_denoise"] == pytest.approx(row["flops_denoise"] / row["denoise_s"] / 1e12), name
+    edit_flops = {(r["impl"], r["mode"]): r["flops_denoise"] for r in written["edit"]}
+    # the reference cache skips the reference tokens on cached steps: fewer FLOPs, not the same count
+    assert 0 < edit_flops[("ours", "fast K=2")] < edit_flops[("ours", "exact")] == edit_flops[("diffusers", "exact")]
     assert [r["k"] for r in written["fast_mode_sweep"]] == [2] and written["fast_mode_sweep"][0]["combos"] == 2
     assert returned["step"][0]["s_per_step"] == written["step"][0]["s_per_step"]
     table = bench.render_markdown(returned)
