@@ -1,8 +1,9 @@
 """ComfyUI entry point of the Kontext Core node pack.
 
-ComfyUI imports this file as a package. With `comfy_api.latest` present the nodes register through the
-V3 `comfy_entrypoint`; older builds, and an import outside ComfyUI (pytest, plain Python), get the V1
-mappings, which nothing reads there. Run as a bare file it defines no nodes.
+ComfyUI imports this file as a package and the nodes register through the V3 `comfy_entrypoint`, on the
+versioned `comfy_api.v0_0_2` that every ComfyUI the pack supports (>= 0.3.64) ships, so a later `latest`
+cannot change the schema under us. Outside ComfyUI (pytest, plain Python) there is no `comfy_api`: the
+V1 mappings stay for that import, which is how the unit tests run every node without ComfyUI. Run as a bare file it defines no nodes.
 """
 
 import os
@@ -16,7 +17,7 @@ if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
 try:
-    from comfy_api.latest import ComfyExtension
+    from comfy_api.v0_0_2 import ComfyExtension
 except ImportError:
     ComfyExtension = None
 

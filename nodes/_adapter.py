@@ -9,8 +9,8 @@ _HIDDEN_V1 = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id":
 
 
 def v3_class(node: type[KontextNode]) -> type:
-    """A `comfy_api.latest.io.ComfyNode` subclass that runs `node`."""
-    from comfy_api.latest import io
+    """A `comfy_api.v0_0_2.io.ComfyNode` subclass that runs `node`."""
+    from comfy_api.v0_0_2 import io
 
     def define_schema(cls):
         return io.Schema(
@@ -73,7 +73,7 @@ def _v3_input(io, spec: Input):
 
 
 def v1_class(node: type[KontextNode]) -> type:
-    """The same node for ComfyUI builds without `comfy_api.latest` (INPUT_TYPES / RETURN_TYPES)."""
+    """The same node as a V1 class (INPUT_TYPES / RETURN_TYPES), for an import outside ComfyUI."""
 
     def input_types(cls):
         required, optional = {}, {}
