@@ -94,3 +94,11 @@ def diffusers_twin(model: Flux, share_weights: bool = False) -> torch.nn.Module:
         )
     twin.load_state_dict(bfl_to_diffusers(model.state_dict(), p.hidden_size), strict=True, assign=share_weights)
     return twin.eval().requires_grad_(False)
+
+
+def diffusers_forward(twin: torch.nn.Module, img, img_ids, txt, txt_ids, t, y, guidance=None) -> torch.Tensor:
+    """The twin called with BFL's `Flux.forward` arguments (diffusers takes ids without the batch axis)."""
+    inputs = {"hidden_states": img, "encoder_hidden_states": txt, "pooled_projections": y, "timestep": t}
+    ids = {"img_ids": img_ids[0], "txt_ids": txt_ids[0]}
+    conditioning = {} if guidance is None else {"guidance": guidance}
+    return twin(**inputs, **ids, **conditioning, return_dict=False)[0]

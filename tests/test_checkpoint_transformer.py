@@ -216,21 +216,10 @@ def test_real_width_one_block_each_matches_manifest_rows():
 
 
 def test_config_inference_reads_every_field():
-    params = FluxParams(
-        in_channels=64,
-        out_channels=48,
-        vec_in_dim=24,
-        context_in_dim=40,
-        hidden_size=96,
-        mlp_ratio=3.0,
-        num_heads=3,
-        depth=3,
-        depth_single_blocks=2,
-        axes_dim=[4, 14, 14],
-        theta=10_000,
-        qkv_bias=False,
-        guidance_embed=False,
-    )
+    # every field but in_channels and theta (which no tensor of a Kontext model can change) differs from TINY_FLUX
+    widths = {"out_channels": 48, "vec_in_dim": 20, "context_in_dim": 36, "hidden_size": 96, "num_heads": 3}
+    switches = {"mlp_ratio": 3.0, "qkv_bias": False, "guidance_embed": False}
+    params = dataclasses.replace(TINY_FLUX, depth=3, depth_single_blocks=1, axes_dim=[4, 14, 14], **widths, **switches)
     with torch.device("meta"):
         state = Flux(params).state_dict()
     assert flux_params_from_tensors(state) == params  # head dim 32 → default axes (4, 14, 14)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from reference_mappings import diffusers_twin
+from reference_mappings import diffusers_forward, diffusers_twin
 from tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core.model.config import FluxParams
@@ -35,16 +37,7 @@ def test_forward_matches_diffusers_fp32():
     twin = diffusers_twin(model)
     img, img_ids, txt, txt_ids, t, y, guidance = kontext_inputs(model.params)
     ours = model(img, img_ids, txt, txt_ids, t, y, guidance)
-    theirs = twin(
-        hidden_states=img,
-        encoder_hidden_states=txt,
-        pooled_projections=y,
-        timestep=t,
-        img_ids=img_ids[0],
-        txt_ids=txt_ids[0],
-        guidance=guidance,
-        return_dict=False,
-    )[0]
+    theirs = diffusers_forward(twin, img, img_ids, txt, txt_ids, t, y, guidance)
     err = (ours - theirs).abs().max().item()
     scale = theirs.abs().max().item()
     print(f"transformer fp32 max abs error vs diffusers: {err:.3e} (output max {scale:.3f})")
@@ -54,20 +47,12 @@ def test_forward_matches_diffusers_fp32():
 
 @torch.no_grad()
 def test_forward_without_guidance_embedding():
-    params = FluxParams(**{**TINY_FLUX.__dict__, "guidance_embed": False, "depth": 1, "depth_single_blocks": 1})
+    params = dataclasses.replace(TINY_FLUX, guidance_embed=False, depth=1, depth_single_blocks=1)
     model = tiny_flux_model(seed=4, params=params)
     twin = diffusers_twin(model)
     img, img_ids, txt, txt_ids, t, y, _ = kontext_inputs(params, batch=1)
     ours = model(img, img_ids, txt, txt_ids, t, y)
-    theirs = twin(
-        hidden_states=img,
-        encoder_hidden_states=txt,
-        pooled_projections=y,
-        timestep=t,
-        img_ids=img_ids[0],
-        txt_ids=txt_ids[0],
-        return_dict=False,
-    )[0]
+    theirs = diffusers_forward(twin, img, img_ids, txt, txt_ids, t, y)
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from kontext_core.model.config import FluxParams
+from kontext_core.model.config import FLUX_KONTEXT_DEV, FluxParams
 from kontext_core.model.flux import Flux
 
 # hidden 64 = 4 heads of 16; axes (4, 6, 6) is the default rule at head dim 16.
-TINY_FLUX = FluxParams(
-    in_channels=64,
-    out_channels=64,
-    vec_in_dim=24,
-    context_in_dim=40,
-    hidden_size=64,
-    mlp_ratio=4.0,
-    num_heads=4,
-    depth=2,
-    depth_single_blocks=2,
-    axes_dim=[4, 6, 6],
-    theta=10_000,
-    qkv_bias=True,
-    guidance_embed=True,
-)
+_TINY_WIDTHS = {"hidden_size": 64, "num_heads": 4, "axes_dim": [4, 6, 6], "vec_in_dim": 24, "context_in_dim": 40}
+TINY_FLUX = dataclasses.replace(FLUX_KONTEXT_DEV, depth=2, depth_single_blocks=2, **_TINY_WIDTHS)
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
