@@ -62,28 +62,16 @@ def trained(tmp_path_factory):
     return out
 
 
+def _resume(trained, out, *options: str, max_steps: int) -> None:
+    """A short run from the `trained` fixture's weights, on its VAE and 24 tasks, with `options` added."""
+    vae = str(small_model_files(trained).vae)
+    common = ["--vae", vae, "--tasks", "24", "--batch", "4", "--max-steps", str(max_steps), "--resume", str(trained)]
+    train_flux.main([*common, *options, "--out", str(out)])
+
+
 def test_distillation_and_kind_weights_run(trained, tmp_path):
-    train_flux.main(
-        [
-            "--vae",
-            str(small_model_files(trained).vae),
-            "--tasks",
-            "24",
-            "--batch",
-            "4",
-            "--max-steps",
-            "2",
-            "--resume",
-            str(trained),
-            "--minutes",
-            "5",
-            "--distill-minutes",
-            "5",
-            "--kind-weights",
-            "move=3,restyle=0",
-            "--out",
-            str(tmp_path),
-        ]
+    _resume(
+        trained, tmp_path, "--minutes", "5", "--distill-minutes", "5", "--kind-weights", "move=3,restyle=0", max_steps=2
     )
     with safe_open(small_model_files(tmp_path).transformer, "pt") as f:
         info = json.loads(f.metadata()["training"])
@@ -94,23 +82,7 @@ def test_distillation_and_kind_weights_run(trained, tmp_path):
 
 
 def test_deepened_run_saves_the_deeper_config(trained, tmp_path):
-    train_flux.main(
-        [
-            "--vae",
-            str(small_model_files(trained).vae),
-            "--tasks",
-            "24",
-            "--batch",
-            "4",
-            "--max-steps",
-            "1",
-            "--resume",
-            str(trained),
-            "--deepen",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    _resume(trained, tmp_path, "--deepen", max_steps=1)
     params = load_default_pipeline(folder=tmp_path).transformer.params
     assert load_default_pipeline(folder=trained).transformer.params.depth == SMALL_FLUX.depth // 2
     assert params == SMALL_FLUX  # grown from half the depth to the shipped shape, as the shipped model was
@@ -301,28 +273,8 @@ def test_bad_vae_training_options_are_refused_by_name(args, message, capsys, tmp
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_runs_on_the_gpu(trained, tmp_path):
-    train_flux.main(
-        [
-            "--vae",
-            str(small_model_files(trained).vae),
-            "--tasks",
-            "24",
-            "--batch",
-            "4",
-            "--max-steps",
-            "2",
-            "--resume",
-            str(trained),
-            "--device",
-            "cuda",
-            "--no-cache",
-            "--minutes",
-            "5",
-            "--distill-minutes",
-            "5",
-            "--out",
-            str(tmp_path),
-        ]
+    _resume(
+        trained, tmp_path, "--device", "cuda", "--no-cache", "--minutes", "5", "--distill-minutes", "5", max_steps=2
     )
     with safe_open(small_model_files(tmp_path).transformer, "pt") as f:
         assert json.loads(f.metadata()["training"])["steps"] == 2
