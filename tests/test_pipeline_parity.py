@@ -86,6 +86,13 @@ def diffusers_pipe(model, vae_kl):
     )
 
 
+def _diffusers_args(text, noise, width: int, height: int) -> dict:
+    """What diffusers takes for our precomputed text and noise: 3 steps at guidance 2.5, as our side runs."""
+    embeds = {"prompt_embeds": text.txt, "pooled_prompt_embeds": text.y, "latents": pack(noise)}
+    size = {"width": width, "height": height, "max_area": width * height}
+    return {**embeds, **size, "num_inference_steps": 3, "guidance_scale": 2.5}
+
+
 def _final_latent(pipe_call):
     """Run our pipeline and keep the last step's latent, as well as the image."""
     seen = []
@@ -103,18 +110,7 @@ def test_edit_matches_diffusers_kontext_pipeline(components):
     ours_image, ours_latent = _final_latent(lambda callback: ours.edit(image, "anything", callback=callback, **args))
 
     pipe = diffusers_pipe(model, vae_kl)
-    common = dict(
-        image=image,
-        prompt_embeds=text.txt,
-        pooled_prompt_embeds=text.y,
-        width=96,
-        height=64,
-        num_inference_steps=3,
-        guidance_scale=2.5,
-        latents=pack(noise),
-        _auto_resize=False,
-        max_area=96 * 64,
-    )
+    common = {"image": image, "_auto_resize": False, **_diffusers_args(text, noise, 96, 64)}
     theirs_latent = unpack(pipe(**common, output_type="latent").images, 8, 12)
     theirs_image = pipe(**common, output_type="pil").images[0]
 
@@ -146,17 +142,7 @@ def test_generate_matches_diffusers_flux_pipeline(components):
     noise = torch.randn(1, 16, 6, 10, generator=torch.Generator().manual_seed(4))
     ours = KontextPipeline(model, vae, text).generate("x", width=80, height=48, steps=3, noise=noise)
     pipe = diffusers_pipe(model, vae_kl)
-    theirs = pipe(
-        prompt_embeds=text.txt,
-        pooled_prompt_embeds=text.y,
-        width=80,
-        height=48,
-        num_inference_steps=3,
-        guidance_scale=2.5,
-        latents=pack(noise),
-        max_area=80 * 48,
-        output_type="pil",
-    ).images[0]
+    theirs = pipe(**_diffusers_args(text, noise, 80, 48), output_type="pil").images[0]
     b = np.asarray(theirs, dtype=np.int16)
     err = np.abs(np.asarray(ours, dtype=np.int16) - b).max()
     print(f"text-to-image vs diffusers: max abs {err}/255")
