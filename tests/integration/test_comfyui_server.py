@@ -22,6 +22,7 @@ from _server import PACK_FOLDER, ROOT, ComfyServer, comfy_session
 from PIL import Image
 
 from kontext_core.tools import comfyui_client as queue
+from kontext_core.tools.comfyui_client.jobs import output_images
 
 WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
 STEPS = 2
@@ -69,7 +70,7 @@ def run(comfy: ComfyServer, workflow: dict, **runner_options) -> tuple[dict, flo
 
 
 def saved_images(comfy: ComfyServer, entry: dict) -> list[Path]:
-    paths = [comfy.base / "output" / image["subfolder"] / image["filename"] for image in queue.output_images(entry)]
+    paths = [comfy.base / "output" / image["subfolder"] / image["filename"] for image in output_images(entry)]
     for path in paths:
         assert path.is_file(), f"{path} is listed in /history but not in the output folder"
     return paths
