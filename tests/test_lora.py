@@ -106,15 +106,20 @@ def test_every_layout_adds_the_low_rank_update(layout, tmp_path):
     assert all(model.state_dict(keep_vars=True)[k] is before[k] for k in before)  # the very tensors, not copies
 
 
+@pytest.mark.parametrize(
+    ("loader", "layer", "message"),
+    [
+        (apply_lora, "lora_unet_down_blocks_0_attentions_0_proj_in", "no LoRA layer names a layer of this FLUX model"),
+        (load_lora, "lora_te1_text_model_encoder_layers_0_mlp_fc1", "only text-encoder parts"),
+    ],
+    ids=["sdxl", "text-encoder-only"],
+)
 @torch.no_grad()
-def test_a_lora_for_another_model_is_refused():
+def test_a_lora_for_another_model_or_part_is_refused(loader, layer, message):
     model = tiny_flux_model(seed=8)
-    sdxl = {
-        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 8),
-        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(8, 2),
-    }
-    with pytest.raises(CheckpointError, match="no LoRA layer names a layer of this FLUX model"):
-        apply_lora(model, sdxl)  # nothing applied would otherwise look like success
+    tensors = {f"{layer}.lora_down.weight": torch.randn(2, 8), f"{layer}.lora_up.weight": torch.randn(8, 2)}
+    with pytest.raises(CheckpointError, match=message):
+        loader(model, tensors)  # nothing applied would otherwise look like success
 
 
 def test_unmatched_keys_are_reported_not_dropped():
@@ -470,13 +475,3 @@ def test_peft_dora_is_refused():
     tensors["transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector"] = torch.ones(H)
     with pytest.raises(CheckpointError, match=r"DoRA \(`lora_magnitude_vector`\) LoRAs are not supported"):
         load_lora(model, tensors)
-
-
-def test_a_text_encoder_only_lora_is_said_to_be_one():
-    model = tiny_flux_model(seed=25)
-    clip_only = {
-        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8),
-        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(8, 2),
-    }
-    with pytest.raises(CheckpointError, match="only text-encoder parts"):
-        load_lora(model, clip_only)
