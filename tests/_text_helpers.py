@@ -70,18 +70,9 @@ def write_t5_tokenizer(folder: Path) -> Path:
 
 def tiny_t5(vocab: int, seed: int = 0) -> T5EncoderModel:
     # non-square on purpose: attention width 4·6 = 24 ≠ d_model 40; buckets 8 ≠ T5-XXL's 32
-    config = T5Config(
-        vocab_size=vocab,
-        d_model=40,
-        d_kv=6,
-        d_ff=56,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
+    widths = {"d_model": 40, "d_kv": 6, "d_ff": 56, "num_layers": 2, "num_heads": 4}
+    encoder_only = {"feed_forward_proj": "gated-gelu", "is_encoder_decoder": False, "use_cache": False}
+    config = T5Config(vocab_size=vocab, relative_attention_num_buckets=8, **widths, **encoder_only)
     return randomize_(T5EncoderModel(config), seed, std=0.3).eval()
 
 
