@@ -47,6 +47,15 @@ def write_clip_tokenizer(folder: Path) -> Path:
     return folder
 
 
+T5_SENTENCEPIECE = {
+    "model_type": "unigram",
+    "pad_id": 0,
+    "eos_id": 1,
+    "unk_id": 2,
+    "bos_id": -1,
+}  # T5's model kind and ids, no BOS
+
+
 def write_t5_tokenizer(folder: Path) -> Path:
     """A sentencepiece unigram model with T5's special ids (pad 0, eos 1, unk 2), as `spiece.model`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,14 +63,10 @@ def write_t5_tokenizer(folder: Path) -> Path:
         sentence_iterator=iter(SENTENCES * 4),
         model_prefix=str(folder / "spiece"),
         vocab_size=70,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
         hard_vocab_limit=False,
         num_threads=1,
         minloglevel=2,
+        **T5_SENTENCEPIECE,
     )
     (folder / "spiece.vocab").unlink()
     (folder / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 0, "legacy": False}))
