@@ -47,13 +47,8 @@ def write_clip_tokenizer(folder: Path) -> Path:
     return folder
 
 
-T5_SENTENCEPIECE = {
-    "model_type": "unigram",
-    "pad_id": 0,
-    "eos_id": 1,
-    "unk_id": 2,
-    "bos_id": -1,
-}  # T5's model kind and ids, no BOS
+# T5's model kind and special ids (no BOS)
+T5_SENTENCEPIECE = {"model_type": "unigram", "pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": -1}
 
 
 def write_t5_tokenizer(folder: Path) -> Path:
