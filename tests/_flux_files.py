@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from kontext_core.model.config import FluxParams
 from kontext_core.model.flux import Flux
-from kontext_core.sampling import position_ids
+from kontext_core.sampling import pack, position_ids, reference_tokens
 
 DATA = Path(__file__).parent / "data"
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -37,6 +37,22 @@ def flux_inputs(params: FluxParams, seed: int = 0) -> tuple[torch.Tensor, ...]:
         torch.randn(1, params.vec_in_dim, generator=gen),
         torch.tensor([2.5]),
     )
+
+
+def kontext_inputs(params: FluxParams, batch: int = 2, seed: int = 1):
+    """Non-square target (6×10 latent tokens) and a reference of another shape, as a Kontext edit sends."""
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randn(batch, 16, 12, 20, generator=gen)
+    reference = torch.randn(1, 16, 16, 8, generator=gen)
+    ref_tok, ref_ids = reference_tokens([reference], (12, 20), "offset")
+    img = torch.cat((pack(target), ref_tok.expand(batch, -1, -1)), dim=1)
+    img_ids = torch.cat((position_ids(6, 10), ref_ids))[None].expand(batch, -1, -1)
+    txt = torch.randn(batch, 7, params.context_in_dim, generator=gen)
+    txt_ids = torch.zeros(batch, 7, 3)
+    y = torch.randn(batch, params.vec_in_dim, generator=gen)
+    t = torch.tensor([0.83, 0.27])[:batch]
+    guidance = torch.tensor([2.5, 4.0])[:batch]
+    return img, img_ids, txt, txt_ids, t, y, guidance
 
 
 def save_state(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

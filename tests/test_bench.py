@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_transformer_parity import kontext_inputs
+from _flux_files import kontext_inputs
 from tiny_models import TINY_FLUX, tiny_flux_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode

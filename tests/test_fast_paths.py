@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_transformer_parity import kontext_inputs
+from _flux_files import kontext_inputs
 from tiny_models import tiny_flux_model
 
 from kontext_core.model import flux_math as kmath

@@ -6,29 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+from _flux_files import kontext_inputs
 from reference_mappings import diffusers_forward, diffusers_twin
 from tiny_models import TINY_FLUX, tiny_flux_model
 
-from kontext_core.model.config import FluxParams
-from kontext_core.sampling import pack, position_ids, reference_tokens
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def kontext_inputs(params: FluxParams, batch: int = 2, seed: int = 1):
-    """Non-square target (6×10 latent tokens) and a reference of another shape, as a Kontext edit sends."""
-    gen = torch.Generator().manual_seed(seed)
-    target = torch.randn(batch, 16, 12, 20, generator=gen)
-    reference = torch.randn(1, 16, 16, 8, generator=gen)
-    ref_tok, ref_ids = reference_tokens([reference], (12, 20), "offset")
-    img = torch.cat((pack(target), ref_tok.expand(batch, -1, -1)), dim=1)
-    img_ids = torch.cat((position_ids(6, 10), ref_ids))[None].expand(batch, -1, -1)
-    txt = torch.randn(batch, 7, params.context_in_dim, generator=gen)
-    txt_ids = torch.zeros(batch, 7, 3)
-    y = torch.randn(batch, params.vec_in_dim, generator=gen)
-    t = torch.tensor([0.83, 0.27])[:batch]
-    guidance = torch.tensor([2.5, 4.0])[:batch]
-    return img, img_ids, txt, txt_ids, t, y, guidance
 
 
 @torch.no_grad()
