@@ -35,6 +35,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from benchmarks.flops import flux_forward_flops
+from tests.helpers.metrics import psnr
 from kontext_core.model.autoencoder import AutoEncoder
 from kontext_core.checkpoints.autoencoder import (
     diffusers_vae_key_to_bfl,
@@ -183,7 +184,7 @@ def on_meta_then_fill(
 
 def diffusers_transformer(model: Flux) -> nn.Module:
     """diffusers' FluxTransformer2DModel whose weights are views of `model`'s (no second copy)."""
-    from tests.reference_mappings import diffusers_twin
+    from tests.helpers.reference_mappings import diffusers_twin
 
     return diffusers_twin(model, share_weights=True)
 
@@ -333,13 +334,6 @@ def weights_mib(*modules) -> float:
     """Bytes of the parameters and buffers that a variant reads (shared views counted at their size)."""
     tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
-
-
-def psnr(test: Tensor, ref: Tensor) -> float:
-    """PSNR in dB with the reference's peak-to-peak range as the signal."""
-    mse = (test.double() - ref.double()).pow(2).mean().item()
-    span = (ref.max() - ref.min()).item()
-    return float("inf") if mse == 0 else 10 * math.log10(span**2 / mse)
 
 
 def compare(test: Tensor, ref: Tensor) -> dict:

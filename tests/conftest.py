@@ -1,9 +1,9 @@
-"""Shared fixtures; the builders live in tiny_models.py so test modules can import them too."""
+"""Shared fixtures; the builders live in tests/helpers/ so test modules can import them too."""
 
 from __future__ import annotations
 
 import pytest
-from tiny_models import tiny_flux_model
+from tests.helpers.tiny_models import tiny_flux_model
 
 from kontext_core.model.flux import Flux
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import randomize_
+from tests.helpers.tiny_models import randomize_
 
 from kontext_core import load_vae
 

@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 import torch
-from _flux_files import bfl_file, diffusers_folder, save_state, scaled_fp8_file
-from tiny_models import tiny_flux_model
+from tests.helpers.flux_files import bfl_file, diffusers_folder, save_state, scaled_fp8_file
+from tests.helpers.tiny_models import tiny_flux_model
 
 from kontext_core import load_transformer
 from kontext_core.checkpoints import CheckpointError, open_tensors

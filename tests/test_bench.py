@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from _flux_files import kontext_inputs
-from tiny_models import TINY_FLUX, tiny_flux_model
+from tests.helpers.flux_files import kontext_inputs
+from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 

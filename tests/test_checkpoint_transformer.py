@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from _flux_files import (
+from tests.helpers.flux_files import (
     bfl_file,
     diffusers_folder,
     flux_inputs,
@@ -18,7 +18,8 @@ from _flux_files import (
     save_state,
     scaled_fp8_file,
 )
-from tiny_models import TINY_FLUX, tiny_flux_model
+from tests.helpers.metrics import max_rel, rel_l2
+from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core import load_transformer
 from kontext_core.checkpoints import stored_fp8_dtype
@@ -35,15 +36,6 @@ def reference():
     with torch.no_grad():
         out = model(*flux_inputs(model.params))
     return model, out
-
-
-def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max abs difference relative to the reference's scale: fp32 round-off is ~1e-7 of it per op."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @torch.no_grad()
@@ -177,7 +169,7 @@ def test_diffusers_config_axes_are_used(reference, tmp_path):
 
 
 def test_diffusers_to_bfl_inverts_the_test_mapping(reference):
-    from reference_mappings import bfl_to_diffusers
+    from tests.helpers.reference_mappings import bfl_to_diffusers
 
     model, _ = reference
     state = model.state_dict()

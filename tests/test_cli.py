@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from text_fixtures import save_models, text_widths
-from _flux_files import plain_fp8_file
-from tiny_models import TINY_FLUX, randomize_
+from tests.helpers.text_files import save_models, text_widths
+from tests.helpers.flux_files import plain_fp8_file
+from tests.helpers.tiny_models import TINY_FLUX, randomize_
 
 from kontext_core import load_transformer
 

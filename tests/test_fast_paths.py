@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-from _flux_files import kontext_inputs
-from tiny_models import tiny_flux_model
+from tests.helpers.flux_files import kontext_inputs
+from tests.helpers.metrics import psnr
+from tests.helpers.tiny_models import tiny_flux_model
 
 from kontext_core.model import flux_math as kmath
 from kontext_core.runtime.compile import CudaGraphForward, is_compiled, optimize
@@ -26,11 +26,6 @@ def sampling_case(params, seed: int = 0):
     txt = torch.randn(1, 5, params.context_in_dim, generator=gen)
     y = torch.randn(1, params.vec_in_dim, generator=gen)
     return noise, [reference], txt, y
-
-
-def psnr(test: torch.Tensor, ref: torch.Tensor) -> float:
-    mse = (test - ref).double().pow(2).mean().item()
-    return 10 * math.log10((ref.max() - ref.min()).item() ** 2 / mse)
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _flux_files import flux_inputs, model_from_state, write_gguf
-from tiny_models import tiny_flux_model
+from tests.helpers.flux_files import flux_inputs, model_from_state, write_gguf
+from tests.helpers.tiny_models import tiny_flux_model
 
 import kontext_core
 from kontext_core.checkpoints import CheckpointError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _flux_files import flux_inputs, model_from_state, save_state, scaled_fp8_file
-from tiny_models import tiny_flux_model
+from tests.helpers.flux_files import flux_inputs, model_from_state, save_state, scaled_fp8_file
+from tests.helpers.tiny_models import tiny_flux_model
 
 from kontext_core import load_transformer
 from kontext_core.checkpoints import CheckpointError

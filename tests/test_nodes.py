@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _node_helpers import ROOT, TinyTextEncoder, TinyVAE, load_pack, random_image
-from tiny_models import TINY_FLUX, tiny_flux_model
+from tests.helpers.nodes import ROOT, TinyTextEncoder, TinyVAE, load_pack, random_image
+from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core import sampling
 
@@ -589,7 +589,7 @@ def _kohya_lora(model, seed: int, layers=("double_blocks.0.img_attn.qkv", "singl
 
 @pytest.fixture
 def lora_folder(monkeypatch, tmp_path, model):
-    from _flux_files import save_state
+    from tests.helpers.flux_files import save_state
 
     save_state(tmp_path / "style.safetensors", _kohya_lora(model, seed=1))
     te = {

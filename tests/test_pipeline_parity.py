@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import randomize_, tiny_flux_model
+from tests.helpers.tiny_models import randomize_, tiny_flux_model
 
 from kontext_core import load_vae
 from kontext_core.pipeline import KontextPipeline
 from kontext_core.sampling import pack, unpack
 
 diffusers = pytest.importorskip("diffusers")
-from reference_mappings import diffusers_twin  # noqa: E402 (after the skip: it imports diffusers)
+from tests.helpers.reference_mappings import diffusers_twin  # noqa: E402 (after the skip: it imports diffusers)
 
 
 class FixedText:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from _flux_files import bfl_file
-from tiny_models import tiny_flux_model
+from tests.helpers.flux_files import bfl_file
+from tests.helpers.tiny_models import tiny_flux_model
 
 from benchmarks import quality
 from benchmarks.quality import (

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import TINY_FLUX, tiny_flux_model
+from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core.sampling import (
     denoise_schedule,

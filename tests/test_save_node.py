@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _node_helpers import load_pack
+from tests.helpers.nodes import load_pack
 from PIL import Image
 
 from kontext_core.policy import provenance

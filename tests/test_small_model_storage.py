@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from _flux_files import bfl_file, flux_inputs, is_block_linear, save_state
+from tests.helpers.flux_files import bfl_file, flux_inputs, is_block_linear, save_state
 from safetensors import safe_open
-from tiny_models import TINY_FLUX, tiny_flux_model
+from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core.checkpoints.transformer import load_transformer
 from kontext_core.runtime.quant import quantize_fp8

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _text_helpers import state, tiny_clip, tiny_t5, write_clip_tokenizer, write_t5_tokenizer
+from tests.helpers.metrics import rel_l2
+from tests.helpers.text_encoders import state, tiny_clip, tiny_t5, write_clip_tokenizer, write_t5_tokenizer
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -26,10 +27,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def read_manifest(name: str) -> dict[str, tuple[int, ...]]:
     rows = [line.split("\t") for line in (DATA / name).read_text().splitlines()[1:]]
     return {key: tuple(json.loads(shape)) for key, shape, *_ in rows}
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")

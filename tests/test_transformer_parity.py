@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
-from _flux_files import kontext_inputs
-from reference_mappings import diffusers_forward, diffusers_twin
-from tiny_models import TINY_FLUX, tiny_flux_model
+from tests.helpers.flux_files import kontext_inputs
+from tests.helpers.reference_mappings import diffusers_forward, diffusers_twin
+from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
 
 
 diffusers = pytest.importorskip("diffusers")

@@ -9,9 +9,9 @@ import types
 import numpy as np
 import pytest
 import torch
-from _node_helpers import ROOT, TinyTextEncoder, TinyVAE, load_pack
+from tests.helpers.nodes import ROOT, TinyTextEncoder, TinyVAE, load_pack
 from PIL import Image
-from tiny_models import TINY_FLUX, tiny_flux_model
+from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
 
 import kontext_core
 from kontext_core.policy import provenance

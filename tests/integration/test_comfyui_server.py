@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _server import PACK_FOLDER, ROOT, ComfyServer, comfy_session
+from tests.helpers.comfyui_server import PACK_FOLDER, ROOT, ComfyServer, comfy_session
 from PIL import Image
 
 from kontext_core.tools import comfyui_client as queue
@@ -82,7 +82,7 @@ def _first(workflow: dict, class_type: str) -> str:
 
 def expected_size(workflow: dict, save_id: str) -> tuple[int, int]:
     """Follows the save node back to the sampler: a connected latent sets the size, else width × height."""
-    from _tiny_files import BATCH_IMAGES, INPUT_IMAGES
+    from tests.helpers.tiny_files import BATCH_IMAGES, INPUT_IMAGES
 
     sizes = {name: (w, h) for name, w, h in INPUT_IMAGES}
     for shipped in (ROOT / "workflows" / "inputs").glob("*.png"):  # copied as they are (_tiny_files.write_all)
@@ -193,7 +193,7 @@ def test_the_sampler_sends_latent_previews(comfy):
 
 
 def test_an_interrupt_ends_the_running_prompt(comfy):
-    from _tiny_files import random_png
+    from tests.helpers.tiny_files import random_png
 
     random_png(comfy.base / "input" / "kontext_large.png", 512, 384, seed=99)
     workflow = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "interrupt", steps=50)
@@ -287,7 +287,7 @@ assert "comfy" not in sys.modules
 
 def engine_edit(comfy: ComfyServer, out: Path, prompt: str, seed: int, *lora: str, transformer: str = "") -> np.ndarray:
     """The example edit by the engine alone (ENGINE_EDIT), with the LoRA (path, strength) if given."""
-    from _tiny_files import CLIP, T5, TRANSFORMER, VAE
+    from tests.helpers.tiny_files import CLIP, T5, TRANSFORMER, VAE
 
     models = comfy.base / "models"
     files = [
@@ -340,7 +340,7 @@ def test_the_sampler_inside_comfyui_matches_the_engine_outside(comfy, tmp_path):
 
 
 def test_a_lora_branch_and_a_plain_branch_share_one_loaded_model(comfy, tmp_path):
-    from _tiny_files import LORA
+    from tests.helpers.tiny_files import LORA
 
     seed, prompt, strength = 99, "Make the car green.", 0.9
     plain = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "lora_plain")
@@ -382,8 +382,8 @@ def test_a_lora_branch_and_a_plain_branch_share_one_loaded_model(comfy, tmp_path
 
 def test_a_gguf_transformer_runs_in_the_graph_as_in_the_engine(comfy, tmp_path):
     """A ComfyUI-GGUF style file (Q8_0 / Q4_x / Q5_x / BF16 blocks) picked in the Model Loader like any other."""
-    from _flux_files import write_gguf
-    from tiny_models import tiny_flux_model
+    from tests.helpers.flux_files import write_gguf
+    from tests.helpers.tiny_models import tiny_flux_model
 
     if not comfy.can_import("gguf"):
         pytest.skip("the `gguf` package (the pack's [gguf] extra) is not installed in COMFYUI_PYTHON")
@@ -407,7 +407,7 @@ def test_a_gguf_transformer_runs_in_the_graph_as_in_the_engine(comfy, tmp_path):
 
 
 def test_the_batch_client_runs_a_folder_and_resumes(comfy, tmp_path, capsys):
-    from _tiny_files import random_png
+    from tests.helpers.tiny_files import random_png
 
     sizes = [(48, 32), (32, 64), (64, 48)]
     for index, (width, height) in enumerate(sizes):
@@ -453,7 +453,7 @@ def test_the_batch_client_runs_a_folder_and_resumes(comfy, tmp_path, capsys):
 
 
 def test_the_batch_client_reports_a_rejected_prompt_and_goes_on(comfy, tmp_path, capsys):
-    from _tiny_files import random_png
+    from tests.helpers.tiny_files import random_png
 
     random_png(tmp_path / "a.png", 32, 32, seed=1)
     random_png(tmp_path / "b.png", 48, 32, seed=2)

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from _server import PACK_FOLDER, ROOT, comfy_session
+from tests.helpers.comfyui_server import PACK_FOLDER, ROOT, comfy_session
 
 from kontext_core.tools import comfyui_client as queue
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _server import comfyui_paths
-from _tiny_files import write_transformer
-from reference_mappings import diffusers_twin
+from tests.helpers.comfyui_server import comfyui_paths
+from tests.helpers.tiny_files import write_transformer
+from tests.helpers.reference_mappings import diffusers_twin
 from safetensors.torch import save_file
-from tiny_models import tiny_flux_model
+from tests.helpers.tiny_models import tiny_flux_model
 
 import kontext_core
 

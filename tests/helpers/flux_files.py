@@ -13,7 +13,7 @@ from kontext_core.model.config import FluxParams
 from kontext_core.model.flux import Flux
 from kontext_core.sampling import pack, position_ids, reference_tokens
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
@@ -127,7 +127,7 @@ def scaled_fp8_file(model: Flux, path: Path, form: str) -> tuple[Path, dict[str,
 
 def diffusers_folder(model: Flux, folder: Path, shard_bytes: int = 200_000) -> Path:
     """A diffusers `transformer/` folder: sharded safetensors + index + config.json with the RoPE axes."""
-    from reference_mappings import bfl_to_diffusers  # independent of the engine's own converter
+    from tests.helpers.reference_mappings import bfl_to_diffusers  # independent of the engine's own converter
 
     p = model.params
     state = bfl_to_diffusers(model.state_dict(), p.hidden_size)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from tiny_models import randomize_
+from tests.helpers.tiny_models import randomize_
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from kontext_core.small_model.tokenizers import byte_symbols

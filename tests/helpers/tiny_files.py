@@ -1,6 +1,6 @@
 """Tiny random model files in the formats a ComfyUI user has, under the names the example workflows use.
 
-flux1-kontext-dev.safetensors   BFL keys, bf16, `flux_params` header (tests/tiny_models.py's TINY_FLUX)
+flux1-kontext-dev.safetensors   BFL keys, bf16, `flux_params` header (tests/helpers/tiny_models.py's TINY_FLUX)
 ae.safetensors                  BFL VAE keys, fp32 (the real file's precision), every width cut to 32
 t5xxl_fp16.safetensors          transformers T5EncoderModel keys, fp16, `config` header
 clip_l.safetensors              ComfyUI's clip_l layout: `text_model.` keys + `text_projection.weight`, fp16
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_models import TINY_FLUX, randomize_, tiny_flux_model
+from tests.helpers.tiny_models import TINY_FLUX, randomize_, tiny_flux_model
 
 from kontext_core.model.config import AutoEncoderParams
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _text_helpers import state, tiny_clip, tiny_t5, write_clip_tokenizer, write_t5_tokenizer
+from tests.helpers.text_encoders import state, tiny_clip, tiny_t5, write_clip_tokenizer, write_t5_tokenizer
 from safetensors.torch import save_file
 
 from kontext_core.model.text import load_tokenizer

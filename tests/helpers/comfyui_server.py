@@ -185,7 +185,7 @@ def comfy_session():
     `comfy` fixture (one server for all of them)."""
 
     def prepare(base: Path) -> None:
-        from _tiny_files import write_all
+        from tests.helpers.tiny_files import write_all
 
         write_all(base)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from kontext_core import sampling
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACK_NAME = "kontext_core_pack_under_test"
 
 
