@@ -207,48 +207,45 @@ def _edit_inputs(encoder, guidance=2.5, method="offset"):
     return cond, refs
 
 
+# The sampler's widgets at values no test cares about; each test passes what it checks.
+SAMPLER_WIDGETS = dict(
+    seed=0, steps=2, guidance=-1.0, denoise=1.0, width=32, height=32, batch_size=1, true_cfg_scale=1.0
+)
+
+
+def run_sampler(model, positive, **widgets) -> dict:
+    (latent,) = run("KontextCoreSampler", model=model, positive=positive, **(SAMPLER_WIDGETS | widgets))
+    return latent
+
+
+def engine_sample(model, encoder, refs, seed: int, height: int, width: int, batch: int = 1, **options):
+    """What the sampler node must equal: the engine's own sample() on _edit_inputs' prompt and references."""
+    txt, y = encoder.encode(["swap the hat"])
+    noise = sampling.get_noise(batch, height, width, seed)
+    references = [sampling.latent_to_model(r) for r in refs]
+    out = sampling.sample(model, noise, txt, y, references=references, steps=2, **options)
+    return sampling.latent_from_model(out)
+
+
 @pytest.mark.parametrize("method", ["offset", "uxo"])
 def test_sampler_equals_engine_sample(model, encoder, method):
     cond, refs = _edit_inputs(encoder, guidance=3.5, method=method)
-    (latent,) = run(
-        "KontextCoreSampler",
-        model=model,
-        positive=cond,
-        seed=11,
-        steps=2,
-        guidance=-1.0,
-        denoise=1.0,
-        width=48,
-        height=32,
-        batch_size=1,
-        true_cfg_scale=1.0,
-    )
-    txt, y = encoder.encode(["swap the hat"])
-    expected = sampling.sample(
-        model,
-        sampling.get_noise(1, 32, 48, 11),
-        txt,
-        y,
-        references=[sampling.latent_to_model(r) for r in refs],
-        reference_method=method,
-        steps=2,
-        guidance=3.5,
-    )
+    latent = run_sampler(model, cond, seed=11, width=48, height=32)
+    expected = engine_sample(model, encoder, refs, 11, 32, 48, reference_method=method, guidance=3.5)
     assert latent["samples"].shape == (1, 16, 4, 6)
-    torch.testing.assert_close(latent["samples"], sampling.latent_from_model(expected), rtol=0, atol=0)
+    torch.testing.assert_close(latent["samples"], expected, rtol=0, atol=0)
 
 
 def test_sampler_guidance_override_and_default(model, encoder):
     cond, _ = _edit_inputs(encoder, guidance=3.5)
-    common = dict(model=model, seed=1, steps=2, denoise=1.0, width=32, height=32, batch_size=1, true_cfg_scale=1.0)
-    (stored,) = run("KontextCoreSampler", positive=cond, guidance=-1.0, **common)
-    (same,) = run("KontextCoreSampler", positive=cond, guidance=3.5, **common)
-    (other,) = run("KontextCoreSampler", positive=cond, guidance=1.0, **common)
+    stored = run_sampler(model, cond, seed=1, guidance=-1.0)
+    same = run_sampler(model, cond, seed=1, guidance=3.5)
+    other = run_sampler(model, cond, seed=1, guidance=1.0)
     assert torch.equal(stored["samples"], same["samples"])
     assert not torch.allclose(stored["samples"], other["samples"], atol=1e-4)
     bare = [[cond[0][0], {"pooled_output": cond[0][1]["pooled_output"]}]]  # no guidance, no references
-    (from_default,) = run("KontextCoreSampler", positive=bare, guidance=-1.0, **common)
-    (explicit,) = run("KontextCoreSampler", positive=bare, guidance=2.5, **common)
+    from_default = run_sampler(model, bare, seed=1, guidance=-1.0)
+    explicit = run_sampler(model, bare, seed=1, guidance=2.5)
     assert torch.equal(from_default["samples"], explicit["samples"])
 
 
@@ -256,36 +253,11 @@ def test_sampler_latent_sets_size_and_init_with_true_cfg(model, encoder):
     cond, refs = _edit_inputs(encoder)
     (neg,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt="blurry", guidance=2.5)
     init = torch.randn(2, 16, 4, 2, generator=torch.Generator().manual_seed(5))
-    (latent,) = run(
-        "KontextCoreSampler",
-        model=model,
-        positive=cond,
-        negative=neg,
-        latent={"samples": init},
-        seed=4,
-        steps=2,
-        guidance=2.0,
-        denoise=0.5,
-        width=1024,
-        height=1024,
-        batch_size=1,
-        true_cfg_scale=2.5,
-    )
-    txt, y = encoder.encode(["swap the hat"])
-    expected = sampling.sample(
-        model,
-        sampling.get_noise(2, 32, 16, 4),
-        txt,
-        y,
-        references=[sampling.latent_to_model(r) for r in refs],
-        steps=2,
-        guidance=2.0,
-        denoise=0.5,
-        init_latent=sampling.latent_to_model(init),
-        negative=encoder.encode(["blurry"]),
-        true_cfg_scale=2.5,
-    )
-    torch.testing.assert_close(latent["samples"], sampling.latent_from_model(expected), rtol=0, atol=0)
+    cfg = dict(guidance=2.0, denoise=0.5, true_cfg_scale=2.5)
+    latent = run_sampler(model, cond, negative=neg, latent={"samples": init}, seed=4, width=1024, height=1024, **cfg)
+    init_latent, negative = sampling.latent_to_model(init), encoder.encode(["blurry"])
+    expected = engine_sample(model, encoder, refs, 4, 32, 16, 2, init_latent=init_latent, negative=negative, **cfg)
+    torch.testing.assert_close(latent["samples"], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -309,21 +281,7 @@ def test_sampler_latent_sets_size_and_init_with_true_cfg(model, encoder):
 )
 def test_sampler_errors_name_the_input(model, encoder, change, name):
     cond, _ = _edit_inputs(encoder)
-    inputs = (
-        dict(
-            model=model,
-            positive=cond,
-            seed=0,
-            steps=2,
-            guidance=-1.0,
-            denoise=1.0,
-            width=32,
-            height=32,
-            batch_size=1,
-            true_cfg_scale=1.0,
-        )
-        | change
-    )
+    inputs = dict(model=model, positive=cond, **SAMPLER_WIDGETS) | change
     with pytest.raises(ValueError, match=name):
         run("KontextCoreSampler", **inputs)
 
@@ -331,9 +289,8 @@ def test_sampler_errors_name_the_input(model, encoder, change, name):
 def test_sampler_takes_whole_floats_as_ints(model, encoder):
     """A JSON client may send 2.0 for an INT; torch needs an int for the step count and the seed."""
     cond, _ = _edit_inputs(encoder)
-    common = dict(model=model, positive=cond, guidance=-1.0, denoise=1.0, width=32, height=32, true_cfg_scale=1.0)
-    (floats,) = run("KontextCoreSampler", seed=3.0, steps=2.0, batch_size=1.0, **common)
-    (ints,) = run("KontextCoreSampler", seed=3, steps=2, batch_size=1, **common)
+    floats = run_sampler(model, cond, seed=3.0, steps=2.0, batch_size=1.0)
+    ints = run_sampler(model, cond, seed=3, steps=2, batch_size=1)
     assert torch.equal(floats["samples"], ints["samples"])
 
 
@@ -351,19 +308,7 @@ def test_sampler_names_positive_for_a_bad_reference(model, encoder, references, 
     txt, meta = cond[0]
     positive = [[txt, meta | {"reference_latents": references, "reference_latents_method": method}]]
     with pytest.raises(ValueError, match=f"KontextCoreSampler: input 'positive': .*{message}"):
-        run(
-            "KontextCoreSampler",
-            model=model,
-            positive=positive,
-            seed=0,
-            steps=2,
-            guidance=-1.0,
-            denoise=1.0,
-            width=32,
-            height=32,
-            batch_size=1,
-            true_cfg_scale=1.0,
-        )
+        run_sampler(model, positive)
 
 
 class _FakeBar:
@@ -395,33 +340,21 @@ def test_sampler_reports_progress_and_stops_on_interrupt(monkeypatch, model, enc
     monkeypatch.setattr(_comfy, "comfy_module", lambda name: fake.get(name))
     blocks = len(model.double_blocks) + len(model.single_blocks)
     cond, _ = _edit_inputs(encoder)
-    inputs = dict(
-        model=model,
-        positive=cond,
-        seed=0,
-        guidance=-1.0,
-        denoise=1.0,
-        width=32,
-        height=16,
-        batch_size=1,
-        true_cfg_scale=1.0,
-    )
-
     _FakeBar.updates, interrupt["at_update"] = [], 1
     with pytest.raises(KeyboardInterrupt):
-        run("KontextCoreSampler", steps=3, **inputs)
+        run_sampler(model, cond, steps=3, height=16)
     assert _FakeBar.updates == [(1, 3)]  # step 1 reported, step 2 stopped at its first block
     assert interrupt["checks"] == blocks + 1 + 1  # step 1's blocks, its callback, step 2's first block
 
     interrupt.update(set=True, checks=0)  # Cancel pressed before the run starts: not even one block runs
     _FakeBar.updates = []
     with pytest.raises(KeyboardInterrupt):
-        run("KontextCoreSampler", steps=3, **inputs)
+        run_sampler(model, cond, steps=3, height=16)
     assert _FakeBar.updates == [] and interrupt["checks"] == 1
 
     interrupt.update(set=False, at_update=None)
     _FakeBar.updates = []
-    run("KontextCoreSampler", steps=2, **inputs)
+    run_sampler(model, cond, steps=2, height=16)
     assert _FakeBar.updates == [(1, 2), (2, 2)]
     assert not any(block._forward_pre_hooks for block in (*model.double_blocks, *model.single_blocks))  # removed
 
@@ -615,48 +548,29 @@ def test_lora_loader_leaves_the_model_and_the_sampler_applies_its_loras(model, e
 
     assert _comfy.list_models("loras") == ["sdxl.safetensors", "style.safetensors", "sub/detail.safetensors"]
     cond, _ = _edit_inputs(encoder)
-    common = dict(
-        positive=cond,
-        seed=5,
-        steps=2,
-        guidance=-1.0,
-        denoise=1.0,
-        width=48,
-        height=32,
-        batch_size=1,
-        true_cfg_scale=1.0,
-    )
+    common = dict(seed=5, width=48, height=32)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    (plain,) = run("KontextCoreSampler", model=model, **common)
+    plain = run_sampler(model, cond, **common)
 
     (styled,) = run("KontextCoreLoraLoader", model=model, lora_name="style.safetensors", strength=0.8)
     (both,) = run("KontextCoreLoraLoader", model=styled, lora_name="sub/detail.safetensors", strength=-0.5)
     assert "lora_te1_text_model_encoder_layers_0_mlp_fc1" in capsys.readouterr().out  # reported, not applied
     assert all(torch.equal(model.state_dict()[k], original[k]) for k in original)  # the loaders change nothing
 
-    (with_both,) = run("KontextCoreSampler", model=both, **common)
-    (with_style,) = run("KontextCoreSampler", model=styled, **common)
-    (plain_again,) = run("KontextCoreSampler", model=model, **common)  # a branch without LoRAs
+    with_both = run_sampler(both, cond, **common)
+    with_style = run_sampler(styled, cond, **common)
+    plain_again = run_sampler(model, cond, **common)  # a branch without LoRAs
     assert torch.equal(plain_again["samples"], plain["samples"])
     assert all(torch.equal(model.state_dict()[k], original[k]) for k in original)
 
-    txt, y = encoder.encode(["swap the hat"])
     refs = cond[0][1]["reference_latents"]
 
     def engine(*loras):  # the library: apply_lora by hand, then the engine's own loop
         results = [apply_lora(model, lora_folder / name, strength) for name, strength in loras]
-        out = sampling.sample(
-            model,
-            sampling.get_noise(1, 32, 48, 5),
-            txt,
-            y,
-            steps=2,
-            guidance=2.5,
-            references=[sampling.latent_to_model(r) for r in refs],
-        )
+        out = engine_sample(model, encoder, refs, 5, 32, 48, guidance=2.5)
         for result in reversed(results):
             result.remove()
-        return sampling.latent_from_model(out)
+        return out
 
     assert torch.equal(with_style["samples"], engine(("style.safetensors", 0.8)))
     assert torch.equal(with_both["samples"], engine(("style.safetensors", 0.8), ("sub/detail.safetensors", -0.5)))
@@ -856,20 +770,7 @@ def test_edit_graph_matches_kontext_pipeline(model, encoder):
     (latent,) = run("KontextCoreVAEEncode", vae=vae, pixels=image)
     (cond,) = run("KontextCoreTextEncode", text_encoder=encoder, prompt=prompt, guidance=2.5)
     (cond,) = run("KontextCoreReferenceLatent", conditioning=cond, latent=latent, reference_latents_method="offset")
-    (out,) = run(
-        "KontextCoreSampler",
-        model=model,
-        positive=cond,
-        latent=latent,
-        seed=21,
-        steps=2,
-        guidance=-1.0,
-        denoise=1.0,
-        width=1024,
-        height=1024,
-        batch_size=1,
-        true_cfg_scale=1.0,
-    )
+    out = run_sampler(model, cond, latent=latent, seed=21, width=1024, height=1024)
     (decoded,) = run("KontextCoreVAEDecode", vae=vae, samples=out)
     ours = (decoded[0] * 255.0).round().to(torch.uint8)
     theirs = torch.from_numpy(np.array(expected))
