@@ -191,23 +191,10 @@ def diffusers_transformer(model: Flux) -> nn.Module:
 
 def vae_pair(size: BenchSize, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[nn.Module, AutoEncoder]:
     """diffusers' AutoencoderKL with random weights, and our AutoEncoder on views of the same tensors."""
-    import diffusers
+    from tests.helpers.diffusers_models import flux_like_kl
 
     levels = len(size.vae_channels)
-    kl = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=size.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        layers_per_block=size.vae_layers,
-        norm_num_groups=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    ).to(device)
+    kl = flux_like_kl(size.vae_channels, size.vae_layers).to(device)
     if dtype != torch.float32:  # (diffusers warns on any dtype cast, even to float32)
         kl = kl.to(dtype)
     random_fill_(kl, seed)
@@ -637,26 +624,9 @@ def ours_edit(transformer, vae, txt, y, image, noise, steps, cache_every, clock)
 
 
 def diffusers_edit(size, twin, vae_kl, txt, y, image, noise, steps, clock) -> EditRun:
-    import diffusers
+    from tests.helpers.diffusers_models import kontext_pipeline
 
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=4096,
-        max_shift=1.15,
-        shift=3.0,
-        use_dynamic_shifting=True,
-    )
-    pipe = diffusers.FluxKontextPipeline(
-        scheduler=scheduler,
-        vae=vae_kl,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=twin,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = kontext_pipeline(twin, vae_kl)
     dtype = next(twin.parameters()).dtype
     args = {
         "image": image,

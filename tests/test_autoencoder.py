@@ -19,8 +19,8 @@ from kontext_core.checkpoints.autoencoder import diffusers_vae_key_to_bfl, is_va
 from kontext_core.model.config import AutoEncoderParams
 
 diffusers = pytest.importorskip("diffusers")
+from tests.helpers.diffusers_models import VAE_SCALE, VAE_SHIFT, flux_like_kl  # noqa: E402 (after the skip)
 
-SCALE, SHIFT = 0.3611, 0.1159
 DATA = Path(__file__).parent / "data"
 
 
@@ -29,26 +29,6 @@ def read_manifest(name: str) -> dict[str, tuple[int, ...]]:
     return {
         k: tuple(int(x) for x in s.strip("[]").split(",") if x.strip()) for k, s, *_ in (r.split("\t") for r in rows)
     }
-
-
-def flux_like_kl(
-    widths: tuple[int, ...], layers: int, scaling_factor: float = SCALE, shift_factor: float = SHIFT, groups: int = 32
-) -> torch.nn.Module:
-    """diffusers' AutoencoderKL configured as FLUX's VAE (16 channels, no quant convs)."""
-    return diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=widths,
-        down_block_types=("DownEncoderBlock2D",) * len(widths),
-        up_block_types=("UpDecoderBlock2D",) * len(widths),
-        layers_per_block=layers,
-        norm_num_groups=groups,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-    )
 
 
 def tiny_kl(seed: int = 0, **extra) -> torch.nn.Module:
@@ -86,10 +66,10 @@ def test_encode_decode_match_diffusers(kl_folder, vae):
     kl, _ = kl_folder
     x = images(b=2, h=32, w=64)
     z = vae.encode(x)
-    z_ref = (kl.encode(x).latent_dist.mean - SHIFT) * SCALE
+    z_ref = (kl.encode(x).latent_dist.mean - VAE_SHIFT) * VAE_SCALE
     enc_err = (z - z_ref).abs().max().item()
     dec = vae.decode(z_ref)
-    dec_ref = kl.decode(z_ref / SCALE + SHIFT).sample
+    dec_ref = kl.decode(z_ref / VAE_SCALE + VAE_SHIFT).sample
     dec_err = (dec - dec_ref).abs().max().item()
     print(f"VAE parity vs diffusers: encode max abs {enc_err:.2e}, decode max abs {dec_err:.2e}")
     assert z.shape == (2, 16, 4, 8) and dec.shape == x.shape
@@ -100,9 +80,9 @@ def test_encode_decode_match_diffusers(kl_folder, vae):
 @torch.no_grad()
 def test_raw_latents_are_unscaled(vae):
     x = images(h=16, w=24, seed=1)
-    assert torch.equal(vae.encode(x), (vae.encode_raw(x) - SHIFT) * SCALE)
+    assert torch.equal(vae.encode(x), (vae.encode_raw(x) - VAE_SHIFT) * VAE_SCALE)
     z = torch.randn(1, 16, 2, 3, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(vae.decode(z), vae.decode_raw(z / SCALE + SHIFT))
+    assert torch.equal(vae.decode(z), vae.decode_raw(z / VAE_SCALE + VAE_SHIFT))
 
 
 @torch.no_grad()
@@ -158,8 +138,8 @@ def test_group_count_from_config_matches_diffusers(tmp_path):
     config = json.dumps({"norm_num_groups": 8})
     save_file(bfl_state(kl), tmp_path / "narrow.safetensors", metadata={"config": config})
     x = images(b=1, h=32, w=48, seed=4)
-    z_ref = (kl.encode(x).latent_dist.mean - SHIFT) * SCALE
-    dec_ref = kl.decode(z_ref / SCALE + SHIFT).sample
+    z_ref = (kl.encode(x).latent_dist.mean - VAE_SHIFT) * VAE_SCALE
+    dec_ref = kl.decode(z_ref / VAE_SCALE + VAE_SHIFT).sample
     for path in (tmp_path / "vae", tmp_path / "narrow.safetensors"):
         vae = load_vae(path)
         assert vae.params.norm_groups == 8
@@ -180,7 +160,7 @@ def test_scale_and_shift_from_config(tmp_path):
     state = bfl_state(kl)
     save_file(state, tmp_path / "plain.safetensors")
     params = load_vae(tmp_path / "plain.safetensors").params
-    assert (params.scale_factor, params.shift_factor) == (SCALE, SHIFT)
+    assert (params.scale_factor, params.shift_factor) == (VAE_SCALE, VAE_SHIFT)
     config = json.dumps({"scaling_factor": 0.75, "shift_factor": 0.125})
     save_file(state, tmp_path / "meta.safetensors", metadata={"config": config})
     params = load_vae(tmp_path / "meta.safetensors").params

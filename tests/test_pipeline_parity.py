@@ -13,7 +13,8 @@ from kontext_core.pipeline import KontextPipeline
 from kontext_core.sampling import pack, unpack
 
 diffusers = pytest.importorskip("diffusers")
-from tests.helpers.reference_mappings import diffusers_twin  # noqa: E402 (after the skip: it imports diffusers)
+from tests.helpers.diffusers_models import flux_like_kl, kontext_pipeline  # noqa: E402 (after the skip: imports diffusers)
+from tests.helpers.reference_mappings import diffusers_twin  # noqa: E402
 
 
 class FixedText:
@@ -28,21 +29,7 @@ class FixedText:
 
 
 def tiny_autoencoder_kl(seed: int = 0):
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        sample_size=64,
-    )
+    vae = flux_like_kl((32, 32, 64, 64), 1)
     randomize_(vae, seed, std=0.2)  # large enough that decoded images span a good range
     return vae.eval()
 
@@ -67,23 +54,7 @@ def components(tmp_path_factory):
 
 
 def diffusers_pipe(model, vae_kl):
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=4096,
-        max_shift=1.15,
-        shift=3.0,
-        use_dynamic_shifting=True,
-    )
-    return diffusers.FluxKontextPipeline(
-        scheduler=scheduler,
-        vae=vae_kl,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=diffusers_twin(model),
-    )
+    return kontext_pipeline(diffusers_twin(model), vae_kl)
 
 
 def _diffusers_args(text, noise, width: int, height: int) -> dict:
