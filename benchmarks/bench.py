@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -66,21 +66,13 @@ class BenchSize:
     note: str = ""
 
 
-CLIP_L = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "projection_dim": 768,
-}
-T5_XXL = {
-    "d_model": 4096,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "d_kv": 64,
-    "feed_forward_proj": "gated-gelu",
-}
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, feed_forward_proj="gated-gelu")
+# the CPU proxy's T5: T5-XXL's head width and gated FFN at d_model 512 × 4 layers (T5-XXL is 4.7B parameters)
+T5_MID = dict(d_model=512, d_ff=1024, num_layers=4, num_heads=8, d_kv=64, feed_forward_proj="gated-gelu")
+T5_TINY = dict(d_model=48, d_ff=64, num_layers=1, num_heads=2, d_kv=24, vocab_size=128)
+CLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+CLIP_TINY.update(vocab_size=128, bos_token_id=0, eos_token_id=127, pad_token_id=1)  # a 128-token vocabulary
 
 
 def kontext_layout(
@@ -109,17 +101,8 @@ SIZES = {
         steps=2,
         vae_channels=(32, 32, 32, 32),
         vae_layers=1,
-        t5={"d_model": 48, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 24, "vocab_size": 128},
-        clip={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "vocab_size": 128,
-            "bos_token_id": 0,
-            "eos_token_id": 127,
-            "pad_token_id": 1,
-        },
+        t5=T5_TINY,
+        clip=CLIP_TINY,
         note="CI size: checks that the benchmark runs and both implementations agree; timings mean little",
     ),
     "mid": BenchSize(
@@ -130,14 +113,7 @@ SIZES = {
         steps=8,
         vae_channels=(64, 64, 128, 128),
         vae_layers=1,
-        t5={
-            "d_model": 512,
-            "d_ff": 1024,
-            "num_layers": 4,
-            "num_heads": 8,
-            "d_kv": 64,
-            "feed_forward_proj": "gated-gelu",
-        },
+        t5=T5_MID,
         clip=CLIP_L,
         note="CPU proxy: hidden 256 (head dim 64), 2+4 blocks, 256² output + 256² reference, 128 text tokens, "
         "8 steps; T5 reduced to d_model 512 × 4 layers (T5-XXL is 4.7B parameters), CLIP-L full size",
@@ -1000,22 +976,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     modes = tuple(m for m in a.modes.split(",") if m)
     if "exact" not in modes:
         modes = ("exact", *modes)
-    s = Settings(
-        size=a.size,
-        device=a.device,
-        dtype=a.dtype,
-        steps=a.steps,
-        repeats=a.repeats,
-        warmup=a.warmup,
-        edit_repeats=a.edit_repeats,
-        modes=modes,
-        fast_k=a.fast_k,
-        diffusers=not a.no_diffusers,
-        sweep_k=tuple(int(k) for k in a.fast_sweep.split(",") if k),
-        sweep_prompts=a.sweep_prompts,
-        sweep_seeds=a.sweep_seeds,
-        stat=a.stat,
-    )
+    given = {f.name: getattr(a, f.name) for f in fields(Settings) if hasattr(a, f.name)}
+    sweep_k = tuple(int(k) for k in a.fast_sweep.split(",") if k)
+    s = Settings(**given | {"modes": modes, "diffusers": not a.no_diffusers, "sweep_k": sweep_k})
     return s, a.json
 
 

@@ -16,34 +16,20 @@ from kontext_core.small_model.tokenizers import CLIP_LENGTH
 
 
 def small_t5(vocab_size: int) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=SMALL_FLUX.context_in_dim,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=64,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
+    widths = dict(d_model=SMALL_FLUX.context_in_dim, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    positions = dict(relative_attention_num_buckets=32, relative_attention_max_distance=64)
+    encoder_only = dict(is_encoder_decoder=False, use_cache=False)
+    return T5EncoderModel(
+        T5Config(vocab_size=vocab_size, feed_forward_proj="gated-gelu", **widths, **positions, **encoder_only)
     )
-    return T5EncoderModel(config)
 
 
 def small_clip(vocab_size: int, eos_token_id: int) -> CLIPTextModel:
+    widths = dict(hidden_size=SMALL_FLUX.vec_in_dim, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1)
+    # our byte tokenizer's specials: BOS just below EOS, padding with EOS as CLIP's own tokenizer pads
+    specials = dict(bos_token_id=eos_token_id - 1, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
     config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=SMALL_FLUX.vec_in_dim,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        max_position_embeddings=CLIP_LENGTH,
-        hidden_act="quick_gelu",
-        bos_token_id=eos_token_id - 1,
-        eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,
+        vocab_size=vocab_size, max_position_embeddings=CLIP_LENGTH, hidden_act="quick_gelu", **widths, **specials
     )
     return CLIPTextModel(config)
 

@@ -69,17 +69,10 @@ def write_vae(path: Path, seed: int = 2) -> None:
 def write_t5(path: Path, seed: int = 3) -> None:
     from transformers import T5Config, T5EncoderModel
 
+    widths = dict(d_model=TINY_FLUX.context_in_dim, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    positions = dict(relative_attention_num_buckets=32, relative_attention_max_distance=128)
     config = T5Config(
-        vocab_size=32128,
-        d_model=TINY_FLUX.context_in_dim,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
+        vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False, **widths, **positions
     )
     model = randomize_(T5EncoderModel(config), seed, std=0.2)
     _save(model.state_dict(), path, torch.float16, {"config": config.to_json_string()})
@@ -88,19 +81,12 @@ def write_t5(path: Path, seed: int = 3) -> None:
 def write_clip(path: Path, seed: int = 4) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=TINY_FLUX.vec_in_dim,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=TINY_FLUX.vec_in_dim,
-        hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
+    width = TINY_FLUX.vec_in_dim
+    widths = dict(
+        hidden_size=width, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, projection_dim=width
     )
+    specials = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=1)  # CLIP-L's tokenizer's ids
+    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **widths, **specials)
     model = randomize_(CLIPTextModel(config), seed, std=0.2)
     tensors = {"text_model." + k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(seed + 100)
