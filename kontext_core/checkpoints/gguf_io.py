@@ -1,9 +1,11 @@
-"""GGUF transformer files (ComfyUI-GGUF's `flux1-kontext-dev-Q4_K_M.gguf` and the like), read as a TensorSource.
+"""GGUF files (ComfyUI-GGUF's `flux1-kontext-dev-Q4_K_M.gguf`, city96's `t5-v1_1-xxl-encoder-Q8_0.gguf`), read as
+a TensorSource.
 
-The tensors keep their BFL names in these files, so everything after reading (layout detection, the architecture
-checks, loading) is the same as for safetensors. Quantized blocks (Q8_0, Q4_K, …) are dequantized to float32 one
-tensor at a time when read, with the `gguf` package's reference implementation of each format; the model then
-holds them in its compute dtype (or fp8, when asked), not in the file's 4-8 bits.
+Transformer tensors keep their BFL names in these files, so everything after reading (layout detection, the
+architecture checks, loading) is the same as for safetensors; T5 files use llama.cpp's names (`enc.blk.0.attn_q`),
+which the text-encoder loader maps. `blocks(key)` gives a quantized tensor's bytes as they are in the file (what
+`GGUFLinear` keeps); `tensor(key)` dequantizes it to float32 with the `gguf` package's reference code, for a model
+that expands its weights at load.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ _IMAGE_ARCHITECTURES = (
 )
 # no architecture (stable-diffusion.cpp's files) or ComfyUI-GGUF's placeholders for "tell from the tensor names"
 _UNNAMED = (None, "pig", "cow")
+# the architectures llama.cpp and ComfyUI-GGUF name T5 encoders by
+T5_ARCHITECTURES = ("t5", "t5encoder")
 _ORIGINAL_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF's record of a tensor reshaped to fit GGUF
 
 
@@ -48,7 +52,7 @@ class GGUFSource(TensorNames):
     """The tensors of one GGUF file, with `TensorSource`'s interface: names and shapes from the header,
     `tensor(key)` dequantizes one tensor."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, t5: bool = False):
         gguf = _gguf()
         if gguf is None:
             raise CheckpointError(path, "GGUF files need the `gguf` package: pip install gguf")
@@ -58,25 +62,34 @@ class GGUFSource(TensorNames):
         self.origin = path
         self.metadata: dict[str, str] = {}
         self._open()
-        architecture = self._string("general.architecture")
-        if architecture not in _UNNAMED and architecture not in _IMAGE_ARCHITECTURES:
-            raise CheckpointError(
-                path,
-                f"a GGUF file of architecture {architecture!r} (a language model or text "
-                "encoder?): only FLUX transformers are read from GGUF here",
-            )
-        if architecture not in _UNNAMED and architecture != "flux":
-            raise CheckpointError(path, f"a GGUF {architecture!r} model, not a FLUX transformer")
+        self._check_architecture(self._string("general.architecture"), t5)
         if not self._entries:
             raise CheckpointError(path, "the file holds no tensors")
         self._shapes = {name: self._shape(t) for name, t in self._entries.items()}
         self._types = {name: t.tensor_type for name, t in self._entries.items()}
         self._nbytes = sum(int(t.n_bytes) for t in self._entries.values())
 
+    def _check_architecture(self, architecture: str | None, t5: bool) -> None:
+        if architecture in _UNNAMED:
+            return
+        if t5:
+            if architecture not in T5_ARCHITECTURES:
+                raise CheckpointError(self.origin, f"a GGUF file of architecture {architecture!r}, not a T5 encoder")
+            return
+        if architecture not in _IMAGE_ARCHITECTURES:
+            raise CheckpointError(
+                self.origin,
+                f"a GGUF file of architecture {architecture!r} (a language model or text "
+                "encoder?): only FLUX transformers are read from GGUF here",
+            )
+        if architecture != "flux":
+            raise CheckpointError(self.origin, f"a GGUF {architecture!r} model, not a FLUX transformer")
+
     def _open(self) -> None:
         """Map the file and read its header; `close` unmaps it and the next `tensor` maps it again."""
         try:
-            self._reader = self._gguf.GGUFReader(self.origin)
+            # copy-on-write: tensors kept as the file's pages may be written to without touching the file
+            self._reader = self._gguf.GGUFReader(self.origin, "c")
         except Exception as e:  # a foreign parser: whatever it raises for a bad or cut file, the file is unusable
             raise CheckpointError(
                 self.origin, f"not a readable GGUF file, or truncated ({type(e).__name__}: {e})"
@@ -121,10 +134,27 @@ class GGUFSource(TensorNames):
     def nbytes(self) -> int:
         return self._nbytes
 
-    def tensor(self, key: str) -> torch.Tensor:
+    def ggml_type(self, key: str) -> str:
+        """The GGML type `key` is stored in: F32, F16, BF16, Q8_0, Q4_K, …"""
+        return self._types[key].name
+
+    def _entry(self, key: str):
         if self._reader is None:
             self._open()
-        t = self._entries[key]
+        return self._entries[key]
+
+    def blocks(self, key: str) -> torch.Tensor:
+        """A block-quantized tensor's bytes as stored, `[n_blocks, type_size]` uint8: the file's pages on the CPU
+        (copy-on-write), read when first used."""
+        kind = self._types[key]
+        type_size = self._gguf.constants.GGML_QUANT_SIZES[kind][1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = torch.from_numpy(self._entry(key).data)
+        return raw.reshape(-1, type_size)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        t = self._entry(key)
         kind = t.tensor_type
         try:
             if kind.name in ("F32", "F16"):

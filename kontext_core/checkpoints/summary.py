@@ -18,7 +18,9 @@ def describe(path: str | os.PathLike) -> str:
     lines = [f"{path}", f"  kind:      {_kind(keys)}", f"  tensors:   {len(keys)}, {_size(source.nbytes())}"]
     if hasattr(source, "quant_types"):  # GGUF: its GGML types, not the float types they are read as
         types = sorted(source.quant_types().items(), key=lambda item: -item[1])
-        lines.append(f"  GGUF:      {', '.join(f'{t} ×{n}' for t, n in types)} (dequantized when loaded)")
+        lines.append(
+            f"  GGUF:      {', '.join(f'{t} ×{n}' for t, n in types)} (kept quantized when loaded; dequantize=True expands them)"
+        )
     else:
         dtypes = Counter(str(source.dtype(k)).replace("torch.", "") for k in keys)
         lines.append(f"  dtypes:    {', '.join(f'{d} ×{n}' for d, n in dtypes.most_common())}")

@@ -20,6 +20,8 @@ import torch
 
 from kontext_core.model.config import FluxParams
 from kontext_core.model.flux import Flux
+from kontext_core.runtime.gguf_dequant import BLOCK_FORMATS
+from kontext_core.runtime.gguf_linear import block_shape, use_gguf_linears
 from kontext_core.runtime.quant import FP8_DTYPES, enable_fp8_matmul, fp8_matmul_supported, use_fp8_linears
 from kontext_core.checkpoints.flux_diffusers import (
     Recipe,
@@ -224,6 +226,16 @@ def stored_fp8_dtype(path: str | os.PathLike) -> torch.dtype | None:
     return next((fp8 for fp8 in FP8_DTYPES if fp8 in stored), None)
 
 
+def kept_gguf_blocks(layout: FluxLayout, linear_weights: set[str]) -> dict[str, str]:
+    """Layer -> GGML type of each Linear weight a GGUF file stores in a block format that `GGUFLinear`
+    dequantizes at each call; other types (IQ*, TQ*) are dequantized at load."""
+    kind_of = getattr(layout.source, "ggml_type", None)
+    if kind_of is None:
+        return {}
+    kinds = {k.removesuffix(".weight"): kind_of(layout.recipes[k].parts[0]) for k in linear_weights}
+    return {layer: kind for layer, kind in kinds.items() if kind in BLOCK_FORMATS}
+
+
 def load_transformer(
     path: str | os.PathLike,
     *,
@@ -233,6 +245,7 @@ def load_transformer(
     weight_dtype: torch.dtype | None = None,
     fp8_matmul: bool = False,
     keep_fp8: bool = False,
+    dequantize: bool = False,
 ) -> Flux:
     """A FLUX.1 Kontext (or [dev]) transformer, its config inferred from the tensors.
 
@@ -276,11 +289,12 @@ def load_transformer(
         fp8_layers = file_fp8 | block_linears
     else:
         fp8_layers = file_fp8 if dtype is None or (keep_fp8 and device.type != "mps") else set()
+    gguf_layers = {} if dequantize or weight_dtype is not None else kept_gguf_blocks(layout, linear_weights)
     compute = dtype or (torch.bfloat16 if fp8_layers else None)
     stored = {d for k in layout.shapes if (d := layout.dtype(k)).is_floating_point and d not in FP8_DTYPES}
-    if compute is None and len(stored) > 1:
+    if compute is None and (len(stored) > 1 or gguf_layers):
         # a file of mixed float precisions (GGUF: F32 norms beside BF16 embedders and dequantized blocks) runs in
-        # one, its input embedder's
+        # one, its input embedder's (as do GGUF blocks, which have no precision of their own)
         compute = layout.dtype("img_in.weight")
     _check_device(path, device, dtype, compute or layout.dtype("img_in.weight"), bool(fp8_layers), fp8_matmul)
 
@@ -291,10 +305,17 @@ def load_transformer(
         raise CheckpointError(path, f"inconsistent transformer config: {e}") from None
     if fp8_layers:
         use_fp8_linears(model, fp8_layers)
+    use_gguf_linears(model, gguf_layers)
 
     shapes = dict(layout.shapes)
     for layer in fp8_layers:
         shapes[f"{layer}.scale_weight"] = ()
+    for layer, kind in gguf_layers.items():
+        shapes[f"{layer}.weight"] = block_shape(kind, layout.shapes[f"{layer}.weight"])
+
+    def kept_blocks(key: str) -> bool:
+        layer, _, param = key.rpartition(".")
+        return param == "weight" and layer in gguf_layers
 
     def convert(key: str, t: torch.Tensor) -> torch.Tensor:
         layer, _, param = key.rpartition(".")
@@ -306,6 +327,8 @@ def load_transformer(
 
     def kept_as_stored(key: str) -> bool:
         layer, _, param = key.rpartition(".")
+        if kept_blocks(key):
+            return True
         stored = layout.dtype(key)
         if layer in fp8_layers and param == "weight":
             return stored in FP8_DTYPES
@@ -320,6 +343,9 @@ def load_transformer(
         layer, _, param = key.rpartition(".")
         if param == "scale_weight" and layer in fp8_layers:
             return layout.scale(layer)
+        if kept_blocks(key):
+            # on the CPU the blocks stay the file's (copy-on-write) pages, as tensors kept as stored do
+            return layout.source.blocks(layout.recipes[key].parts[0])
         source = layout.read(key)
         t = convert(key, source)
         if not streaming:

@@ -18,8 +18,8 @@ W[rows] += strength · alpha/rank · up @ down, or W[rows] += strength · diff. 
 files are refused: their updates are not low-rank pairs, and applying part of one would be wrong.
 
 Plain parameters are recomputed from the kept original, so removing every LoRA gives back the very tensor that
-was there before. Fp8Linear weights stay fp8: their updates ride along and are added to the dequantized weight at
-each call, so the fp8 memory saving survives and removal is exact.
+was there before. Quantized weights (fp8, GGUF blocks) stay quantized: their updates ride along and are added to the
+dequantized weight at each call, so the memory saving survives and removal is exact.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from kontext_core.checkpoints.flux_diffusers import (
     TOP_LEVEL_RENAMES,
 )
 from kontext_core.checkpoints.safetensors_io import CheckpointError, first_items, open_tensors
-from kontext_core.runtime.quant import Fp8Linear
+from kontext_core.runtime.quant import DequantizingLinear
 
 __all__ = [
     "LoraFactor",
@@ -247,7 +247,7 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
                 )
             else:
                 alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
-                if isinstance(linear, Fp8Linear):  # it adds the update at every call: on its device, in float32, once
+                if isinstance(linear, DequantizingLinear):  # added at every call: on its device, in float32, once
                     up, down = (t.to(linear.weight.device, torch.float32) for t in (up, down))
                 factors.append(LoraFactor(layer, up, down, strength * alpha / rank, rows, swap))
         elif "up" in parts or "down" in parts:  # half a pair beside a difference
@@ -259,7 +259,7 @@ def load_lora(model: nn.Module, lora: str | os.PathLike | Mapping[str, Tensor], 
             if tuple(diff.shape) != shape or getattr(linear, param) is None:
                 wrong.append(f"{module}.{role} ({tuple(diff.shape)} for {layer}.{param} {shape})")
                 continue
-            if isinstance(linear, Fp8Linear) and param == "weight":  # in its file's precision: a full-size copy
+            if isinstance(linear, DequantizingLinear) and param == "weight":  # a full-size copy, in its file's dtype
                 diff = diff.to(linear.weight.device)
             factors.append(LoraFactor(layer, diff, None, strength, rows, swap, param))
     if wrong:
@@ -370,7 +370,7 @@ def _factors_of(module: nn.Module, param: str) -> list[LoraFactor]:
 
 def _set_factors(module: nn.Module, param: str, factors: list[LoraFactor]) -> None:
     applied = module.__dict__.setdefault("_lora_factors", {})
-    if isinstance(module, Fp8Linear) and param == "weight":  # read by Fp8Linear at each call: nothing to merge
+    if isinstance(module, DequantizingLinear) and param == "weight":  # read by the layer at each call: nothing to merge
         applied[param] = factors
         return
     # The original parameter, kept outside the module's registry so the state dict stays the BFL keys. While

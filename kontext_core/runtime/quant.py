@@ -9,6 +9,8 @@ per-call activation scale (a file's static `scale_input` is not needed for that 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -36,23 +38,22 @@ def quantize_fp8(weight: Tensor, fp8: torch.dtype = torch.float8_e4m3fn) -> tupl
     return (weight.detach().float() / scale).to(fp8), scale
 
 
-class Fp8Linear(nn.Linear):
-    """nn.Linear with an fp8 `weight` and a float32 `scale_weight`: W = weight · scale_weight."""
+class DequantizingLinear(nn.Linear):
+    """nn.Linear whose stored weight is not its matrix (fp8, GGUF blocks): each call rebuilds the matrix in the
+    activations' dtype, with the LoRA updates `kontext_core.runtime.lora` records on the layer added on top, so
+    the stored weight never changes and removing a LoRA is exact."""
 
-    fp8_matmul: bool = False
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.register_buffer("scale_weight", torch.ones((), dtype=torch.float32, device=device))
+    def stored_weight_as(self, dtype: torch.dtype) -> Tensor:
+        """The weight matrix in `dtype`, from what the layer stores."""
+        raise NotImplementedError
 
     @property
     def lora_factors(self) -> list:
-        """The LoRA updates on the weight, as `kontext_core.runtime.lora` records them for every layer it patches: added to
-        the dequantized weight at each call, so the weight stays fp8."""
+        """The LoRA updates on the weight, as `kontext_core.runtime.lora` records them for every layer it patches."""
         return self.__dict__.get("_lora_factors", {}).get("weight", [])
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
-        weight = self.weight.to(dtype) * self.scale_weight.to(dtype)
+        weight = self.stored_weight_as(dtype)
         if not self.lora_factors:
             return weight
         merged = weight.float()  # LoRA updates summed in float32 and rounded once, whatever their order
@@ -61,10 +62,26 @@ class Fp8Linear(nn.Linear):
         return merged.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fp8_matmul and not self.lora_factors and _scaled_mm_fits(x, self.weight):
-            return self._scaled_mm_forward(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
+class Fp8Linear(DequantizingLinear):
+    """nn.Linear with an fp8 `weight` and a float32 `scale_weight`: W = weight · scale_weight."""
+
+    fp8_matmul: bool = False
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("scale_weight", torch.ones((), dtype=torch.float32, device=device))
+
+    def stored_weight_as(self, dtype: torch.dtype) -> Tensor:
+        return self.weight.to(dtype) * self.scale_weight.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fp8_matmul and not self.lora_factors and _scaled_mm_fits(x, self.weight):
+            return self._scaled_mm_forward(x)
+        return super().forward(x)
 
     def _scaled_mm_forward(self, x: Tensor) -> Tensor:
         # per-tensor dynamic scale for the activations, the stored one for the weight
@@ -95,16 +112,24 @@ def fp8_matmul_supported(device: torch.device | str) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def use_fp8_linears(model: nn.Module, names: set[str]) -> None:
-    """Swap the nn.Linear modules named in `names` for Fp8Linear, in place (on `meta`, before loading)."""
+def replace_linears(model: nn.Module, names: Iterable[str], make: Callable[[str, nn.Linear], nn.Module]) -> None:
+    """Put `make(name, old)` in place of each nn.Linear named in `names`, in place (on `meta`, before loading)."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         if not isinstance(old, nn.Linear):
             raise TypeError(f"{name} is a {type(old).__name__}, not a Linear")
-        new = Fp8Linear(old.in_features, old.out_features, bias=old.bias is not None, device=old.weight.device)
-        setattr(parent, child, new)
+        setattr(parent, child, make(name, old))
+
+
+def use_fp8_linears(model: nn.Module, names: set[str]) -> None:
+    """Swap the nn.Linear modules named in `names` for Fp8Linear, in place (on `meta`, before loading)."""
+
+    def make(_name: str, old: nn.Linear) -> Fp8Linear:
+        return Fp8Linear(old.in_features, old.out_features, bias=old.bias is not None, device=old.weight.device)
+
+    replace_linears(model, names, make)
 
 
 def enable_fp8_matmul(model: nn.Module, enabled: bool = True) -> int:

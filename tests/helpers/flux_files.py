@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers.gguf_files import finish, gguf_writer
+
 from kontext_core.model.config import FluxParams
 from kontext_core.model.flux import Flux
 from kontext_core.sampling import pack, position_ids, reference_tokens
@@ -176,9 +178,7 @@ def write_gguf(
 
     q = gguf.GGMLQuantizationType
     kinds = (q.Q8_0, q.Q4_0, q.Q4_1, q.Q5_0, q.Q5_1, q.BF16) if quantized_kinds is None else quantized_kinds
-    writer = gguf.GGUFWriter(str(path), architecture or "")
-    if architecture is None:
-        writer.kv_data[0].pop("general.architecture", None)
+    writer = gguf_writer(path, architecture)
     for key, value in fields:
         writer.add_array(key, value)
     expected, quantized = {}, 0
@@ -194,8 +194,5 @@ def write_gguf(
             stored = array.astype(np.float16) if array.ndim > 1 else array
             writer.add_tensor(prefix + key, stored)
             expected[key] = torch.from_numpy(stored.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return expected
