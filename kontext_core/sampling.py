@@ -328,7 +328,9 @@ def sample(
 
     velocity = conditioned(txt, y, "")
     if negative is not None and options.true_cfg_scale != 1.0:
-        velocity = true_cfg(velocity, conditioned(*negative, "negative "), options.true_cfg_scale)
+        # a model split across processes (kontext_core.parallel) may run the two passes on two sets of ranks
+        guided = getattr(model, "true_cfg", true_cfg)
+        velocity = guided(velocity, conditioned(*negative, "negative "), options.true_cfg_scale)
 
     x = pack(noise.float())
     sigmas = denoise_schedule(options.steps, x.shape[1], options.denoise)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from kontext_core.model.config import FluxParams
 from kontext_core.model.layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
-from kontext_core.model.flux_math import check_backend_name, resolve_backend, timestep_embedding
+from kontext_core.model.flux_math import AttentionKernel, check_backend_name, resolve_backend, timestep_embedding
 from kontext_core.model.reference_cache import ReferenceCache
 
 
@@ -89,6 +89,16 @@ class Flux(nn.Module):
         """
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be [B, L, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
+        img, txt, vec = self.embed_inputs(img, txt, timesteps, y, guidance)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        attention = resolve_backend(self._attention_backend, img.device.type, img.dtype)
+        return self.transform(img, txt, vec, pe, ref_cache, attention)
+
+    def embed_inputs(
+        self, img: Tensor, txt: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Image and text tokens in the hidden width, and the modulation vector: each token on its own, so
+        `kontext_core.parallel` can embed a shard of the tokens."""
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
         if self.params.guidance_embed:
@@ -96,14 +106,24 @@ class Flux(nn.Module):
                 raise ValueError("this model is guidance-distilled: pass a guidance strength")
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
         vec = vec + self.vector_in(y.to(img.dtype))
-        txt = self.txt_in(txt.to(img.dtype))
+        return img, self.txt_in(txt.to(img.dtype)), vec
 
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        attention = resolve_backend(self._attention_backend, img.device.type, img.dtype)
+    def transform(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        vec: Tensor,
+        pe: Tensor,
+        ref_cache: ReferenceCache | None,
+        attention: str | AttentionKernel,
+    ) -> Tensor:
+        """The blocks and the final layer on embedded tokens, `pe` the RoPE rotations of [txt, img].
+
+        `attention` is a resolved backend name, or a kernel that attends across processes (`kontext_core.parallel`).
+        """
         slots = (
             ref_cache.slots if ref_cache is not None else [None] * (len(self.double_blocks) + len(self.single_blocks))
         )
-
         for block, slot in zip(self.double_blocks, slots):
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe, ref_kv=slot, attention=attention)
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from collections.abc import Callable
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "sage")
+
+# Attention in place of a named backend: B H L D queries, keys, values → B L (H D), e.g. across processes
+AttentionKernel = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -60,8 +64,11 @@ def _flash_module():
     return None
 
 
-def scaled_dot_product(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
-    """softmax(q kᵀ/√d) v for B H L D tensors on a resolved `backend` (see `resolve_backend`); returns B L (H D)."""
+def scaled_dot_product(q: Tensor, k: Tensor, v: Tensor, backend: str | AttentionKernel = "sdpa") -> Tensor:
+    """softmax(q kᵀ/√d) v for B H L D tensors on a resolved `backend` (see `resolve_backend`) or an
+    `AttentionKernel`; returns B L (H D)."""
+    if callable(backend):
+        return backend(q, k, v)
     if backend == "flash":
         out = _flash_module().flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out[0] if isinstance(out, tuple) else out
