@@ -19,6 +19,9 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from kontext_core.checkpoints.gguf_io import GGUFSource
+from kontext_core.checkpoints.t5_gguf import BYTES_AS_INT8, is_llama_cpp_t5, kept_t5_blocks, t5_names
+from kontext_core.runtime.gguf_linear import block_shape, use_gguf_linears
 from kontext_core.runtime.quant import FP8_DTYPES
 from kontext_core.checkpoints.safetensors_io import (
     SCALED_FP8_MARKERS,
@@ -49,20 +52,24 @@ CLIP_HEAD_DIM = 64  # every published CLIP text tower (B: 8 heads, L: 12, bigG: 
 class _FileTensors:
     """One text-encoder file's tensors under the model's key names, dequantized and cast as they are read."""
 
-    def __init__(self, path: Path, prefixes: tuple[str, ...]):
+    def __init__(self, path: Path, prefixes: tuple[str, ...], t5: bool = False):
         self.path = path
-        self.source: TensorSource = open_tensors(path, weights_name="model")
+        gguf_t5 = t5 and path.suffix.lower() == ".gguf"
+        self.source: TensorSource = GGUFSource(path, t5=True) if gguf_t5 else open_tensors(path, weights_name="model")
         keys = self.source.keys()
         prefix = next((p for p in prefixes if any(k.startswith(p) for k in keys)), "")
-        self.all_keys = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
+        # llama.cpp's T5 names (`enc.blk.0.attn_q.weight`) stand for transformers' ones
+        file_key = t5_names(keys) if gguf_t5 and is_llama_cpp_t5(keys) else {k: k for k in keys}
+        self.all_keys = [k[len(prefix) :] for k in file_key if k.startswith(prefix)]
         self.names: dict[str, str] = {}  # our key -> file key
         self.scales: dict[str, str] = {}  # file weight key -> file key of its scale
         for local in self.all_keys:
-            full = prefix + local
+            full = file_key[prefix + local]
             if local in SCALED_FP8_MARKERS or local.endswith(QUANT_EXTRA_SUFFIXES):
                 continue
             if local.endswith(WEIGHT_SCALE_SUFFIXES):
-                self.scales[prefix + local.rsplit(".", 1)[0] + ".weight"] = full
+                weight = prefix + local.rsplit(".", 1)[0] + ".weight"
+                self.scales[file_key.get(weight, weight)] = full
             else:
                 self.names[local] = full
         orphans = sorted(k for k in self.scales if k not in self.source)
@@ -255,13 +262,26 @@ def _load(
     what: str,
     device: torch.device | str,
     dtype: torch.dtype | None,
+    keep_blocks: bool = False,
 ) -> nn.Module:
     dtype = dtype or tensors.float_dtype()
     dtypes = _compute_dtypes(model, dtype)
     shapes = {ours: tensors.source.shape(full) for ours, full in names.items()}
+    blocks: dict[str, str] = {}
+    if keep_blocks:
+        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        kinds = kept_t5_blocks(names, tensors.source.ggml_type, linears)
+        # a layer held in float32 under fp16 (T5's `wo`, whose activations overflow fp16) is expanded at load
+        blocks = {layer: kind for layer, kind in kinds.items() if dtypes[f"{layer}.weight"] == dtype}
+        use_gguf_linears(model, blocks)
+        shapes |= {f"{layer}.weight": block_shape(kind, shapes[f"{layer}.weight"]) for layer, kind in blocks.items()}
     read: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # tied tensors (T5's embeddings) are read once
 
     def get(key: str) -> torch.Tensor:
+        layer = key.removesuffix(".weight")
+        if layer in blocks:
+            raw = tensors.source.blocks(names[key])
+            return raw.view(torch.int8) if layer.endswith(BYTES_AS_INT8) else raw
         entry = (names[key], dtypes[key])
         if entry not in read:
             read[entry] = tensors.read(*entry)
@@ -275,14 +295,21 @@ def _load(
 
 
 def load_t5(
-    path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    dequantize: bool = False,
 ) -> T5EncoderModel:
-    """A `T5EncoderModel` from a ComfyUI t5xxl file (fp16/bf16/fp8/scaled fp8) or a diffusers `text_encoder_2/`.
+    """A `T5EncoderModel` from a ComfyUI t5xxl file (fp16/bf16/fp8/scaled fp8), a GGUF T5 encoder (llama.cpp's
+    names, as city96's `t5-v1_1-xxl-encoder-Q*.gguf`) or a diffusers `text_encoder_2/`.
 
-    `dtype=None` keeps the file's precision (bf16 for fp8 files, which are always dequantized).
+    `dtype=None` keeps the file's precision (bf16 for fp8 files, which are always dequantized; float32 for GGUF
+    blocks). A GGUF file's quantized Linear weights stay in their blocks (`GGUFLinear`, dequantized per call to
+    `dtype`) unless `dequantize=True`; its embedding and norms are read as float tensors.
     """
     path = Path(path)
-    tensors = _FileTensors(path, T5_PREFIXES)
+    tensors = _FileTensors(path, T5_PREFIXES, t5=True)
     names = {k: v for k, v in tensors.names.items() if not k.startswith(T5_UNUSED_PREFIXES)}
     kind = _kind_of(tensors.all_keys)
     if kind != "a T5 encoder":
@@ -295,7 +322,8 @@ def load_t5(
     config = t5_config_from_dict(tensors.config, path) if tensors.config else t5_config_from_shapes(shapes, path)
     with torch.device("meta"):
         model = T5EncoderModel(config)
-    return _load(model, tensors, names, "T5 encoder", device, dtype)
+    keep_blocks = isinstance(tensors.source, GGUFSource) and not dequantize
+    return _load(model, tensors, names, "T5 encoder", device, dtype, keep_blocks)
 
 
 def load_clip(

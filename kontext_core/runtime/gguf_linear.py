@@ -39,7 +39,8 @@ class GGUFLinear(DequantizingLinear):
             self.bias = nn.Parameter(torch.empty(out_features, device=device))
 
     def stored_weight_as(self, dtype: torch.dtype) -> Tensor:
-        matrix = dequantize(self.weight, self.ggml_type).reshape(self.out_features, self.in_features)
+        # the bytes may be typed int8 (see t5_gguf.BYTES_AS_INT8): the same bytes either way
+        matrix = dequantize(self.weight.view(torch.uint8), self.ggml_type).reshape(self.out_features, self.in_features)
         return matrix.to(dtype)
 
     def extra_repr(self) -> str:
