@@ -1,5 +1,5 @@
-"""What the nodes take from the running ComfyUI: its model folders and directories, the device and memory,
-progress bars, previews and interrupts.
+"""What the nodes take from the running ComfyUI: its directories, the device and memory, progress bars,
+previews and interrupts (its model folders are in _models.py).
 
 Every ComfyUI import goes through `comfy_module` and is guarded: outside ComfyUI the bridges quietly do
 nothing (no progress bar, no previews, no interrupts), so the nodes run and test without it.
@@ -16,10 +16,6 @@ from typing import Any
 
 import torch
 
-MODEL_EXTENSIONS = (".safetensors", ".sft")
-# ComfyUI-GGUF's quantized transformers sit beside the others; GGUF text encoders and VAEs are not read here
-EXTRA_EXTENSIONS = {"diffusion_models": (".gguf",)}
-
 
 def comfy_module(name: str):
     """A ComfyUI module (`folder_paths`, `comfy.utils`, …) or None outside ComfyUI."""
@@ -27,66 +23,6 @@ def comfy_module(name: str):
         return importlib.import_module(name)
     except ImportError:
         return None
-
-
-# ---------------------------------------------------------------- model folders
-
-
-def model_folders(kind: str) -> list[str]:
-    """ComfyUI's folders for `kind` ("diffusion_models", "text_encoders", "vae"); none outside ComfyUI."""
-    folder_paths = comfy_module("folder_paths")
-    if folder_paths is None:
-        return []
-    return [p for p in folder_paths.get_folder_paths(kind) if os.path.isdir(p)]
-
-
-def builtin_models(kind: str) -> dict[str, str]:
-    """The built-in small model's files offered beside the user's (combo name -> path), when shipped."""
-    from kontext_core.small_model import BUILTIN_PREFIX, small_model_files
-
-    files = small_model_files()
-    paths = {"diffusion_models": [files.transformer], "text_encoders": [files.t5, files.clip], "vae": [files.vae]}
-    return {f"{BUILTIN_PREFIX}{p.name}": str(p) for p in paths.get(kind, []) if p.is_file()}
-
-
-def list_models(kind: str) -> list[str]:
-    """Model files (safetensors only: pickles are never loaded) under the `kind` folders, as relative names,
-    then the built-in small model's (so a graph runs before any real weights are installed)."""
-    names = set()
-    for root in model_folders(kind):
-        for folder, _, files in os.walk(root, followlinks=True):
-            for file in files:
-                if file.lower().endswith(MODEL_EXTENSIONS + EXTRA_EXTENSIONS.get(kind, ())):
-                    names.add(os.path.relpath(os.path.join(folder, file), root).replace(os.sep, "/"))
-    return sorted(names) + list(builtin_models(kind))
-
-
-def check_model_name(kind: str, name: str, input_name: str) -> bool | str:
-    """True, or the message ComfyUI shows when a queued prompt names a file the folder does not hold."""
-    try:
-        model_path(kind, name, input_name)
-    except ValueError as e:
-        return str(e)
-    return True
-
-
-def model_path(kind: str, name: str, input_name: str) -> str:
-    """The file behind a combo value. Only names the folder listing offers are accepted, so a workflow
-    cannot reach outside the model folders (no absolute paths, no `..`)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"input '{input_name}' must name a file in ComfyUI's models/{kind} folder, got {name!r}")
-    builtin = builtin_models(kind)
-    if name in builtin:
-        return builtin[name]
-    if name in list_models(kind):
-        for root in model_folders(kind):
-            path = os.path.join(root, *name.split("/"))
-            if os.path.isfile(path):
-                return path
-    raise ValueError(
-        f"input '{input_name}': {name!r} is not a .safetensors file in ComfyUI's models/{kind} folder "
-        f"(searched: {', '.join(model_folders(kind)) or 'no folders'})"
-    )
 
 
 def comfyui_root() -> str | None:

@@ -11,7 +11,8 @@ from kontext_core.runtime.lora import load_lora, unmatched_note
 from kontext_core.runtime.quant import COMPUTE_DTYPES, WEIGHT_DTYPES, weight_options
 from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
-from ._comfy import ModelSlot, check_model_name, comfyui_root, list_models, model_path, torch_device
+from ._comfy import ModelSlot, comfyui_root, torch_device
+from ._models import check_model_name, list_models, model_path
 from ._spec import Input, KontextNode, LoraModel, Output, model_input
 
 CATEGORY = "Kontext Core/loaders"

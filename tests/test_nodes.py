@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.helpers.nodes import ROOT, TinyTextEncoder, TinyVAE, load_pack, random_image
+from tests.helpers.nodes import ROOT, TinyTextEncoder, TinyVAE, load_pack, random_image, use_model_folders
 from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
 
 from kontext_core import sampling
@@ -24,6 +24,7 @@ pack = load_pack()
 nodes = sys.modules[f"{pack.__name__}.nodes"]
 _comfy = sys.modules[f"{pack.__name__}.nodes._comfy"]
 _adapter = sys.modules[f"{pack.__name__}.nodes._adapter"]
+_models = sys.modules[f"{pack.__name__}.nodes._models"]
 BY_ID = {node.NODE_ID: node for node in nodes.NODES}
 
 
@@ -448,28 +449,34 @@ def test_loader_lists_only_safetensors_and_refuses_other_names(monkeypatch, tmp_
     (tmp_path / "outside.safetensors").write_bytes(b"x")
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "ae-Q8_0.gguf").write_bytes(b"x")  # GGUF is read for transformers only
-    folders = {"diffusion_models": [str(root)], "vae": [str(tmp_path / "vae")]}
-    monkeypatch.setattr(_comfy, "model_folders", lambda kind: folders.get(kind, []))
+    use_model_folders(
+        monkeypatch, _comfy, {"diffusion_models": [str(root)], "vae": [str(tmp_path / "vae")]}, install=tmp_path
+    )
     builtin = f"{BUILTIN_PREFIX}flux1-kontext-small.safetensors"
-    assert _comfy.list_models("diffusion_models") == [
+    assert _models.list_models("diffusion_models") == [
         "kontext-Q4_K_M.gguf",
         "kontext.safetensors",
         "sub/fp8.sft",
         builtin,
     ]
-    assert _comfy.model_path("diffusion_models", "sub/fp8.sft", "model_name") == str(root / "sub" / "fp8.sft")
-    assert _comfy.model_path("diffusion_models", builtin, "model_name") == str(small_model_files().transformer)
-    assert _comfy.list_models("vae") == [f"{BUILTIN_PREFIX}ae-small.safetensors"]  # offered with no files at all
+    assert _models.model_path("diffusion_models", "sub/fp8.sft", "model_name") == str(root / "sub" / "fp8.sft")
+    assert _models.model_path("diffusion_models", builtin, "model_name") == str(small_model_files().transformer)
+    assert _models.list_models("vae") == [f"{BUILTIN_PREFIX}ae-small.safetensors"]  # offered with no files at all
     for bad in ("old.ckpt", "../outside.safetensors", str(tmp_path / "outside.safetensors"), ""):
         with pytest.raises(ValueError, match="'model_name'"):
-            _comfy.model_path("diffusion_models", bad, "model_name")
+            _models.model_path("diffusion_models", bad, "model_name")
 
 
 def test_model_loader_caches_and_switches(monkeypatch, tmp_path):
     loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]
     for name in ("a.safetensors", "b.safetensors"):
         (tmp_path / name).write_bytes(name.encode())
-    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(tmp_path)])
+    use_model_folders(
+        monkeypatch,
+        _comfy,
+        dict.fromkeys(("diffusion_models", "text_encoders", "vae"), [str(tmp_path)]),
+        install=tmp_path,
+    )
     monkeypatch.setattr(loaders, "torch_device", lambda: torch.device("cpu"))
     loads = []
 
@@ -538,7 +545,7 @@ def lora_folder(monkeypatch, tmp_path, model):
             "lora_unet_down_blocks_0_proj_in.lora_down.weight": torch.zeros(2, 8),
         },
     )
-    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(tmp_path)] if kind == "loras" else [])
+    use_model_folders(monkeypatch, _comfy, {"loras": [str(tmp_path)]}, install=tmp_path)
     return tmp_path
 
 
@@ -546,7 +553,7 @@ def lora_folder(monkeypatch, tmp_path, model):
 def test_lora_loader_leaves_the_model_and_the_sampler_applies_its_loras(model, encoder, lora_folder, capsys):
     from kontext_core.runtime.lora import apply_lora
 
-    assert _comfy.list_models("loras") == ["sdxl.safetensors", "style.safetensors", "sub/detail.safetensors"]
+    assert _models.list_models("loras") == ["sdxl.safetensors", "style.safetensors", "sub/detail.safetensors"]
     cond, _ = _edit_inputs(encoder)
     common = dict(seed=5, width=48, height=32)
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -784,7 +791,12 @@ def test_loaders_validate_model_names_before_queueing(monkeypatch, tmp_path):
     """ComfyUI calls validate_inputs with named arguments when a prompt is queued: unknown files get a 400."""
     loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]
     (tmp_path / "flux.safetensors").write_bytes(b"x")
-    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(tmp_path)])
+    use_model_folders(
+        monkeypatch,
+        _comfy,
+        dict.fromkeys(("diffusion_models", "text_encoders", "vae"), [str(tmp_path)]),
+        install=tmp_path,
+    )
     assert loaders.KontextCoreModelLoader.validate_inputs("flux.safetensors") is True
     message = loaders.KontextCoreModelLoader.validate_inputs("missing.safetensors")
     assert "model_name" in message and "missing.safetensors" in message

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from tests.helpers.nodes import ROOT, TinyTextEncoder, TinyVAE, load_pack
+from tests.helpers.nodes import ROOT, TinyTextEncoder, TinyVAE, load_pack, use_model_folders
 from PIL import Image
 from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
 
@@ -147,7 +147,8 @@ def test_multi_round_rounds_edit_the_previous_result():
 
 def host_folders(monkeypatch, tmp_path) -> None:
     """ComfyUI's model, input and output folders under tmp_path; loaders on the CPU with empty caches."""
-    monkeypatch.setattr(_comfy, "model_folders", lambda kind: [str(tmp_path / kind)])
+    kinds = ("diffusion_models", "text_encoders", "vae", "loras")
+    use_model_folders(monkeypatch, _comfy, {kind: [str(tmp_path / kind)] for kind in kinds}, install=tmp_path)
     monkeypatch.setattr(_comfy, "input_directory", lambda: str(tmp_path / "input"))
     monkeypatch.setattr(_comfy, "output_directory", lambda: str(tmp_path / "output"))
     loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -74,3 +76,38 @@ def random_image(batch: int, height: int, width: int, seed: int) -> torch.Tensor
     """A ComfyUI IMAGE whose pixels are exact 8-bit values, like LoadImage's."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (batch, height, width, 3), generator=gen).float() / 255.0
+
+
+class FakeFolderPaths(types.ModuleType):
+    """ComfyUI's `folder_paths` as far as the loaders use it (folders per kind, listing by extension, lookup
+    with `..` stripped), for tests outside ComfyUI; the real one is exercised in tests/integration."""
+
+    def __init__(self, folders: dict[str, list[str]], install: Path):
+        super().__init__("folder_paths")
+        self.__file__ = str(install / "folder_paths.py")  # where ComfyUI's own tokenizers would be looked for
+        kinds = ("diffusion_models", "text_encoders", "vae", "loras")
+        self.folder_names_and_paths = {kind: (list(folders.get(kind, [])), {".safetensors", ".ckpt"}) for kind in kinds}
+
+    def get_folder_paths(self, kind: str) -> list[str]:
+        return self.folder_names_and_paths[kind][0][:]
+
+    def get_filename_list(self, key: str) -> list[str]:
+        roots, extensions = self.folder_names_and_paths[key]
+        names = set()
+        for root in roots:
+            for folder, _, files in os.walk(root, followlinks=True):
+                kept = [f for f in files if os.path.splitext(f)[1].lower() in extensions]
+                names.update(os.path.relpath(os.path.join(folder, f), root) for f in kept)
+        return sorted(names)
+
+    def get_full_path(self, key: str, name: str) -> str | None:
+        name = os.path.relpath(os.path.join("/", name), "/")
+        paths = (os.path.join(root, name) for root in self.folder_names_and_paths[key][0])
+        return next((path for path in paths if os.path.isfile(path)), None)
+
+
+def use_model_folders(monkeypatch, comfy_bridge, folders: dict[str, list[str]], install: Path) -> None:
+    """The pack sees `folders` as ComfyUI's model folders (kind -> paths) of a ComfyUI in `install` (without
+    its tokenizer folders); other ComfyUI modules stay absent."""
+    fake = FakeFolderPaths(folders, install)
+    monkeypatch.setattr(comfy_bridge, "comfy_module", lambda name: fake if name == "folder_paths" else None)
