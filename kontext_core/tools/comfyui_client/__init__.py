@@ -2,12 +2,15 @@
 
     python -m kontext_core.tools.comfyui_client --server http://127.0.0.1:8188 --workflow workflows/api/single_edit.json \\
         --images photos/ --prompt "Make it a watercolour painting" --out results/
-    python -m kontext_core.tools.comfyui_client --workflow workflows/api/single_edit.json --csv items.csv --out results/
+    python -m kontext_core.tools.comfyui_client --workflow workflows/api/single_edit.json --csv items.csv --out results/ \\
+        --server http://gpu0:8188 --server http://gpu1:8188
 
 For each item the image is uploaded (POST /upload/image), the workflow is patched and queued (POST /prompt),
 progress is followed over ComfyUI's websocket (polling /history/<id> where no websocket can be opened), and
-the outputs are downloaded from /view into --out. `--out/queue_state.jsonl` records every finished item, so
-a second run skips what is done and retries what failed. A rejected prompt or a failed run is reported with
+the outputs are downloaded from /view into --out. `--out/manifest.jsonl` has a line for every finished item
+(item, image, prompt, seed, attempts, seconds, output, sha256, server), so a second run skips what is done and
+retries what failed. With several servers each runs one item at a time; one that dies, hangs or answers errors
+leaves the rotation and its item runs on another (fleet.py). A rejected prompt or a failed run is reported with
 ComfyUI's own error text and the batch goes on; the exit status is 1 when any item failed.
 
 Which inputs get patched, unless --image-node / --prompt-node / --seed-node name the node ids:
@@ -20,33 +23,37 @@ Standard library only (a small RFC 6455 websocket reader included), so it runs f
 without ComfyUI, torch or pip installs.
 """
 
+from kontext_core.batch.items import IMAGE_EXTENSIONS, BatchError, Item, items_from_csv, items_from_folder
+from kontext_core.batch.manifest import MANIFEST_FILE
 from kontext_core.tools.comfyui_client.cli import build_parser, main
+from kontext_core.tools.comfyui_client.fleet import FleetBatch, Member
 from kontext_core.tools.comfyui_client.items import (
-    IMAGE_EXTENSIONS,
-    STATE_FILE,
     UPLOAD_SUBFOLDER,
-    Item,
     QueueError,
+    ServerFault,
     Slots,
+    Stalled,
     TimedOut,
     find_slots,
-    items_from_csv,
-    items_from_folder,
     patch_workflow,
 )
-from kontext_core.tools.comfyui_client.jobs import Runner, State, run_batch
+from kontext_core.tools.comfyui_client.jobs import Runner, run_item
 from kontext_core.tools.comfyui_client.transport import Server, WebSocket, WebSocketClosed, frame_length
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "STATE_FILE",
+    "MANIFEST_FILE",
     "UPLOAD_SUBFOLDER",
+    "BatchError",
+    "FleetBatch",
     "Item",
+    "Member",
     "QueueError",
     "Runner",
     "Server",
+    "ServerFault",
     "Slots",
-    "State",
+    "Stalled",
     "TimedOut",
     "WebSocket",
     "WebSocketClosed",
@@ -57,5 +64,5 @@ __all__ = [
     "items_from_folder",
     "main",
     "patch_workflow",
-    "run_batch",
+    "run_item",
 ]

@@ -1,87 +1,30 @@
-"""The batch's items (a folder or a CSV) and the workflow inputs each one patches."""
+"""The workflow inputs each item patches, and the errors of one item on one server."""
 
 import copy
-import csv
-import hashlib
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
+from kontext_core.batch.items import BatchError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 PROMPT_INPUTS = ("prompt", "text")
 SEED_INPUTS = ("seed", "noise_seed")
-STATE_FILE = "queue_state.jsonl"
 UPLOAD_SUBFOLDER = "kontext_queue"
 
 
-class QueueError(RuntimeError):
-    """One item could not be run; the message is what the user needs to fix it."""
+class QueueError(BatchError):
+    """One item could not be run on one server; the message is what the user needs to fix it."""
 
 
 class TimedOut(QueueError):
-    pass
+    """The item took longer than its timeout (the server kept working on it)."""
 
 
-# ---------------------------------------------------------------- items
+class Stalled(TimedOut):
+    """The server sent nothing at all for the stall timeout while running the item: it is taken for hung."""
 
 
-@dataclass(frozen=True)
-class Item:
-    name: str  # stem of the output files, unique within a batch
-    image: Path
-    prompt: str | None
-    seed: int | None
-
-    def key(self, workflow: dict) -> str:
-        """Identity for resuming: the image bytes, prompt, seed and workflow, so an edited row is redone, and the
-        name its outputs get, so a row that moved in the CSV (names carry the row number) or a duplicate row runs
-        for itself instead of taking another row's files."""
-        digest = hashlib.sha256(self.image.read_bytes())
-        digest.update(json.dumps([self.name, self.prompt, self.seed, workflow], sort_keys=True).encode())
-        return digest.hexdigest()[:32]
-
-
-def items_from_folder(folder: Path, prompt: str, seed: int | None = None) -> list[Item]:
-    if not folder.is_dir():
-        raise QueueError(f"--images: {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise QueueError(f"--images: {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    stems = [p.stem for p in files]
-    # a.png and a.jpg would write the same a_0.png: such names keep their extension
-    return [Item(p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix[1:]}", p, prompt, seed) for p in files]
-
-
-def items_from_csv(path: Path) -> list[Item]:
-    """Rows of `image,prompt,seed` (seed may be empty); image paths are relative to the CSV's folder."""
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-            columns = set(rows[0]) if rows else set()
-    except OSError as e:
-        raise QueueError(f"--csv: cannot read {path}: {e.strerror}") from None
-    if not rows:
-        raise QueueError(f"--csv: {path} has no rows (expected a header line 'image,prompt,seed' and one row per item)")
-    missing = {"image", "prompt"} - columns
-    if missing:
-        raise QueueError(f"--csv: {path} lacks column(s) {sorted(missing)}; expected image,prompt,seed")
-    items = []
-    for number, row in enumerate(rows, start=1):
-        where = f"--csv: {path} row {number}"
-        image = path.parent / (row["image"] or "").strip()
-        if not row["image"] or not image.is_file():
-            raise QueueError(f"{where}: image {row['image']!r} is not a file (relative to {path.parent})")
-        seed_text = (row.get("seed") or "").strip()
-        try:
-            seed = int(seed_text) if seed_text else None
-        except ValueError:
-            raise QueueError(f"{where}: seed must be a whole number, got {seed_text!r}") from None
-        if seed is not None and seed < 0:
-            raise QueueError(f"{where}: seed must be 0 or more, got {seed}")
-        items.append(Item(f"{number:04d}_{image.stem}", image, row["prompt"], seed))
-    return items
+class ServerFault(QueueError):
+    """The server answered with an error of its own (HTTP 5xx), whatever the item."""
 
 
 # ---------------------------------------------------------------- workflow patching
@@ -161,3 +104,11 @@ def patch_workflow(workflow: dict, slots: Slots, image: str, prompt: str | None,
         inputs = patched[node]["inputs"]
         inputs[_literal_input(names, kind)("", inputs)] = value
     return patched
+
+
+def seed_of(workflow: dict, slots: Slots) -> int | None:
+    """The seed a (patched) workflow runs with, for the manifest."""
+    if slots.seed is None:
+        return None
+    inputs = workflow[slots.seed]["inputs"]
+    return inputs[_literal_input(SEED_INPUTS, int)("", inputs)]

@@ -1,20 +1,18 @@
-"""Running the batch: queueing each item, following it to its outputs, and the state file that makes a rerun resume."""
+"""One item on one server: uploading its image, queueing the workflow, following it to its outputs."""
 
 import json
-import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kontext_core.batch.items import Item
 from kontext_core.files import written_whole
-from kontext_core.tools.comfyui_client.items import STATE_FILE, Item, QueueError, Slots, TimedOut, patch_workflow
+from kontext_core.batch.items import BatchError
+from kontext_core.tools.comfyui_client.items import QueueError, Slots, Stalled, TimedOut, patch_workflow, seed_of
 from kontext_core.tools.comfyui_client.transport import Server, WebSocket
 
 
@@ -25,6 +23,7 @@ from kontext_core.tools.comfyui_client.transport import Server, WebSocket
 class Runner:
     server: Server
     timeout: float = 600.0  # per item, from queueing to the last message
+    stall_timeout: float = 120.0  # the longest silence of the websocket before the server is taken for hung
     poll_interval: float = 0.5
     log: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr, flush=True))
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -56,19 +55,27 @@ class Runner:
                     self.log(f"websocket lost ({e}); polling /history instead")
                     self.websocket = None
             return self._poll(prompt_id, deadline)
-        except TimedOut:
+        except TimedOut:  # Stalled included
             # a prompt left behind would hold up every item queued after it
             self.server.cancel(prompt_id)
             raise
 
     def _follow(self, prompt_id: str, deadline: float, label: str) -> None:
+        heard, previews = time.monotonic(), self.websocket.binary_messages
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if now > deadline:
                 raise TimedOut(f"timed out after {self.timeout:g} s waiting for prompt {prompt_id} (cancelled it)")
-            text = self.websocket.receive(min(left, 1.0))
+            if previews != self.websocket.binary_messages:  # a preview image is a sign of life too
+                heard, previews = now, self.websocket.binary_messages
+            if now - heard > self.stall_timeout:
+                raise Stalled(
+                    f"no word from the server for {self.stall_timeout:g} s on prompt {prompt_id} (cancelled it)"
+                )
+            text = self.websocket.receive(min(deadline - now, 1.0))
             if text is None:
                 continue
+            heard = time.monotonic()
             message = json.loads(text)
             kind, data = message.get("type"), message.get("data") or {}
             if data.get("prompt_id") != prompt_id:
@@ -118,85 +125,30 @@ def output_images(entry: dict) -> list[dict]:
     return images
 
 
-# ---------------------------------------------------------------- the batch
-
-
-class State:
-    """`queue_state.jsonl`: one JSON line per finished attempt; the last line for a key wins."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.done: dict[str, dict] = {}
-        if path.exists():
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a crash: that item simply runs again
-                if record.get("status") == "done":
-                    self.done[record["key"]] = record
-                else:
-                    self.done.pop(record.get("key"), None)
-
-    def finished(self, key: str, out: Path) -> bool:
-        record = self.done.get(key)
-        return record is not None and all((out / name).is_file() for name in record.get("files", []))
-
-    def record(self, entry: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if entry["status"] == "done":
-            self.done[entry["key"]] = entry
-
-
-def run_batch(runner: Runner, workflow: dict, slots: Slots, items: list[Item], out: Path) -> tuple[int, int, int]:
-    """Runs every item not already done; returns (done now, skipped as done before, failed)."""
-    out.mkdir(parents=True, exist_ok=True)
-    state = State(out / STATE_FILE)
-    done = skipped = failed = 0
-    for number, item in enumerate(items, start=1):
-        label = f"[{number}/{len(items)}] {item.name}"
-        key = item.key(workflow)
-        if state.finished(key, out):
-            skipped += 1
-            runner.log(f"{label}: done in an earlier run, skipped")
-            continue
-        started = time.monotonic()
+def run_item(runner: Runner, workflow: dict, slots: Slots, item: Item, key: str, out: Path, label: str) -> list[str]:
+    """Runs one item on the runner's server and writes its outputs whole into `out`; returns their names.
+    Raises QueueError (and the transport's URLError, OSError, ValueError) when it does not finish there."""
+    # the key in the name: a changed image never overwrites one a queued prompt still reads
+    stem = re.sub(r"[^\w.-]", "_", item.image.stem)
+    upload_name = f"{stem}_{key[:12]}{item.image.suffix.lower()}"
+    image = runner.server.upload_image(item.image, upload_name)
+    entry = runner.run_prompt(patch_workflow(workflow, slots, image, item.prompt, item.seed), label)
+    images = output_images(entry)
+    if not images:
+        raise QueueError("the prompt finished but saved no image (does the workflow end in a save node?)")
+    files = []
+    for index, image_ref in enumerate(images):
+        name = f"{item.name}_{index}{Path(image_ref['filename']).suffix or '.png'}"
+        data = runner.server.view(image_ref)
         try:
-            # the key in the name: a changed image never overwrites one a queued prompt still reads
-            stem = re.sub(r"[^\w.-]", "_", item.image.stem)
-            upload_name = f"{stem}_{key[:12]}{item.image.suffix.lower()}"
-            image = runner.server.upload_image(item.image, upload_name)
-            entry = runner.run_prompt(patch_workflow(workflow, slots, image, item.prompt, item.seed), label)
-            images = output_images(entry)
-            if not images:
-                raise QueueError("the prompt finished but saved no image (does the workflow end in a save node?)")
-            files = []
-            for index, image_ref in enumerate(images):
-                name = f"{item.name}_{index}{Path(image_ref['filename']).suffix or '.png'}"
-                data = runner.server.view(image_ref)
-                with written_whole(out / name) as partial:
-                    partial.write_bytes(data)
-                files.append(name)
-        except (QueueError, urllib.error.URLError, OSError, ValueError, KeyError) as e:
-            failed += 1
-            reason = str(e) if isinstance(e, QueueError) else f"{type(e).__name__}: {e}"
-            state.record({"key": key, "name": item.name, "image": str(item.image), "status": "failed", "error": reason})
-            runner.log(f"{label}: FAILED: {reason}")
-            continue
-        done += 1
-        seconds = time.monotonic() - started
-        state.record(
-            {
-                "key": key,
-                "name": item.name,
-                "image": str(item.image),
-                "status": "done",
-                "files": files,
-                "seconds": round(seconds, 2),
-            }
-        )
-        runner.log(f"{label}: done in {seconds:.1f} s -> {', '.join(files)}")
-    return done, skipped, failed
+            with written_whole(out / name) as partial:
+                partial.write_bytes(data)
+        except OSError as e:  # this machine's disk, not the server: not a reason to take the server out
+            raise BatchError(f"cannot write {out / name}: {e.strerror or e}") from None
+        files.append(name)
+    return files
+
+
+def item_seed(workflow: dict, slots: Slots, item: Item) -> int | None:
+    """The seed the item runs with: its own, or the workflow's."""
+    return item.seed if item.seed is not None or slots.seed is None else seed_of(workflow, slots)

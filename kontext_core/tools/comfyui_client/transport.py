@@ -14,7 +14,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from kontext_core.tools.comfyui_client.items import UPLOAD_SUBFOLDER, QueueError
+from kontext_core.tools.comfyui_client.items import UPLOAD_SUBFOLDER, QueueError, ServerFault
 
 
 class Server:
@@ -62,7 +62,7 @@ class Server:
         try:
             answer = json.loads(self._request("POST", "/upload/image", body, headers))
         except urllib.error.HTTPError as e:
-            raise QueueError(f"uploading {path} failed: HTTP {e.code}") from None
+            raise (ServerFault if e.code >= 500 else QueueError)(f"uploading {path} failed: HTTP {e.code}") from None
         subfolder = answer.get("subfolder") or ""
         return f"{subfolder}/{answer['name']}" if subfolder else answer["name"]
 
@@ -70,7 +70,8 @@ class Server:
         try:
             answer = self.json("POST", "/prompt", {"prompt": workflow, "client_id": client_id})
         except urllib.error.HTTPError as e:
-            raise QueueError(f"ComfyUI rejected the prompt (HTTP {e.code}): {describe_rejection(e.read())}") from None
+            error = ServerFault if e.code >= 500 else QueueError
+            raise error(f"ComfyUI rejected the prompt (HTTP {e.code}): {describe_rejection(e.read())}") from None
         return answer["prompt_id"]
 
     def history(self, prompt_id: str) -> dict | None:
