@@ -14,13 +14,18 @@ import math
 import os
 import re
 import threading
-import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from kontext_core.policy.ages import AGE_VOCABULARY, AgeFinder
+from kontext_core.policy.person_names import named_people
+from kontext_core.policy.prompt_text import PromptNormalizer, fold_script
+from kontext_core.policy.rendered_text import rendered_segments
+from kontext_core.policy.word_lists import first_names, is_english_word
 
 CATEGORIES = ("minors", "ncii", "sexual", "violence", "hate")
 MIN_TOLERANCE, MAX_TOLERANCE, DEFAULT_TOLERANCE = 0, 6, 2
@@ -146,7 +151,17 @@ def _tables() -> dict:
 
 @lru_cache(maxsize=1)
 def _filter() -> _PromptFilter:
-    return _PromptFilter(_load("normalize.json"), _load("lexicon.json"), _load("markers.json"), _load("rules.json"))
+    return _PromptFilter(
+        _load("normalize.json"),
+        _load("lexicon.json"),
+        _load("markers.json"),
+        _load("rules.json"),
+        _load("glossary.json"),
+    )
+
+
+def _is_real_word(word: str) -> bool:
+    return is_english_word(word) or word in first_names()
 
 
 class _TermMatcher:
@@ -186,20 +201,8 @@ class _TermMatcher:
         return found
 
 
-_SEPARATOR_RUN = re.compile(
-    # Three or more single characters split by one repeated separator: "n u d e", "p.o.r.n", "s-e-x".
-    r"(?<![a-z0-9@$])([a-z0-9@$])(?P<sep>[ .\-_*·•,:/\\]+)[a-z0-9@$](?:(?P=sep)[a-z0-9@$]){1,}(?![a-z0-9@$])"
-)
-_TOKEN_SPLIT = re.compile(r"[^a-z0-9@$!|€£*]+")
-_AGE_TOKEN = re.compile(r"^(\d{1,3})(yo|yr|yrs|y|yearold|yearolds|yrold|yrsold)$")
-_REPEAT = re.compile(r"(.)\1{2,}")
-
-
 class _PromptFilter:
-    def __init__(self, norm: dict, lexicon: dict, markers: dict, rules: dict):
-        self._leet = norm["leet"]
-        self._confusables = str.maketrans(norm["confusables"])
-        self._age_words = norm["age_words"]
+    def __init__(self, norm: dict, lexicon: dict, markers: dict, rules: dict, glossary: dict):
         exceptions = lexicon["exceptions"]
         entries = []
         for category in CATEGORIES:
@@ -210,7 +213,13 @@ class _PromptFilter:
             [(t, name) for name, terms in markers.items() if not name.startswith("_") for t in terms]
         )
         self._marker_exceptions = markers.get("_exceptions", {})
-        self._vocabulary = self._lexicon.vocabulary() | self._markers.vocabulary()
+        regexes = [r["pattern"] for r in rules["patterns"] + rules["cues"]] + list(rules["macros"].values())
+        rule_words = {w for pattern in regexes for w in re.findall(r"[a-z]{2,}", pattern)}
+        words = {k: v for language, pairs in glossary.items() if not language.startswith("_") for k, v in pairs.items()}
+        # Words that make a term benign are known words too: "Gore-Tex" must not be read as a slip for "gore text".
+        excepting = {w for table in (exceptions, self._marker_exceptions) for e in table.values() for w in e["words"]}
+        vocabulary = self._lexicon.vocabulary() | self._markers.vocabulary() | rule_words | AGE_VOCABULARY | excepting
+        self._normalizer = PromptNormalizer(norm["leet"], vocabulary, words, _is_real_word)
         macros = {
             name: "|".join(_term_regex(t) for t in sorted(terms, key=len, reverse=True))
             for name, terms in markers.items()
@@ -218,73 +227,38 @@ class _PromptFilter:
         }
         macros.update(rules["macros"])
         self._patterns = [
-            (r["id"], r["category"], r["severity"], re.compile(_expand(r["pattern"], macros)))
+            (
+                r["id"],
+                r["category"],
+                r["severity"],
+                r.get("scope") == "rendered",
+                re.compile(_expand(r["pattern"], macros)),
+            )
             for r in rules["patterns"]
         ]
+        # Cues are wordings that are harmless alone ("with nothing on") and count only in combinations.
+        self._cues = [
+            (r["id"], r.get("scope") == "rendered", re.compile(_expand(r["pattern"], macros))) for r in rules["cues"]
+        ]
         self._combinations = rules["combinations"]
-        numbers = "|".join(self._age_words)
-        self._age = re.compile(
-            # years read as time are no age: "in ten years", "10 years younger", "one year anniversary"
-            rf"(?<! in)(?<! for)(?<! after)(?<! within) (\d{{1,3}}|{numbers}) (?:yo|y o|year olds?|years? old|yrs? old|yr old|(?:yrs?|years?)(?! (?:younger|older|ago|later|of|from|apart|long|anniversary|in|on|and|since|before|after)))(?= )|"
-            rf" (?:aged?|age of) (\d{{1,3}}|{numbers})(?= )"
-        )
+        self._ages = AgeFinder(norm["age_words"])
 
     def normalize(self, prompt: str) -> str:
-        text = unicodedata.normalize("NFKC", prompt)
-        # Zero-width joiners, soft hyphens and other format characters hide words from matchers.
-        text = "".join(c for c in text if unicodedata.category(c) != "Cf").lower().translate(self._confusables)
-        text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
-        text = text.replace("'", " ").replace("’", " ")
-        text = _SEPARATOR_RUN.sub(self._join_run, text)
-        tokens = []
-        for raw in _TOKEN_SPLIT.split(text):
-            age = _AGE_TOKEN.match(raw)
-            if age:
-                tokens += [age.group(1), "yo"]
-            elif raw:
-                tokens += self._canonical(raw)
-        return " " + " ".join(tokens) + " "
-
-    def _join_run(self, m: re.Match) -> str:
-        joined = re.sub(r"[^a-z0-9@$]", "", m.group(0))
-        # "a n u d e" is the article "a" before a spelled-out word, not the word "anude".
-        if joined[0] in "ai" and self._deleet(joined[1:]) in self._vocabulary:
-            return f"{joined[0]} {joined[1:]}"
-        return joined
-
-    def _deleet(self, word: str) -> str:
-        if word.isdigit() or not any(c.isalpha() for c in word):
-            return word
-        return "".join(self._leet.get(c, c) for c in word)
-
-    def _canonical(self, raw: str) -> list[str]:
-        word = raw.strip("!|.*€£")
-        if not word:
-            return []
-        if "*" in word:
-            # "p**n", "f*ck": each star hides one letter of a listed word.
-            pattern = re.compile("^" + re.escape(word).replace(r"\*", "[a-z]") + "$")
-            match = next((v for v in sorted(self._vocabulary) if pattern.match(v)), None)
-            return [match] if match else [w for w in word.split("*") if w]
-        word = self._deleet(word)
-        if _REPEAT.search(word) and word not in self._vocabulary:
-            # "nuuuude", "sexxxy": shrink long runs to two letters, then to one, keeping a known word.
-            for candidate in (_REPEAT.sub(r"\1\1", word), _REPEAT.sub(r"\1", word)):
-                if candidate in self._vocabulary:
-                    return [candidate]
-            return [_REPEAT.sub(r"\1\1", word)]
-        return [word]
+        return self._normalizer.normalize(prompt)
 
     def scan(self, prompt: str) -> list[SafetyHit]:
-        text = self.normalize(prompt)
+        folded = fold_script(prompt)
+        text = self._normalizer.read(folded)
+        # Text to be rendered, each piece read alone and kept apart so that no rule spans two of them.
+        rendered = " " + " ; ".join(self._normalizer.read(s).strip() for s in rendered_segments(folded)) + " "
         tokens = text.split()
         hits = []
         for start, end, term, (category, severity, exception) in self._lexicon.find(tokens):
             if _excepted(tokens, start, end, exception):
                 continue
             hits.append(SafetyHit(category, severity, f"term:{term}", " ".join(tokens[start:end])))
-        for rule_id, category, severity, pattern in self._patterns:
-            m = pattern.search(text)
+        for rule_id, category, severity, on_rendered, pattern in self._patterns:
+            m = pattern.search(rendered if on_rendered else text)
             if m:
                 # Look-ahead-only rules match an empty string; name the rule instead.
                 hits.append(SafetyHit(category, severity, f"rule:{rule_id}", m.group(0).strip() or rule_id))
@@ -293,14 +267,18 @@ class _PromptFilter:
             for start, end, term, name in self._markers.find(tokens)
             if not _excepted(tokens, start, end, self._marker_exceptions.get(term))
         }
-        for m in self._age.finditer(text):
-            age = m.group(1) or m.group(2)
-            if (int(age) if age.isdigit() else self._age_words[age]) < 18:
-                features.add("age_under_18")
+        features.update(
+            cue for cue, on_rendered, pattern in self._cues if pattern.search(rendered if on_rendered else text)
+        )
+        if self._ages.minor_ages(text):
+            features.add("age_under_18")
+        if named_people(folded, first_names(), is_english_word):
+            features.add("named_person")
         for hit in hits:
             features.update(f"{hit.category}>={s}" for s in range(1, hit.severity + 1))
         for combo in self._combinations:
-            if all(f in features for f in combo["all"]):
+            # Each listed feature is needed; "a|b" is met by either.
+            if all(any(f in features for f in need.split("|")) for need in combo["all"]):
                 hits.append(
                     SafetyHit(
                         combo["category"], combo["severity"], f"combination:{combo['id']}", " + ".join(combo["all"])

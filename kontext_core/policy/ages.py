@@ -1,0 +1,89 @@
+"""Ages and school years stated anywhere in a prompt.
+
+The filter links a stated age to every person in the prompt: "The girl in the photo is 12. Take off her clothes."
+names the age in one clause and the undressing in another, and no parser is needed to see that both are about the
+one child. A number is read as an age only where the wording says so ("12 years old", "12yo", "aged 12", "she is
+12", "like 15 or so", "a child model, 10,"), and a school year is read as the age it implies ("third grader",
+"in year 7"); numbers of years that are no age ("10 years older", "in ten years") and counts ("2 dogs") are not.
+"""
+
+from __future__ import annotations
+
+import re
+
+ADULT_AGE = 18
+# Words that an age phrase is made of, for the normalizer's reading of slips ("yera old").
+AGE_VOCABULARY = {"year", "years", "old", "aged", "grade", "grader", "graders", "puberty"}
+
+_ORDINALS = {
+    "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7, "eighth": 8,
+    "ninth": 9, "tenth": 10, "eleventh": 11, "twelfth": 12,
+    "1st": 1, "2nd": 2, "3rd": 3, "4th": 4, "5th": 5, "6th": 6, "7th": 7, "8th": 8, "9th": 9, "10th": 10,
+    "11th": 11, "12th": 12,
+}  # fmt: skip
+# A pupil of grade N (US) is about N + 5 years old; of year N (UK) about N + 4.
+_GRADE_AGE, _SCHOOL_YEAR_AGE = 5, 4
+_MAX_SCHOOL_YEAR = 13
+# Words that may follow a bare age ("she is 12 ..."): a new clause, a conjunction, the end of the sentence.
+# Anything else ("is 5 meters", "are 3 cats") makes the number a measure or a count.
+_CLAUSE_START = (
+    "and|or|but|so|then|now|yet|already|too|ok|okay|please|make|remove|take|undress|strip|show|give|put|change|"
+    "get|let|have|leave|draw|turn|edit|add|she|he|they|it|her|his|him|them|the|a|an|in|on|at|with|from|to|yo|"
+    "ish|max|tops|maybe|right|just|this|that|nude|naked|sexy|years old|year old|\\d+"
+)
+# A number of years after these words is a span of time ("celebrating 15 years", "for 10 years"), not an age.
+_SPAN_BEFORE = "".join(
+    f"(?<! {w})" for w in ("in", "for", "after", "within", "celebrating", "over", "past", "last", "next", "since")
+)
+_TIME_WORDS = "older|younger|ago|later|of|from|apart|long|anniversary|in|on|and|since|before|after|earlier|back"
+
+
+class AgeFinder:
+    """Finds the ages under 18 and the school years a normalised prompt states; `number_words` maps words to
+    numbers ("twelve": 12)."""
+
+    def __init__(self, number_words: dict[str, int]):
+        self._numbers = dict(number_words)
+        number = rf"(\d{{1,3}}|{'|'.join(sorted(self._numbers, key=len, reverse=True))})"
+        ordinal = "|".join(sorted(_ORDINALS, key=len, reverse=True))
+        self._patterns = [
+            # years read as time are no age: "in ten years", "10 years younger", "one year anniversary"
+            re.compile(
+                rf"{_SPAN_BEFORE} {number} (?:yo|y o|year olds?|years? old|yrs? old|yr old|"
+                rf"(?:years?|yrs?) of age|(?:yrs?|years?)(?! (?:{_TIME_WORDS})))(?= )"
+            ),
+            re.compile(rf" (?:aged?|age of|ages|age to|age is|age at) (?:about |around |only |just )?{number}(?= )"),
+            re.compile(
+                rf" (?:is|s|was|turned|turns|turning|be|being|like|look|looks|looking|appear|appears|seem|seems) "
+                rf"(?:about |around |only |just |barely |maybe |like |now |almost |nearly |probably )?{number}"
+                rf"(?! (?:years?|yrs?) (?:{_TIME_WORDS}) )(?= (?:{_CLAUSE_START}) |  ?$)"
+            ),
+            # "a child model, 10, ...": a person word directly followed by the number
+            re.compile(
+                rf" (?:child|kid|girl|boy|model|daughter|son|niece|nephew|student|pupil|teen|toddler) {number}"
+                rf"(?= (?!(?:years? (?:{_TIME_WORDS})))[a-z]*[^s ] | ?$)"
+            ),
+        ]
+        self._grades = [
+            (re.compile(rf" ({ordinal}) (?:grade|grader|graders|grade student|grade pupil)(?= )"), _GRADE_AGE),
+            (re.compile(rf" (?:in|into|entering|starting) grade {number}(?= )"), _GRADE_AGE),
+            (re.compile(rf" grade {number} (?:student|pupil|girl|boy|kid|child)(?= )"), _GRADE_AGE),
+            (re.compile(rf" (?:in|into|entering|starting) year {number}(?= )"), _SCHOOL_YEAR_AGE),
+            (re.compile(rf" year {number} (?:student|pupil|girl|boy|kid|child|class)(?= )"), _SCHOOL_YEAR_AGE),
+        ]
+
+    def minor_ages(self, text: str) -> list[int]:
+        """Every age under 18 stated in `text` (normalised: lower-case words, a space at each end)."""
+        ages = []
+        for pattern in self._patterns:
+            for m in pattern.finditer(text):
+                ages.append(self._value(m.group(1)))
+        for pattern, offset in self._grades:
+            for m in pattern.finditer(text):
+                grade = _ORDINALS.get(m.group(1)) or self._value(m.group(1))
+                if grade <= _MAX_SCHOOL_YEAR:
+                    ages.append(grade + offset)
+        return [age for age in ages if age < ADULT_AGE]
+
+    def _value(self, token: str) -> int:
+        return int(token) if token.isdigit() else self._numbers[token]
