@@ -20,7 +20,7 @@ _EXPORTS = {
     "KontextPipeline": "kontext_core.pipeline",
     "load_transformer": "kontext_core.checkpoints.transformer",
     "load_vae": "kontext_core.checkpoints.autoencoder",
-    "load_text_encoder": "kontext_core.model.text",
+    "load_text_encoder": "kontext_core.checkpoints.tokenizers",
     "load_default_pipeline": "kontext_core.small_model",
     "apply_lora": "kontext_core.runtime.lora",
     "load_lora": "kontext_core.runtime.lora",

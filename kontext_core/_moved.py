@@ -27,7 +27,8 @@ MOVED = {
     "kontext_core.layers": "kontext_core.model.layers",
     "kontext_core.math": "kontext_core.model.flux_math",
     "kontext_core.autoencoder": "kontext_core.model.autoencoder",
-    "kontext_core.text": "kontext_core.model.text",
+    # the old module held the encoder and its loading; the loader imports the encoder, so both names resolve
+    "kontext_core.text": "kontext_core.checkpoints.tokenizers",
     "kontext_core.reference_cache": "kontext_core.model.reference_cache",
     "kontext_core.quant": "kontext_core.runtime.quant",
     "kontext_core.lora": "kontext_core.runtime.lora",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 import warnings
@@ -54,6 +55,28 @@ def test_a_monkeypatch_through_an_old_path_reaches_the_new_module(monkeypatch):
         old = importlib.import_module("kontext_core.quant")
     monkeypatch.setattr("kontext_core.quant.FP8_DTYPES", ())
     assert importlib.import_module("kontext_core.runtime.quant").FP8_DTYPES == () == old.FP8_DTYPES
+
+
+def test_the_old_text_module_still_gives_the_encoder_and_its_loader():
+    sys.modules.pop("kontext_core.text", None)
+    with pytest.warns(DeprecationWarning, match="kontext_core.checkpoints.tokenizers"):
+        old = importlib.import_module("kontext_core.text")
+    from kontext_core.checkpoints.tokenizers import load_text_encoder
+    from kontext_core.model.text import FluxTextEncoder
+
+    assert (old.load_text_encoder, old.FluxTextEncoder) == (load_text_encoder, FluxTextEncoder)
+
+
+def test_the_model_package_imports_no_other_engine_package():
+    """model is the bottom layer (docs/architecture.md): files, runtime and the rest build on it, not under it."""
+    imports = re.compile(r"^\s*(?:from|import) (kontext_core\.[\w.]+)", re.M)
+    outside = {
+        f"{path.name}: {name}"
+        for path in (ROOT / "kontext_core" / "model").glob("*.py")
+        for name in imports.findall(path.read_text())
+        if not name.startswith("kontext_core.model")
+    }
+    assert not outside
 
 
 def test_python_m_on_an_old_path_runs_the_new_module_and_says_where_it_went():

@@ -21,7 +21,7 @@ from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SMALL_VAE, sma
 from kontext_core.small_model.store_fp8 import MARKER
 from kontext_core.small_model.tokenizers import write_clip_tokenizer, write_t5_tokenizer
 from kontext_core.synthetic.tasks import HELD_OUT_SEED, make_task, vocabulary
-from kontext_core.model.text import load_tokenizer
+from kontext_core.checkpoints.tokenizers import load_tokenizer
 
 FILES = small_model_files()
 MIB = 2**20

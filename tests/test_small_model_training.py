@@ -17,7 +17,7 @@ from kontext_core.small_model import prepared, train_flux, train_vae
 from kontext_core.small_model.data import image_pool, training_tasks
 from kontext_core.small_model.train_flux import TaskGroup, batches, parse_kind_weights
 from kontext_core.synthetic.tasks import HELD_OUT_SEED, KINDS, make_task
-from kontext_core.model.text import load_tokenizer
+from kontext_core.checkpoints.tokenizers import load_tokenizer
 
 
 def test_training_never_sees_held_out_seeds():

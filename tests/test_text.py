@@ -17,7 +17,8 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from kontext_core import load_text_encoder
 from kontext_core.checkpoints import CheckpointError
 from kontext_core.checkpoints.text_encoders import clip_config_from_shapes, t5_config_from_shapes
-from kontext_core.model.text import FluxTextEncoder, TokenizerNotFoundError
+from kontext_core.checkpoints.tokenizers import TokenizerNotFoundError
+from kontext_core.model.text import FluxTextEncoder
 
 DATA = Path(__file__).parent / "data"
 PROMPTS = ["make the car red", "Turn the sky into a sunset, and add a small blue circle at the top left!"]
@@ -257,7 +258,7 @@ def test_config_in_the_file_header_wins_over_shapes(tiny, tmp_path):
 def test_tokenizer_files_spiece_and_tokenizer_json_agree(tiny, tmp_path):
     tiny["t5_tok"].save_pretrained(tmp_path / "t5_json")
     assert not (tmp_path / "t5_json" / "spiece.model").exists()
-    from kontext_core.model.text import load_tokenizer
+    from kontext_core.checkpoints.tokenizers import load_tokenizer
 
     a = load_tokenizer(tiny["files"]["t5_tokenizer"], "t5")(PROMPTS).input_ids
     b = load_tokenizer(tmp_path / "t5_json", "t5")(PROMPTS).input_ids
@@ -288,7 +289,7 @@ def test_tokenizers_found_in_a_comfyui_install(tiny, expected, tmp_path, monkeyp
     reason="needs COMFYUI_ROOT pointing at a ComfyUI checkout (its shipped tokenizers)",
 )
 def test_comfyui_shipped_tokenizers_and_real_clip_pooling():
-    from kontext_core.model.text import find_tokenizer, load_tokenizer
+    from kontext_core.checkpoints.tokenizers import find_tokenizer, load_tokenizer
 
     root = os.environ["COMFYUI_ROOT"]
     t5_tok = load_tokenizer(find_tokenizer("t5", None, "t5xxl.safetensors", root), "t5")
@@ -387,7 +388,7 @@ def test_real_configs_on_meta_match_the_manifests():
 
 
 def test_a_t5_tokenizer_that_fails_without_protobuf_names_protobuf(tiny, monkeypatch):
-    import kontext_core.model.text as text
+    import kontext_core.checkpoints.tokenizers as text
 
     assert text._has_protobuf()  # a dependency of the pack, so installed here
     folder = tiny["files"]["t5_tokenizer"]

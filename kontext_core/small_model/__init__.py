@@ -76,7 +76,7 @@ def load_default_pipeline(
     from kontext_core.checkpoints.autoencoder import load_vae
     from kontext_core.checkpoints.transformer import load_transformer
     from kontext_core.pipeline import KontextPipeline
-    from kontext_core.model.text import load_text_encoder
+    from kontext_core.checkpoints.tokenizers import load_text_encoder
 
     files = small_model_files(WEIGHTS_DIR if folder is None else folder)
     if missing := files.missing():

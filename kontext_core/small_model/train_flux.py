@@ -43,7 +43,7 @@ from kontext_core.cli.options import at_least, positive
 from kontext_core.files import written_whole
 from kontext_core.model.flux import Flux
 from kontext_core.sampling import get_lin_function, pack, position_ids, reference_tokens, time_shift
-from kontext_core.model.text import load_tokenizer
+from kontext_core.checkpoints.tokenizers import load_tokenizer
 from kontext_core.synthetic.tasks import KINDS
 from kontext_core.small_model import SMALL_FLUX, SMALL_T5_LENGTH, SmallModelFiles, small_model_files
 from kontext_core.small_model.data import check_training_seeds, draw_batches

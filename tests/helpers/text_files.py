@@ -7,7 +7,7 @@ from pathlib import Path
 from tests.helpers.text_encoders import state, tiny_clip, tiny_t5, write_clip_tokenizer, write_t5_tokenizer
 from safetensors.torch import save_file
 
-from kontext_core.model.text import load_tokenizer
+from kontext_core.checkpoints.tokenizers import load_tokenizer
 
 
 def save_models(root: Path) -> dict[str, Path]:
