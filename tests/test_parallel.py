@@ -13,11 +13,13 @@ from kontext_core.parallel import ParallelConfig, init_from_environment
 from kontext_core.parallel.attention import check_heads
 from kontext_core.parallel.errors import NOT_LAUNCHED
 from kontext_core.parallel.layout import ShardLayout
-from tests.helpers.parallel_runs import run_group
+from tests.helpers.parallel_runs import run_group, torchrun
+from tests.helpers.parallel_worker import INJECTED
 
 # fp32 rounding: attention sums in another order (Ulysses: keys in rank order; ring: merged log-sum-exps)
 FP32_RELATIVE = 1e-5
 WORKER = ["-m", "tests.helpers.parallel_worker", "checks"]
+TIMEOUT_S = 30  # the group's timeout: a rank that lost its peer must give up well within it
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}-ranks")
@@ -84,3 +86,11 @@ def test_layout_pads_each_segment_and_gathers_back():
     assert {s.shape[1] for s in shards} == {2 + 15 + 12}
     assert torch.equal(layout.gather(shards), x)
     assert int(sum(layout.valid(r).sum() for r in range(4))) == 114
+
+
+def test_a_rank_that_raises_stops_every_rank_with_its_error_printed_once():
+    done = torchrun(2, ["-m", "tests.helpers.parallel_worker", "fail", str(TIMEOUT_S)], timeout=90)
+    assert done.returncodes != [0]
+    assert done.output.count(INJECTED) == 1, done.output
+    assert "PeerFailed: rank 0: the all-to-all of attention failed" in done.output
+    assert done.seconds < TIMEOUT_S + 15, "rank 0 learnt of the failure from the lost connection, not the timeout"

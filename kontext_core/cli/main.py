@@ -10,8 +10,10 @@ from pathlib import Path
 
 from kontext_core.cli.errors import in_flags
 from kontext_core.cli.models import add_loras, load_pipeline, wants_small_model
+from kontext_core.cli import parallel
 from kontext_core.cli.outputs import made_by, output_paths, progress_bar, refuse_bad_out, save_image
 from kontext_core.cli.parser import DELEGATED, build_parser
+from kontext_core.parallel.errors import ParallelError
 from kontext_core.policy.provenance import ProvenanceError
 from kontext_core.policy.safety import SafetyUnavailableError
 from kontext_core.synthetic.tasks import make_task
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kontext {args.command}: error: {in_flags(str(e))}", file=sys.stderr)
         return 2
+    except ParallelError as e:  # stopped by another rank, whose own error is printed by that rank
+        print(f"kontext {args.command}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        parallel.stop()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -100,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     from kontext_core.policy import safety
 
     refuse_bad_out(args.out)
+    plan = parallel.start(args)  # None without --parallel; outside torchrun the flag is refused here
     for path, _ in args.lora:
         if not Path(path).is_file():
             raise ValueError(f"--lora {path}: no such file")
@@ -121,8 +129,10 @@ def _run(args: argparse.Namespace) -> int:
     small = wants_small_model(args)
     pipe, model = load_pipeline(args, small)
     model = add_loras(pipe, args.lora, model)
+    parallel.split_transformer(pipe, plan)
     sampling = ("steps", "guidance", "seed", "negative_prompt", "true_cfg_scale", "num_images")
-    common = {name: getattr(args, name) for name in sampling} | {"callback": progress_bar(args.command)}
+    callback = parallel.step_callback(plan, progress_bar(args.command))
+    common = {name: getattr(args, name) for name in sampling} | {"callback": callback}
     if args.command == "edit":
         result = pipe.edit(
             images,
@@ -138,6 +148,8 @@ def _run(args: argparse.Namespace) -> int:
         size = 64 if small else 1024
         width, height = (size if args.width is None else args.width), (size if args.height is None else args.height)
         result = pipe.generate(args.prompt, width=width, height=height, **common)
+    if plan is not None and not plan.is_writer:
+        return 0
     results = result if isinstance(result, list) else [result]
     record = made_by(model, args.prompt, images, steps=args.steps, seed=args.seed, guidance=args.guidance)
     withheld = []

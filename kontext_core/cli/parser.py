@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from kontext_core.cli.options import at_least, lora_option
+from kontext_core.cli.parallel import add_parallel_options
 from kontext_core.policy.safety import (
     DEFAULT_TOLERANCE,
     MAX_TOLERANCE,
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(edit)
     _add_safety_options(edit)
     _add_model_options(edit)
+    add_parallel_options(edit)
 
     gen = sub.add_parser("generate", help="text to image")
     gen.add_argument("--width", type=at_least(16), help="default 1024 (real model) or 64 (small model)")
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(gen)
     _add_safety_options(gen)
     _add_model_options(gen)
+    add_parallel_options(gen)
 
     demo = sub.add_parser(
         "demo", help="a held-out synthetic edit with the built-in small model: before/after/truth PNGs"

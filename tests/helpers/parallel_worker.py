@@ -1,15 +1,13 @@
-"""One rank of a test's process group (`python -m tests.helpers.parallel_worker MODE OUTDIR`).
+"""One rank of a test's process group (`python -m tests.helpers.parallel_worker MODE ARG`).
 
-`checks`: every split of a tiny model's forward and sampling against the same model in this one process,
-written as relative errors to OUTDIR/rank<R>.json. `cli-fail ARGS`: the `kontext` command with rank 1's
-transformer raising, for the failure test.
+`checks OUTDIR`: every split of a tiny model's forward and sampling against the same model in this one process,
+written as relative errors to OUTDIR/rank<R>.json. `fail TIMEOUT`: a split run whose rank 1 raises.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -161,29 +159,33 @@ def run_checks(out: Path) -> None:
     plan.close()
 
 
-def run_failing_command(argv: list[str]) -> int:
-    """The `kontext` command, with rank 1's transformer raising at its second forward."""
-    from kontext_core.cli.main import main
+@torch.no_grad()
+def run_failing(timeout_s: float) -> None:
+    """A split sampling run whose rank 1 raises at its second forward, the others waiting on it in attention."""
+    plan = init_from_environment(ParallelConfig("ulysses", timeout_s=timeout_s))
+    model = tiny_flux_model(3)
+    if plan.rank == 1:
+        forward, calls = model.transform, []
 
-    if os.environ["RANK"] == "1":
-        calls = []
-        forward = Flux.transform
-
-        def failing(self, *args, **kwargs):
+        def failing(*args, **kwargs):
             calls.append(1)
             if len(calls) == 2:
                 raise ValueError(INJECTED)
-            return forward(self, *args, **kwargs)
+            return forward(*args, **kwargs)
 
-        Flux.transform = failing
-    return main(argv)
+        model.transform = failing
+    (_, _, txt, _, _, y, _), target, references = edit_inputs(model.params)
+    try:
+        sample(ParallelFlux(model, plan), target, txt, y, steps=3, references=references)
+    finally:
+        plan.close()
 
 
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     if mode == "checks":
         run_checks(Path(rest[0]))
-    elif mode == "cli-fail":
-        sys.exit(run_failing_command(rest))
+    elif mode == "fail":
+        run_failing(float(rest[0]))
     else:
-        raise SystemExit(f"unknown mode {mode!r}: checks or cli-fail")
+        raise SystemExit(f"unknown mode {mode!r}: checks or fail")
