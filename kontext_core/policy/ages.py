@@ -24,12 +24,12 @@ _ORDINALS = {
 # A pupil of grade N (US) is about N + 5 years old; of year N (UK) about N + 4.
 _GRADE_AGE, _SCHOOL_YEAR_AGE = 5, 4
 _MAX_SCHOOL_YEAR = 13
-# Words that may follow a bare age ("she is 12 ..."): a new clause, a conjunction, the end of the sentence.
-# Anything else ("is 5 meters", "are 3 cats") makes the number a measure or a count.
-_CLAUSE_START = (
-    "and|or|but|so|then|now|yet|already|too|ok|okay|please|make|remove|take|undress|strip|show|give|put|change|"
-    "get|let|have|leave|draw|turn|edit|add|she|he|they|it|her|his|him|them|the|a|an|in|on|at|with|from|to|yo|"
-    "ish|max|tops|maybe|right|just|this|that|nude|naked|sexy|years old|year old|\\d+"
+# Words after which a bare number ("she is 12 ...") is a measure, a time or a count, not an age.
+_NOT_AN_AGE_AFTER = (
+    "am|pm|a m|p m|o clock|oclock|percent|per cent|dollars?|euros?|pounds?|bucks|cents?|meters?|metres?|m|cm|mm|km|"
+    "feet|foot|ft|inch|inches|miles?|kg|kilos?|lbs?|grams?|g|hours?|hrs?|minutes?|mins?|seconds?|secs?|days?|weeks?|"
+    "months?|times|x|stars?|points?|layers?|floors?|stories|storeys|degrees?|people|persons|of|out|to|by|more|less|"
+    "bigger|smaller|taller|shorter|wide|tall|high|deep|long|away|apart|cats?|dogs?|pieces?|items?|slices?|cups?"
 )
 # A number of years after these words is a span of time ("celebrating 15 years", "for 10 years"), not an age.
 _SPAN_BEFORE = "".join(
@@ -56,7 +56,7 @@ class AgeFinder:
             re.compile(
                 rf" (?:is|s|was|turned|turns|turning|be|being|like|look|looks|looking|appear|appears|seem|seems) "
                 rf"(?:about |around |only |just |barely |maybe |like |now |almost |nearly |probably )?{number}"
-                rf"(?! (?:years?|yrs?) (?:{_TIME_WORDS}) )(?= (?:{_CLAUSE_START}) |  ?$)"
+                rf"(?! (?:years?|yrs?) (?:{_TIME_WORDS}) )(?! (?:{_NOT_AN_AGE_AFTER}) )(?= )"
             ),
             # "a child model, 10, ...": a person word directly followed by the number
             re.compile(

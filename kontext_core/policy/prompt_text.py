@@ -227,9 +227,11 @@ class PromptNormalizer:
         if word in self._vocabulary or not any(c.isalpha() for c in word):
             return word
         readings = self._readings(word)
+        # A number with a unit ("3d") is read as a word only as one of three letters or more ("5ex").
+        shortest = max(3, len(word)) if _NUMBER_WITH_UNIT.match(word) else 1
         for reading in readings:
             for candidate in _unstretched(reading):
-                if candidate in self._vocabulary:
+                if candidate in self._vocabulary and len(candidate) >= shortest:
                     return candidate
         if _NUMBER_WITH_UNIT.match(word):
             return word
