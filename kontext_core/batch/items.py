@@ -5,6 +5,7 @@ Standard library only: the ComfyUI client imports this from any Python, without 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
@@ -77,3 +78,25 @@ def items_from_csv(path: Path) -> list[Item]:
             raise BatchError(f"{where}: seed must be 0 or more, got {seed}")
         items.append(Item(f"{number:04d}_{image.stem}", image, row["prompt"], seed, number))
     return items
+
+
+def add_item_options(parser: argparse.ArgumentParser, default_seed: str) -> None:
+    """--csv or --images (+ --prompt, --seed): the items, the same way for both batch runners."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", type=Path, help="CSV with columns image,prompt,seed (seed may be empty)")
+    source.add_argument("--images", type=Path, help="folder of images, each run with --prompt")
+    parser.add_argument("--prompt", help="the instruction for every image of --images")
+    parser.add_argument("--seed", type=int, help=f"seed for every image of --images (default: {default_seed})")
+
+
+def items_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Item]:
+    """The items of add_item_options' flags; a usage error exits through the parser, a bad file raises BatchError."""
+    if args.images is not None and args.prompt is None:
+        parser.error("--images needs --prompt")
+    if args.csv is not None and (args.prompt is not None or args.seed is not None):
+        parser.error("--prompt and --seed go with --images; a CSV carries them per row")
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
+    if args.images is not None:
+        return items_from_folder(args.images, args.prompt, args.seed)
+    return items_from_csv(args.csv)

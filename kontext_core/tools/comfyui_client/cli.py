@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from kontext_core.batch.items import BatchError, items_from_csv, items_from_folder
+from kontext_core.batch.items import BatchError, add_item_options, items_from_args
 from kontext_core.cli.options import positive
 from kontext_core.tools.comfyui_client.fleet import FleetBatch, Member
 from kontext_core.tools.comfyui_client.items import find_slots
@@ -37,11 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--servers", type=Path, help="a file of ComfyUI addresses, one a line (# starts a comment)")
     parser.add_argument("--workflow", required=True, type=Path, help="API-format workflow (workflows/api/*.json)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="folder of images, each run with --prompt")
-    source.add_argument("--csv", type=Path, help="CSV with columns image,prompt,seed (seed may be empty)")
-    parser.add_argument("--prompt", help="the instruction for every image of --images")
-    parser.add_argument("--seed", type=int, help="seed for every image of --images (default: the workflow's)")
+    add_item_options(parser, default_seed="the workflow's")
     parser.add_argument("--out", required=True, type=Path, help="folder for the results and the resume state")
     parser.add_argument("--image-node", help="id of the node whose 'image' input gets the uploaded file")
     parser.add_argument("--prompt-node", help="id of the node whose 'prompt'/'text' input gets the prompt")
@@ -69,17 +65,10 @@ def server_urls(listed: list[str], file: Path | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.images is not None and args.prompt is None:
-        parser.error("--images needs --prompt")
-    if args.csv is not None and (args.prompt is not None or args.seed is not None):
-        parser.error("--prompt and --seed go with --images; a CSV carries them per row")
     try:
+        items = items_from_args(parser, args)
         workflow = json.loads(args.workflow.read_text(encoding="utf-8"))
         slots = find_slots(workflow, args.image_node, args.prompt_node, args.seed_node)
-        if args.images is not None:
-            items = items_from_folder(args.images, args.prompt, args.seed)
-        else:
-            items = items_from_csv(args.csv)
         servers = [Server(url, timeout=args.http_timeout) for url in server_urls(args.server, args.servers)]
         answering = []
         for server in servers:
