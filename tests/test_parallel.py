@@ -9,12 +9,14 @@ import json
 import pytest
 import torch
 
+from benchmarks.parallel import Tokens, sent_per_forward
 from kontext_core.parallel import ParallelConfig, init_from_environment
 from kontext_core.parallel.attention import check_heads
 from kontext_core.parallel.errors import NOT_LAUNCHED
 from kontext_core.parallel.layout import ShardLayout
 from tests.helpers.parallel_runs import run_group, torchrun
 from tests.helpers.parallel_worker import INJECTED
+from tests.helpers.tiny_models import TINY_FLUX
 
 # fp32 rounding: attention sums in another order (Ulysses: keys in rank order; ring: merged log-sum-exps)
 FP32_RELATIVE = 1e-5
@@ -55,6 +57,14 @@ def test_callback_runs_on_rank_zero_and_its_stop_stops_every_rank(group_reports)
 def test_ulysses_refuses_heads_the_ranks_do_not_divide(group_reports):
     message = group_reports[0]["ulysses_three_heads"]
     assert "3 attention heads" in message and f"{len(group_reports)} ranks" in message and "ring" in message
+
+
+def test_the_benchmark_counts_the_bytes_the_ranks_send(group_reports):
+    tokens = Tokens(text=7, target=60, references=47)  # the worker's edit: 6×10 target, 8×4 + 5×3 references
+    ranks = len(group_reports)
+    for method in ("ulysses", "ring"):
+        computed = sum(sent_per_forward(TINY_FLUX, tokens, ranks, method, itemsize=4, batch=2).values())
+        assert [report["bytes_sent"][method] for report in group_reports] == [computed] * ranks
 
 
 def test_refusals_before_any_process_group():

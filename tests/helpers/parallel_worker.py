@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.parallel import CollectiveMeter
 from kontext_core.model.flux import Flux
 from kontext_core.parallel import ParallelConfig, ParallelFlux, StopRequested, init_from_environment
 from kontext_core.parallel.groups import split
@@ -138,7 +139,11 @@ def run_checks(out: Path) -> None:
     cfg_plans = {m: split(ParallelConfig(m), plan.device) for m in cfg_methods}
     model = tiny_flux_model(3)
     report: dict = {"errors": {}}
+    report["bytes_sent"] = {}
     for name, p in (("ulysses", plan), ("ring", ring)):
+        with CollectiveMeter() as meter:
+            ParallelFlux(model, p)(*edit_inputs(model.params)[0])
+        report["bytes_sent"][name] = meter.bytes_sent
         for check, error in (
             forward_errors(model, ParallelFlux(model, p)) | sampling_errors(model, ParallelFlux(model, p))
         ).items():
