@@ -159,11 +159,12 @@ class PromptNormalizer:
         tokens = []
         for chunk in text.split():
             tokens += self._chunk_tokens(chunk)
-        words = [self._glossary.get(t) or (t if t in proper else self._unslipped(t)) for t in tokens]
-        text = " " + " ".join(words) + " "
+        text = " " + " ".join(tokens) + " "
+        # Phrases first, so that no word of one is read as a slip ("morte agli" is not "more agli").
         if self._phrase_pattern is not None:
             text = self._phrase_pattern.sub(lambda m: " " + self._phrases[m.group(1)], text)
-        return text
+        words = [self._glossary.get(t) or (t if t in proper else self._unslipped(t)) for t in text.split()]
+        return " " + " ".join(words) + " "
 
     def _unslipped(self, token: str) -> str:
         if (
