@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
+        if args.plan:
+            from kontext_core.cli.plan import run_plan
+
+            return run_plan(args)
+        if args.path is None:
+            raise ValueError("inspect needs a model file (or --plan)")
+        if args.vram is not None:
+            raise ValueError("--vram needs --plan (it sizes the memory plan)")
         from kontext_core.checkpoints.summary import describe
 
         print(describe(args.path))

@@ -158,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kind", choices=KINDS, help="task kind (default: the seed's)")
     demo.add_argument("--steps", type=at_least(1), default=28, help="sampling steps (default 28)")
 
-    inspect = sub.add_parser("inspect", help="tell what a model file is, without loading its tensors")
-    inspect.add_argument("path")
+    inspect = sub.add_parser("inspect", help="tell what a model file is, or what fits on a card, from headers alone")
+    inspect.add_argument("path", nargs="?", help="the model file (with --plan: the transformer, optional)")
+    from kontext_core.cli.plan import add_plan_arguments
+
+    add_plan_arguments(inspect)
 
     from kontext_core.cli.fetch import add_fetch_parser
 

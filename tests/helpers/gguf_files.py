@@ -60,10 +60,12 @@ def write_gguf_blocks(
     *,
     architecture: str | None = "flux",
     seed: int = 0,
+    reference: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """A GGUF file whose tensors named in `kinds` are random valid blocks of that GGML type (their values in
-    `tensors` only give the shape), the others stored as given (F32, F16 or BF16). Returns {key: what the reference
-    dequantizes the stored tensor to}, float32, in the tensor's shape."""
+    """A GGUF file whose tensors named in `kinds` are random valid blocks of that GGML type (their entries in
+    `tensors` only give the shape: `meta` tensors will do), the others stored as given (F32, F16 or BF16). Returns
+    {key: what the reference dequantizes the stored tensor to}, float32, in the tensor's shape (for the blocks
+    only with `reference`)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -74,7 +76,8 @@ def write_gguf_blocks(
             kind = gguf.GGMLQuantizationType[kinds[key]]
             raw = random_blocks(kinds[key], value.numel(), rng).reshape(value.shape[0], -1)
             writer.add_tensor(key, raw, raw_dtype=kind)
-            expected[key] = torch.from_numpy(gguf.quants.dequantize(raw, kind)).reshape(value.shape)
+            if reference:
+                expected[key] = torch.from_numpy(gguf.quants.dequantize(raw, kind)).reshape(value.shape)
         elif value.dtype == torch.bfloat16:  # numpy has no bfloat16: the package's bytes of it
             raw = gguf.quants.quantize(value.float().numpy(), gguf.GGMLQuantizationType.BF16)
             writer.add_tensor(key, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
