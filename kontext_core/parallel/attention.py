@@ -25,10 +25,10 @@ class UlyssesAttention:
     """Each rank holds all heads of its tokens; an all-to-all gives it its H/W heads of every token, plain
     attention runs on `backend`, and a second all-to-all gives the tokens back (DeepSpeed-Ulysses)."""
 
-    def __init__(self, group, ranks: int, kv_layout: ShardLayout, backend: str):
+    def __init__(self, group, ranks: int, kv_layout: ShardLayout, backend: str, device: torch.device):
         self.group, self.ranks, self.backend = group, ranks, backend
-        self.kv_layout = kv_layout
-        self._kept: Tensor | None = None
+        # known before the blocks run, so a compiled block sees no data-dependent shape
+        self.kept = kv_layout.kept(device)
 
     def _to_all_tokens(self, x: Tensor) -> Tensor:
         """[N, B, H, L, D] (this rank's L tokens) → [N, B, H/W, W·L, D] (every rank's tokens, H/W heads)."""
@@ -51,10 +51,8 @@ class UlyssesAttention:
         else:  # the reference cache appends the references' keys and values: queries are fewer
             (q,) = self._to_all_tokens(q[None])
             k, v = self._to_all_tokens(torch.stack((k, v)))
-        if self._kept is None:
-            self._kept = self.kv_layout.kept(k.device)
-        if self._kept is not None:  # pad keys must not take part in any softmax; pad queries are dropped later
-            k, v = k.index_select(2, self._kept), v.index_select(2, self._kept)
+        if self.kept is not None:  # pad keys must not take part in any softmax; pad queries are dropped later
+            k, v = k.index_select(2, self.kept), v.index_select(2, self.kept)
         return self._to_own_tokens(scaled_dot_product(q, k, v, self.backend))
 
 
@@ -69,18 +67,19 @@ class RingAttention:
     """Each rank keeps its queries; the keys and values travel once around the ring of ranks, the next block's
     transfer overlapping this block's attention, and the blocks' softmaxes merge by their log-sum-exp."""
 
-    def __init__(self, group, rank: int, ranks: int, kv_layout: ShardLayout):
+    def __init__(self, group, rank: int, ranks: int, kv_layout: ShardLayout, device: torch.device):
         self.group, self.rank, self.ranks = group, rank, ranks
-        self._valid = [kv_layout.valid(r) for r in range(ranks)]
+        self.kept = [kv_layout.kept_on(r, device) for r in range(ranks)]  # each rank's real keys
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         kv = torch.stack((k, v))
         out = lse = None
         for step in range(self.ranks):
             ring = RingPass(kv, self.group) if step < self.ranks - 1 else None
-            valid = self._valid[(self.rank - step) % self.ranks].to(kv.device)
-            if bool(valid.any()):
-                block_out, block_lse = attention_with_lse(q, kv[0][:, :, valid], kv[1][:, :, valid])
+            kept = self.kept[(self.rank - step) % self.ranks]
+            if len(kept):
+                block = kv.index_select(3, kept)
+                block_out, block_lse = attention_with_lse(q, block[0], block[1])
                 if out is None:
                     out, lse = block_out, block_lse
                 else:

@@ -55,6 +55,10 @@ class ShardLayout:
         mask = torch.cat([self.valid(r) for r in range(self.ranks)])
         return None if bool(mask.all()) else mask.nonzero().squeeze(1).to(device)
 
+    def kept_on(self, rank: int, device: torch.device) -> Tensor:
+        """Indices of the real tokens among rank `rank`'s local tokens."""
+        return self.valid(rank).nonzero().squeeze(1).to(device)
+
 
 def joined(*layouts: ShardLayout) -> ShardLayout:
     """One layout of the segments of several, in order: e.g. the text's and the image's, as attention sees them."""

@@ -115,6 +115,6 @@ class ParallelFlux:
     def _kernel(self, kv_layout: ShardLayout, like: Tensor):
         group, ranks = self.plan.sequence_group, self.plan.sequence_degree
         if self.plan.config.sequence_method == "ring":
-            return RingAttention(group, self.plan.sequence_rank, ranks, kv_layout)
+            return RingAttention(group, self.plan.sequence_rank, ranks, kv_layout, like.device)
         backend = resolve_backend(self.model.attention_backend, like.device.type, like.dtype)
-        return UlyssesAttention(group, ranks, kv_layout, backend)
+        return UlyssesAttention(group, ranks, kv_layout, backend, like.device)
