@@ -14,15 +14,15 @@ from kontext_core.runtime.memory_plan import (
     ACTIVATION_VALUES_PER_TOKEN,
     GiB,
     PlanInputs,
-    Tensor,
+    StoredTensor,
     describe_plan,
     plans,
     tokens,
 )
 
 
-def _tensors(manifest: str, kind) -> list[Tensor]:
-    return [Tensor(k, math.prod(shape), kind(k, shape)) for k, shape in read_manifest(manifest).items()]
+def _tensors(manifest: str, kind) -> list[StoredTensor]:
+    return [StoredTensor(k, math.prod(shape), kind(k, shape)) for k, shape in read_manifest(manifest).items()]
 
 
 def _q4_k_m(key: str, shape: tuple[int, ...]) -> str:
@@ -97,3 +97,17 @@ def test_inspect_plan_reads_the_users_files(tmp_path, capsys):
     assert "--plan needs --vram GiB" in capsys.readouterr().err
     assert main(["inspect", "--vram", "12", str(tmp_path / "models" / "vae" / "ae.safetensors")]) == 2
     assert "--vram needs --plan" in capsys.readouterr().err
+
+
+def test_the_loader_note_counts_what_the_model_holds(tmp_path):
+    import kontext_core
+    from kontext_core.runtime.memory_plan import loaded_model_note
+    from tests.helpers.tiny_models import tiny_flux_model
+    from tests.helpers.flux_files import write_gguf
+
+    write_gguf(tmp_path / "k.gguf", tiny_flux_model(seed=1).state_dict())
+    model = kontext_core.load_transformer(tmp_path / "k.gguf")
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    note = loaded_model_note(model, "cpu")
+    assert note.startswith(f"transformer weights {held / GiB:.1f} GiB (GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 blocks kept)")
+    assert "a 1024×1024 edit adds about 1.1 GiB of activations" in note and "inspect --plan --vram N" in note

@@ -16,9 +16,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from kontext_core.checkpoints.gguf_io import GGUFSource
 from kontext_core.checkpoints.safetensors_io import open_tensors
 from kontext_core.runtime.gguf_dequant import BLOCK_FORMATS
+from kontext_core.runtime.gguf_linear import gguf_layers
 
 GiB = 2**30
 COMPUTE_BYTES = 2  # bf16 / fp16 compute: what every tensor not kept quantized is held in
@@ -50,7 +53,7 @@ HOW = {
 
 
 @dataclass(frozen=True)
-class Tensor:
+class StoredTensor:
     """One tensor of a file: its name (prefix stripped), values, and bytes as the file stores it."""
 
     name: str
@@ -69,7 +72,7 @@ class Tensor:
         return self.values if self.stored.endswith(FP8_NAMES) else self.values * COMPUTE_BYTES
 
 
-def read_tensors(path: str | os.PathLike, skipped: tuple[str, ...] = (), t5: bool = False) -> list[Tensor]:
+def read_tensors(path: str | os.PathLike, skipped: tuple[str, ...] = (), t5: bool = False) -> list[StoredTensor]:
     """Every tensor of a model file, from its header (no weight is read)."""
     path = Path(path)
     source = GGUFSource(path, t5=True) if t5 and path.suffix.lower() == ".gguf" else open_tensors(path)
@@ -81,13 +84,13 @@ def read_tensors(path: str | os.PathLike, skipped: tuple[str, ...] = (), t5: boo
             if name.startswith(skipped) or name in skipped:
                 continue
             stored = kind(key) if kind else str(source.dtype(key)).removeprefix("torch.")
-            tensors.append(Tensor(name, math.prod(source.shape(key)), stored))
+            tensors.append(StoredTensor(name, math.prod(source.shape(key)), stored))
         return tensors
     finally:
         source.close()
 
 
-def _is_block_linear(t: Tensor) -> bool:
+def _is_block_linear(t: StoredTensor) -> bool:
     return t.name.startswith(BLOCK_PREFIXES) and t.name.endswith(".weight")  # the blocks' norms are `.scale`
 
 
@@ -100,7 +103,7 @@ class TransformerOption:
     scratch: int
 
 
-def transformer_options(tensors: list[Tensor]) -> list[TransformerOption]:
+def transformer_options(tensors: list[StoredTensor]) -> list[TransformerOption]:
     """As stored, fp8 block weights, and each of those with block offload (non-block weights and two double blocks
     on the card)."""
     largest = max((t.values for t in tensors if t.block_kind), default=0)
@@ -117,7 +120,7 @@ def transformer_options(tensors: list[Tensor]) -> list[TransformerOption]:
     return options
 
 
-def _bytes(t: Tensor, option: str) -> int:
+def _bytes(t: StoredTensor, option: str) -> int:
     if option == FP8_WEIGHTS and _is_block_linear(t):
         return t.values
     return t.values * COMPUTE_BYTES if option == FP8_WEIGHTS else t.bytes_kept()
@@ -152,10 +155,10 @@ class Plan:
 
 @dataclass(frozen=True)
 class PlanInputs:
-    transformer: list[Tensor]
-    t5: list[Tensor]
-    clip: list[Tensor]
-    vae: list[Tensor]
+    transformer: list[StoredTensor]
+    t5: list[StoredTensor]
+    clip: list[StoredTensor]
+    vae: list[StoredTensor]
     width: int = 1024
     height: int = 1024
     references: int = 1
@@ -250,3 +253,24 @@ def plan_for_files(
         height,
         references,
     )
+
+
+def loaded_model_note(model: torch.nn.Module, device: torch.device | str, width: int = 1024, height: int = 1024) -> str:
+    """One line for a loader's log: what the loaded transformer holds, what a `width`×`height` edit with one
+    reference adds, and, on CUDA, what the card has left."""
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    kinds = sorted(set(gguf_layers(model).values()))
+    kept = f" (GGUF {', '.join(kinds)} blocks kept)" if kinds else ""
+    activations = (width // 16) * (height // 16) * 2 + TEXT_TOKENS
+    line = (
+        f"transformer weights {gib(held)}{kept}; a {width}×{height} edit adds about "
+        f"{gib(activations * ACTIVATION_VALUES_PER_TOKEN * COMPUTE_BYTES)} of activations"
+    )
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        line += f"; {gib(free)} of {gib(total)} free on {device}"
+        vram = f"{total / GiB:.0f}"
+    else:
+        vram = "N"
+    return f"{line} (the whole plan: python -m kontext_core inspect --plan --vram {vram})"
