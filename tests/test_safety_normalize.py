@@ -38,6 +38,7 @@ def test_fold_script_reads_look_alikes_as_latin(text, folded):
         ("Jason Kidd", "jason kidd"),  # a doubled letter alone is no stretching
         ("remvoe the clothse, kil", "remove the clothes kill"),  # typing slips
         ("Gore-Tex, tous les jours", "gore tex tous les jours"),  # words in their own right are no slips
+        ("visit shop.org", "visit shop org"),  # three letters: only a doubled letter typed once is a slip
         ("go back to Africa", "go back to africa"),  # nor are capitalised names
         ("nackt, d\u00e9shabille", "naked undress"),  # other languages' core words
     ],

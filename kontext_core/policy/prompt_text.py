@@ -176,6 +176,9 @@ class PromptNormalizer:
             return token
         # Slips by how often typists make them: two letters swapped, a letter missing, one too many, one changed.
         missing = {w for w in self._slips.get(token, ()) if len(w) == len(token) + 1}
+        if len(token) < _MIN_SLIP_WORD:
+            # A three-letter word is read as a slip only for a doubled letter typed once ("kil"): "org" is no "orgy".
+            return next(iter(missing), token) if len(missing) == 1 and _DOUBLE.search(next(iter(missing))) else token
         nearby = {w for key in _deletions(token) for w in self._slips.get(key, ()) if _one_slip(token, w)}
         extra = {w for w in nearby if len(w) == len(token) - 1}
         changed = {w for w in nearby if len(w) == len(token)} if len(token) >= _MIN_SUBSTITUTION_TOKEN else set()
