@@ -10,8 +10,8 @@ from . import _comfy
 
 # Safetensors only: pickled checkpoints (.ckpt, .pt, .bin) are never loaded.
 MODEL_EXTENSIONS = (".safetensors", ".sft")
-# ComfyUI-GGUF's quantized transformers sit beside the others; GGUF text encoders and VAEs are not read here
-EXTRA_EXTENSIONS = {"diffusion_models": (".gguf",)}
+# ComfyUI-GGUF's quantized transformers and T5 encoders sit beside the others (GGUF VAEs are not read here)
+EXTRA_EXTENSIONS = {"diffusion_models": (".gguf",), "text_encoders": (".gguf",)}
 # our own folder_paths entries, one per kind, e.g. "kontext_core_diffusion_models"
 FOLDER_KEY_PREFIX = "kontext_core_"
 

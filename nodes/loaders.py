@@ -8,6 +8,7 @@ import kontext_core
 from kontext_core.model import flux_math
 from kontext_core.checkpoints import CheckpointError
 from kontext_core.runtime.lora import load_lora, unmatched_note
+from kontext_core.runtime.memory_plan import loaded_model_note
 from kontext_core.runtime.quant import COMPUTE_DTYPES, WEIGHT_DTYPES, weight_options
 from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
@@ -93,7 +94,9 @@ class KontextCoreModelLoader(KontextNode):
         options = weight_options(weight_dtype)
 
         def load():
-            return kontext_core.load_transformer(path, device=device, dtype=dtype, **options)
+            model = kontext_core.load_transformer(path, device=device, dtype=dtype, **options)
+            print(f"{cls.NODE_ID}: {model_name}: {loaded_model_note(model, device)}", flush=True)
+            return model
 
         model = cls._slot.get(path, (weight_dtype, dtype, str(device)), load)
         model.attention_backend = attention
@@ -112,7 +115,8 @@ class KontextCoreTextEncoderLoader(KontextNode):
         Input(
             "t5_name",
             "COMBO",
-            "T5-XXL encoder file (t5xxl_fp16, t5xxl_fp8_e4m3fn or its _scaled variant).",
+            "T5-XXL encoder file (t5xxl_fp16, t5xxl_fp8_e4m3fn or its _scaled variant, or a GGUF such as "
+            "t5-v1_1-xxl-encoder-Q8_0.gguf, kept quantized).",
             options=lambda: list_models("text_encoders"),
         ),
         Input(

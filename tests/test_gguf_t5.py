@@ -11,7 +11,7 @@ from transformers import T5Config, T5EncoderModel
 
 from kontext_core.checkpoints import CheckpointError
 from kontext_core.checkpoints.t5_gguf import t5_names
-from kontext_core.checkpoints.text_encoders import load_t5
+from kontext_core.checkpoints.text_encoders import load_clip, load_t5
 from kontext_core.runtime.gguf_linear import GGUFLinear, gguf_layers
 
 pytest.importorskip("gguf")
@@ -93,3 +93,5 @@ def test_llama_cpp_names_and_what_is_refused(tmp_path):
     write_gguf_blocks(tmp_path / "llm.gguf", {"blk.0.attn_q.weight": torch.zeros(4, 32)}, {}, architecture="llama")
     with pytest.raises(CheckpointError, match="architecture 'llama', not a T5 encoder"):
         load_t5(tmp_path / "llm.gguf")
+    with pytest.raises(CheckpointError, match="only T5 is read from GGUF: give CLIP-L as .safetensors"):
+        load_clip(tmp_path / "llm.gguf")

@@ -482,7 +482,9 @@ def test_model_loader_caches_and_switches(monkeypatch, tmp_path):
 
     def fake_load(path, *, device, dtype, **options):
         loads.append((Path(path).name, dtype, options))
-        return types.SimpleNamespace(path=path)
+        model = torch.nn.Module()  # a module without weights: the loader logs what it holds
+        model.path = path
+        return model
 
     monkeypatch.setitem(vars(loaders.kontext_core), "load_transformer", fake_load)
     monkeypatch.setattr(loaders.KontextCoreModelLoader, "_slot", _comfy.ModelSlot())

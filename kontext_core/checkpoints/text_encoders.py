@@ -55,6 +55,8 @@ class _FileTensors:
     def __init__(self, path: Path, prefixes: tuple[str, ...], t5: bool = False):
         self.path = path
         gguf_t5 = t5 and path.suffix.lower() == ".gguf"
+        if path.suffix.lower() == ".gguf" and not t5:
+            raise CheckpointError(path, "of the text encoders only T5 is read from GGUF: give CLIP-L as .safetensors")
         self.source: TensorSource = GGUFSource(path, t5=True) if gguf_t5 else open_tensors(path, weights_name="model")
         keys = self.source.keys()
         prefix = next((p for p in prefixes if any(k.startswith(p) for k in keys)), "")
