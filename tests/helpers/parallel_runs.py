@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.helpers.tiny_models import tiny_flux_model
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -67,3 +69,8 @@ def torchrun(size: int, args: list[str], timeout: float) -> Finished:
     command += ["--master-port", str(free_port()), *args]
     done = subprocess.run(command, env=quiet_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return Finished([done.returncode], done.stdout + done.stderr, time.perf_counter() - start)
+
+
+def tiny_flux_on(device, seed: int = 0):
+    """A worker group's `ModelSource.load`: the tiny model, built in the worker, on its device."""
+    return tiny_flux_model(seed).to(device)
