@@ -5,7 +5,12 @@
 
 The held-out half exists to measure rules that were never tuned on it, so this script prints only aggregate figures
 for it (block rates per label and tolerance, false positives); `--misses` lists single prompts for the training half
-alone. Set PYTHONPATH to another checkout (a git worktree of an older commit) to score that filter instead.
+alone. To score another checkout's filter (a git worktree of an older commit), run this file by path from that
+checkout with PYTHONPATH pointing there (`python -m` would put this checkout first on the path); the first line of
+the report names the filter that was scored:
+
+    git worktree add /tmp/safety_base 44ea73a
+    cd /tmp/safety_base && PYTHONPATH=/tmp/safety_base python /path/to/this/benchmarks/safety_redteam.py --split heldout
 """
 
 from __future__ import annotations
