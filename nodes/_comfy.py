@@ -32,18 +32,24 @@ def comfyui_root() -> str | None:
     return os.path.dirname(os.path.abspath(folder_paths.__file__)) if folder_paths is not None else None
 
 
-def input_directory() -> str:
+def comfy_directory(kind: str) -> str:
+    """ComfyUI's "input", "output" or "temp" folder, as the running server has it (--input-directory, ...)."""
     folder_paths = comfy_module("folder_paths")
     if folder_paths is None:
-        raise RuntimeError("ComfyUI's input folder is only known inside ComfyUI")
-    return folder_paths.get_input_directory()
+        raise RuntimeError(f"ComfyUI's {kind} folder is only known inside ComfyUI")
+    return folder_paths.get_directory_by_type(kind)
+
+
+def input_directory() -> str:
+    return comfy_directory("input")
 
 
 def output_directory() -> str:
-    folder_paths = comfy_module("folder_paths")
-    if folder_paths is None:
-        raise RuntimeError("ComfyUI's output folder is only known inside ComfyUI")
-    return folder_paths.get_output_directory()
+    return comfy_directory("output")
+
+
+def temp_directory() -> str:
+    return comfy_directory("temp")
 
 
 def metadata_disabled() -> bool:

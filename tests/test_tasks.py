@@ -9,19 +9,8 @@ import pytest
 
 from kontext_core.synthetic import tasks
 from kontext_core.synthetic.judge import edit_mask
-from kontext_core.synthetic.render import (
-    IMAGE_SIZES,
-    PALETTE,
-    POSITIONS,
-    Background,
-    Scene,
-    Shape,
-    background_phrase,
-    describe,
-    location_phrase,
-    render,
-    shape_geometry,
-)
+from kontext_core.synthetic.render import IMAGE_SIZES, PALETTE, POSITIONS, Background, Scene, Shape, shape_geometry
+from kontext_core.synthetic.render import background_phrase, describe, location_phrase, render
 
 SEEDS = list(range(12)) + list(range(tasks.HELD_OUT_SEED, tasks.HELD_OUT_SEED + 12))
 EDIT_KINDS = ("recolor", "remove", "add", "move", "background", "two_reference")

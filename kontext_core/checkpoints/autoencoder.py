@@ -13,14 +13,8 @@ import torch
 
 from kontext_core.model.autoencoder import AutoEncoder
 from kontext_core.model.config import AutoEncoderParams
-from kontext_core.checkpoints.safetensors_io import (
-    CheckpointError,
-    TensorSource,
-    assign_tensors,
-    ensure_materialized,
-    open_tensors,
-    read_config_json,
-)
+from kontext_core.checkpoints.safetensors_io import CheckpointError, TensorSource, open_tensors, read_config_json
+from kontext_core.checkpoints.safetensors_io import assign_tensors, ensure_materialized
 
 # Full ComfyUI checkpoints carry the VAE beside other models under one of these prefixes.
 VAE_PREFIXES = ("first_stage_model.", "vae.")

@@ -23,25 +23,11 @@ from kontext_core.model.flux import Flux
 from kontext_core.runtime.gguf_dequant import BLOCK_FORMATS
 from kontext_core.runtime.gguf_linear import block_shape, use_gguf_linears
 from kontext_core.runtime.quant import FP8_DTYPES, enable_fp8_matmul, fp8_matmul_supported, use_fp8_linears
-from kontext_core.checkpoints.flux_diffusers import (
-    Recipe,
-    diffusers_recipes,
-    diffusers_to_bfl,
-    is_diffusers_flux,
-    recipe_shape,
-    unused_keys,
-)
-from kontext_core.checkpoints.safetensors_io import (
-    SCALED_FP8_MARKERS,
-    WEIGHT_SCALE_SUFFIXES,
-    CheckpointError,
-    TensorSource,
-    assign_tensors,
-    ensure_materialized,
-    first_items,
-    open_tensors,
-    read_config_json,
-)
+from kontext_core.checkpoints.flux_diffusers import Recipe, diffusers_recipes, diffusers_to_bfl, is_diffusers_flux
+from kontext_core.checkpoints.flux_diffusers import recipe_shape, unused_keys
+from kontext_core.checkpoints.safetensors_io import SCALED_FP8_MARKERS, WEIGHT_SCALE_SUFFIXES, CheckpointError
+from kontext_core.checkpoints.safetensors_io import TensorSource, assign_tensors, ensure_materialized, first_items
+from kontext_core.checkpoints.safetensors_io import open_tensors, read_config_json
 from kontext_core.checkpoints.flux_config import flux_params_from_tensors, wrong_architecture
 
 __all__ = ["diffusers_to_bfl", "flux_params_from_tensors", "load_transformer", "stored_fp8_dtype", "wrong_architecture"]

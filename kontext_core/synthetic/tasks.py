@@ -217,15 +217,8 @@ def _recolor(rng: _Rng, seed: int, size: tuple[int, int]) -> EditTask:
     bg = _background(rng, {old.colour, new.colour})
     others = _others(rng, bg, [old, new], rng.below(3))
     instruction = _say(rng, "recolor", name=old.name, colour=new.colour)
-    return _task(
-        seed,
-        "recolor",
-        instruction,
-        [Scene(size, bg, (*others, old))],
-        Scene(size, bg, (*others, new)),
-        (old, new),
-        held_out=held_out,
-    )
+    before, after = Scene(size, bg, (*others, old)), Scene(size, bg, (*others, new))
+    return _task(seed, "recolor", instruction, [before], after, (old, new), held_out=held_out)
 
 
 def _remove(rng: _Rng, seed: int, size: tuple[int, int]) -> EditTask:
@@ -234,15 +227,8 @@ def _remove(rng: _Rng, seed: int, size: tuple[int, int]) -> EditTask:
     bg = _background(rng, {gone.colour})
     others = _others(rng, bg, [gone], rng.below(3))
     instruction = _say(rng, "remove", name=gone.name)
-    return _task(
-        seed,
-        "remove",
-        instruction,
-        [Scene(size, bg, (*others, gone))],
-        Scene(size, bg, tuple(others)),
-        (gone,),
-        held_out=held_out,
-    )
+    before, after = Scene(size, bg, (*others, gone)), Scene(size, bg, tuple(others))
+    return _task(seed, "remove", instruction, [before], after, (gone,), held_out=held_out)
 
 
 def _add(rng: _Rng, seed: int, size: tuple[int, int]) -> EditTask:
@@ -251,15 +237,8 @@ def _add(rng: _Rng, seed: int, size: tuple[int, int]) -> EditTask:
     bg = _background(rng, {new.colour})
     others = _others(rng, bg, [new], rng.below(3))
     instruction = _say(rng, "add", size=new.size, name=new.name, location=location_phrase(new.position))
-    return _task(
-        seed,
-        "add",
-        instruction,
-        [Scene(size, bg, tuple(others))],
-        Scene(size, bg, (*others, new)),
-        (new,),
-        held_out=held_out,
-    )
+    before, after = Scene(size, bg, tuple(others)), Scene(size, bg, (*others, new))
+    return _task(seed, "add", instruction, [before], after, (new,), held_out=held_out)
 
 
 def _move(rng: _Rng, seed: int, size: tuple[int, int]) -> EditTask:
@@ -270,15 +249,8 @@ def _move(rng: _Rng, seed: int, size: tuple[int, int]) -> EditTask:
     bg = _background(rng, {new.colour})
     others = _others(rng, bg, [old, new], rng.below(3))
     instruction = _say(rng, "move", name=old.name, position=new.position, location=location_phrase(new.position))
-    return _task(
-        seed,
-        "move",
-        instruction,
-        [Scene(size, bg, (*others, old))],
-        Scene(size, bg, (*others, new)),
-        (old, new),
-        held_out=held_out,
-    )
+    before, after = Scene(size, bg, (*others, old)), Scene(size, bg, (*others, new))
+    return _task(seed, "move", instruction, [before], after, (old, new), held_out=held_out)
 
 
 def _change_background(rng: _Rng, seed: int, size: tuple[int, int]) -> EditTask:
