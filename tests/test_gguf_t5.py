@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers.gguf_files import write_gguf_blocks
-from tests.helpers.tiny_models import randomize_
-from transformers import T5Config, T5EncoderModel
+from tests.helpers.gguf_files import write_gguf_blocks, write_t5_gguf
 
 from kontext_core.checkpoints import CheckpointError
 from kontext_core.checkpoints.t5_gguf import t5_names
@@ -16,51 +14,10 @@ from kontext_core.runtime.gguf_linear import GGUFLinear, gguf_layers
 
 pytest.importorskip("gguf")
 
-# llama.cpp part -> (transformers part, the GGML type written); rows of 256 fit the K-quants
-PARTS = {
-    "attn_q": ("layer.0.SelfAttention.q", "Q8_0"),
-    "attn_k": ("layer.0.SelfAttention.k", "Q4_K"),
-    "attn_v": ("layer.0.SelfAttention.v", "Q6_K"),
-    "attn_o": ("layer.0.SelfAttention.o", "Q5_0"),
-    "ffn_gate": ("layer.1.DenseReluDense.wi_0", "Q4_K"),
-    "ffn_up": ("layer.1.DenseReluDense.wi_1", "Q5_K"),
-    "ffn_down": ("layer.1.DenseReluDense.wo", "Q3_K"),
-    "attn_norm": ("layer.0.layer_norm", None),
-    "ffn_norm": ("layer.1.layer_norm", None),
-    "attn_rel_b": ("layer.0.SelfAttention.relative_attention_bias", None),
-}
-
-
-def _t5_file(path):
-    """A 2-layer gated T5 encoder 256 wide in llama.cpp's names, its Linear weights and embedding quantized."""
-    config = T5Config(
-        vocab_size=96, d_model=256, d_kv=64, d_ff=512, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-    )  # fmt: skip
-    reference = randomize_(T5EncoderModel(config), seed=0, std=0.3).eval()
-    ours = reference.state_dict()
-    tensors = {
-        "token_embd.weight": ours["shared.weight"],
-        "enc.output_norm.weight": ours["encoder.final_layer_norm.weight"],
-    }
-    kinds = {"token_embd.weight": "Q8_0"}
-    for i in range(config.num_layers):
-        for part, (name, kind) in PARTS.items():
-            key = f"encoder.block.{i}.{name}.weight"
-            if key in ours:  # the relative-position bias is in block 0 only
-                tensors[f"enc.blk.{i}.{part}.weight"] = ours[key]
-                if kind:
-                    kinds[f"enc.blk.{i}.{part}.weight"] = kind
-    stored = write_gguf_blocks(path, tensors, kinds, architecture="t5encoder")
-    names = t5_names(list(stored))
-    reference.load_state_dict({k: stored[names[k]] for k in ours if k in names} | {
-        "encoder.embed_tokens.weight": stored["token_embd.weight"]})  # fmt: skip
-    return reference
-
 
 @torch.no_grad()
 def test_a_gguf_t5_keeps_its_blocks_and_encodes_as_the_reference(tmp_path):
-    reference = _t5_file(tmp_path / "t5-v1_1-xxl-encoder-Q4_K_M.gguf")
+    reference = write_t5_gguf(tmp_path / "t5-v1_1-xxl-encoder-Q4_K_M.gguf", vocab=96)
     kept = load_t5(tmp_path / "t5-v1_1-xxl-encoder-Q4_K_M.gguf")
     full = load_t5(tmp_path / "t5-v1_1-xxl-encoder-Q4_K_M.gguf", dequantize=True)
     layers = gguf_layers(kept)

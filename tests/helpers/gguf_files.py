@@ -88,3 +88,48 @@ def write_gguf_blocks(
             expected[key] = torch.from_numpy(array.astype(np.float32))
     finish(writer)
     return expected
+
+
+# llama.cpp part -> (transformers part, the GGML type written); rows of 256 fit the K-quants
+T5_PARTS = {
+    "attn_q": ("layer.0.SelfAttention.q", "Q8_0"),
+    "attn_k": ("layer.0.SelfAttention.k", "Q4_K"),
+    "attn_v": ("layer.0.SelfAttention.v", "Q6_K"),
+    "attn_o": ("layer.0.SelfAttention.o", "Q5_0"),
+    "ffn_gate": ("layer.1.DenseReluDense.wi_0", "Q4_K"),
+    "ffn_up": ("layer.1.DenseReluDense.wi_1", "Q5_K"),
+    "ffn_down": ("layer.1.DenseReluDense.wo", "Q3_K"),
+    "attn_norm": ("layer.0.layer_norm", None),
+    "ffn_norm": ("layer.1.layer_norm", None),
+    "attn_rel_b": ("layer.0.SelfAttention.relative_attention_bias", None),
+}
+
+
+def write_t5_gguf(path, vocab: int, d_model: int = 256, seed: int = 0):
+    """A 2-layer gated T5 encoder `d_model` wide (a multiple of 256) as a GGUF file in llama.cpp's names
+    (`enc.blk.N.attn_q.weight`, `token_embd.weight`, …), its Linear weights in the `T5_PARTS` types and its
+    embedding in Q8_0, as city96's `t5-v1_1-xxl-encoder-Q*.gguf` files; returns a `T5EncoderModel` holding what
+    the reference dequantizes them to."""
+    from tests.helpers.tiny_models import randomize_
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=64, d_ff=2 * d_model, num_layers=2, num_heads=d_model // 64,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+    )  # fmt: skip
+    reference = randomize_(T5EncoderModel(config), seed=seed, std=0.3).eval()
+    ours = reference.state_dict()
+    names = {"token_embd.weight": "shared.weight", "enc.output_norm.weight": "encoder.final_layer_norm.weight"}
+    kinds = {"token_embd.weight": "Q8_0"}
+    for i in range(config.num_layers):
+        for part, (name, kind) in T5_PARTS.items():
+            if f"encoder.block.{i}.{name}.weight" in ours:  # the relative-position bias is in block 0 only
+                names[f"enc.blk.{i}.{part}.weight"] = f"encoder.block.{i}.{name}.weight"
+                if kind:
+                    kinds[f"enc.blk.{i}.{part}.weight"] = kind
+    stored = write_gguf_blocks(
+        path, {key: ours[ours_key] for key, ours_key in names.items()}, kinds, architecture="t5encoder", seed=seed
+    )
+    weights = {ours_key: stored[key] for key, ours_key in names.items()}
+    reference.load_state_dict(weights | {"encoder.embed_tokens.weight": weights["shared.weight"]})
+    return reference

@@ -285,7 +285,9 @@ assert "comfy" not in sys.modules
 """
 
 
-def engine_edit(comfy: ComfyServer, out: Path, prompt: str, seed: int, *lora: str, transformer: str = "") -> np.ndarray:
+def engine_edit(
+    comfy: ComfyServer, out: Path, prompt: str, seed: int, *lora: str, transformer: str = "", t5: str = ""
+) -> np.ndarray:
     """The example edit by the engine alone (ENGINE_EDIT), with the LoRA (path, strength) if given."""
     from tests.helpers.tiny_files import CLIP, T5, TRANSFORMER, VAE
 
@@ -293,7 +295,7 @@ def engine_edit(comfy: ComfyServer, out: Path, prompt: str, seed: int, *lora: st
     files = [
         models / "diffusion_models" / (transformer or TRANSFORMER),
         models / "vae" / VAE,
-        models / "text_encoders" / T5,
+        models / "text_encoders" / (t5 or T5),
         models / "text_encoders" / CLIP,
         comfy.root,
     ]
@@ -401,6 +403,38 @@ def test_a_gguf_transformer_runs_in_the_graph_as_in_the_engine(comfy, tmp_path):
     print(f"\n[gguf] max |inside − outside| = {np.abs(inside - outside).max()}/255")
     assert len(np.unique(inside)) > 50 and np.array_equal(inside, outside)
     assert Image.open(saved).text["model"] == f"FLUX.1 Kontext ({name})"
+
+
+def test_a_q4_k_transformer_and_a_gguf_t5_run_kept_quantized_as_in_the_engine(comfy, tmp_path):
+    """K-quant blocks (Q4_K) in the Model Loader and a llama.cpp-named T5 GGUF in the Text Encoder Loader, both kept
+    quantized, against the library with the same files."""
+    import dataclasses
+
+    from tests.helpers.gguf_files import write_gguf_blocks, write_t5_gguf
+    from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
+
+    if not comfy.can_import("gguf"):
+        pytest.skip("the `gguf` package (the pack's [gguf] extra) is not installed in COMFYUI_PYTHON")
+    # 256 wide, so every block Linear fills Q4_K's 256-value super-blocks; T5 as wide, with ComfyUI's vocabulary
+    params = dataclasses.replace(TINY_FLUX, hidden_size=256, num_heads=4, axes_dim=[8, 28, 28], context_in_dim=256)
+    state = tiny_flux_model(2, params).state_dict()
+    kinds = {k: "Q4_K" for k, v in state.items() if v.ndim == 2 and v.shape[1] % 256 == 0}
+    name, t5 = "flux1-kontext-dev-Q4_K_M.gguf", "t5-v1_1-xxl-encoder-Q4_K_M.gguf"
+    write_gguf_blocks(comfy.base / "models" / "diffusion_models" / name, state, kinds, reference=False)
+    write_t5_gguf(comfy.base / "models" / "text_encoders" / t5, vocab=32128)
+    seed, prompt = 17, "Make the car blue."
+    workflow = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "gguf_k")
+    workflow[_first(workflow, "KontextCoreModelLoader")]["inputs"]["model_name"] = name
+    workflow[_first(workflow, "KontextCoreTextEncoderLoader")]["inputs"]["t5_name"] = t5
+    workflow[_first(workflow, "KontextCoreSampler")]["inputs"]["seed"] = seed
+    workflow[_first(workflow, "KontextCoreTextEncode")]["inputs"]["prompt"] = prompt
+    entry, _ = run(comfy, workflow)
+    (saved,) = saved_images(comfy, entry)
+    inside = np.asarray(Image.open(saved).convert("RGB"), dtype=np.int16)
+    outside = engine_edit(comfy, tmp_path / "engine_gguf_k.png", prompt, seed, transformer=name, t5=t5)
+    print(f"\n[gguf K-quants] max |inside − outside| = {np.abs(inside - outside).max()}/255")
+    assert len(np.unique(inside)) > 50 and np.array_equal(inside, outside)
+    assert "(GGUF Q4_K blocks kept)" in comfy.log()  # the Model Loader's memory line
 
 
 # ---------------------------------------------------------------- the batch client against the live server
