@@ -40,13 +40,13 @@ def one_process(j: SamplingJob) -> torch.Tensor:
 def test_a_worker_group_serves_jobs_stops_on_request_and_closes_on_a_failure():
     group = WorkerGroup(ModelSource(tiny_flux_on, {"seed": 3}), ParallelConfig("ulysses", timeout_s=60), ["cpu"] * 2)
     try:
-        pids = [w.pid for w in group._workers]
+        pids = group.pids
         steps = []
         for seed in (1, 2):  # the same workers, the model loaded once
             out = group.sample(job(seed), callback=lambda info: steps.append(info.step))
             expected = one_process(job(seed))
             assert float((out - expected).abs().max() / expected.abs().max()) <= FP32_RELATIVE
-        assert steps == [1, 2, 3] * 2 and [w.pid for w in group._workers] == pids
+        assert steps == [1, 2, 3] * 2 and group.pids == pids
 
         def interrupt(info):
             raise Interrupted(f"stop at step {info.step}")
@@ -66,4 +66,4 @@ def test_a_worker_group_serves_jobs_stops_on_request_and_closes_on_a_failure():
             group.sample(job(1))
     finally:
         group.close()
-    assert not any(w.is_alive() for w in group._workers)
+    assert None not in group.exit_codes

@@ -1,39 +1,46 @@
 """A persistent group of worker processes, one per device, that hold a split model between sampling jobs: for a
 host that is itself one process (a server such as ComfyUI), where torchrun cannot start the ranks.
 
-The host sends each job to every worker and reads rank 0's step events (progress, previews) and result; its
-callback raising stops every rank after the same step and leaves the group ready for the next job. A worker
-that fails exits, since only a lost connection unblocks its peers before the group's timeout: the group is then
-closed and the host must start a new one.
+The workers are fresh interpreters (`python -m kontext_core.parallel.workers`), not multiprocessing children:
+a spawned child would re-import the host's main module (ComfyUI's main.py parses arguments and loads every
+custom node at import). Each talks to the host over an authenticated local connection. The host sends every
+job to every worker and reads rank 0's step events (progress, previews) and result; its callback raising stops
+every rank after the same step and leaves the group ready. A worker that fails exits, since only a lost
+connection unblocks its peers before the group's timeout: the group is then closed and must be started anew.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import queue
-import socket
+import pickle
+import secrets
+import subprocess
+import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection, Listener, wait
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 from torch import Tensor
 
 from kontext_core.parallel.config import ParallelConfig
 from kontext_core.parallel.errors import ParallelError, StopRequested
 from kontext_core.sampling import SamplingOptions, StepInfo
 
-POLL_S = 0.5  # how often the host, waiting for an event, checks that the workers are still alive
+POLL_S = 0.5  # how often the host, waiting for the workers, checks that they are still alive
+ADDRESS, KEY = "KONTEXT_WORKER_ADDRESS", "KONTEXT_WORKER_KEY"  # how a worker finds its host
+STOP = "stop"  # the host's message to rank 0: stop this job after the current step
 
 
 @dataclass(frozen=True)
 class ModelSource:
     """How each worker builds its copy of the model: `load(device=..., **kwargs) -> Flux`, a module-level function
-    (it is pickled by name into the worker processes)."""
+    (pickled by name, so the workers import it)."""
 
     load: Callable[..., Any]
     kwargs: dict = dataclasses.field(default_factory=dict)
@@ -66,33 +73,57 @@ class WorkerGroup:
 
     def __init__(self, source: ModelSource, config: ParallelConfig, devices: list[str]):
         config.sequence_degree(len(devices))  # refuse a count the method cannot use before starting anything
-        context = mp.get_context("spawn")
-        self._events = context.Queue()
-        self._stop = context.Event()
-        self._jobs = [context.Queue() for _ in devices]
-        address = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(len(devices))}
-        self._workers = [
-            context.Process(
-                target=_serve,
-                args=(rank, address, device, config, source, self._jobs[rank], self._events, self._stop),
-                daemon=True,  # a host that dies takes its workers with it
-                name=f"kontext-parallel-{rank}",
-            )
-            for rank, device in enumerate(devices)
-        ]
-        for worker in self._workers:
-            worker.start()
-        self._finalizer = weakref.finalize(self, _shut_down, self._workers, self._jobs)
         self.timeout_s = config.timeout_s
+        key = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=key)
+        host, port = listener.address
+        group = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(len(devices))}
+        env = os.environ | group | {ADDRESS: f"{host}:{port}", KEY: key.hex()}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the host's imports, the model's loader too
+        self._workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "kontext_core.parallel.workers"],
+                env=env | {"RANK": str(rank), "LOCAL_RANK": str(rank)},
+            )
+            for rank in range(len(devices))
+        ]
+        self._conns: list[Connection | None] = [None] * len(devices)
+        self._finalizer = weakref.finalize(self, _shut_down, self._workers, self._conns)
         try:
+            self._accept(listener)
+            for conn, device in zip(self._conns, devices):
+                _send(conn, (config, source, device))
             self._wait_for(lambda kind, _: kind == "ready", len(devices))
         except BaseException:
             self.close()
             raise
+        finally:
+            listener.close()
+
+    def _accept(self, listener: Listener) -> None:
+        def accept_all() -> None:
+            for _ in self._workers:
+                conn = listener.accept()
+                self._conns[_recv(conn)] = conn  # each worker says its rank first
+
+        accepting = threading.Thread(target=accept_all, daemon=True)
+        accepting.start()
+        accepting.join(self.timeout_s)
+        if accepting.is_alive() or None in self._conns:
+            raise WorkerGroupStopped(f"the workers did not all report within {self.timeout_s} s")
 
     @property
     def alive(self) -> bool:
-        return self._finalizer.alive and all(w.is_alive() for w in self._workers)
+        return self._finalizer.alive and all(w.poll() is None for w in self._workers)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._workers]
+
+    @property
+    def exit_codes(self) -> list[int | None]:
+        """Each worker's exit status, None while it runs."""
+        return [w.poll() for w in self._workers]
 
     def sample(self, job: SamplingJob, callback: Callable[[StepInfo], None] | None = None) -> Tensor:
         """The model-space latent `sampling.sample` gives for `job`; `callback` sees rank 0's steps here."""
@@ -100,9 +131,8 @@ class WorkerGroup:
             raise WorkerGroupStopped(
                 "the worker group has stopped (a worker failed, or it was closed): start a new one"
             )
-        self._stop.clear()
-        for jobs in self._jobs:
-            jobs.put(job)
+        for conn in self._conns:
+            _send(conn, job)
         result, stopped_by = None, None
 
         def on_event(kind: str, payload) -> bool:
@@ -112,7 +142,7 @@ class WorkerGroup:
                     callback(payload)
                 except BaseException as e:  # an interruption: every rank stops after the same step
                     stopped_by = e
-                    self._stop.set()
+                    _send(self._conns[0], STOP)
             elif kind == "done" and payload is not None:
                 result = payload
             return kind in ("done", "stopped")
@@ -125,67 +155,94 @@ class WorkerGroup:
         return result
 
     def _wait_for(self, counts: Callable[[str, Any], bool], expected: int) -> None:
-        """Handle events until `expected` of them count; a worker's error or death closes the group."""
+        """Handle the workers' events until `expected` of them count; a worker's error or exit closes the group."""
         seen, last_event = 0, time.monotonic()
         while seen < expected:
-            try:
-                kind, rank, payload = self._events.get(timeout=POLL_S)
-            except queue.Empty:
-                dead = [w.name for w in self._workers if not w.is_alive()]
-                if dead or time.monotonic() - last_event > self.timeout_s:
+            ready = wait(self._conns, timeout=POLL_S)
+            if not ready:
+                if time.monotonic() - last_event > self.timeout_s:
                     self.close()
-                    why = f"{', '.join(dead)} exited" if dead else f"no word from the workers in {self.timeout_s} s"
-                    raise WorkerGroupStopped(f"the worker group stopped: {why}") from None
+                    raise WorkerGroupStopped(f"no word from the workers in {self.timeout_s} s")
                 continue
             last_event = time.monotonic()
-            if kind == "error":
-                self.close()
-                raise WorkerGroupStopped(f"worker {rank}: {payload}")
-            seen += counts(kind, payload)
+            for conn in ready:
+                try:
+                    kind, rank, payload = _recv(conn)
+                except (EOFError, OSError):
+                    self.close()
+                    raise WorkerGroupStopped("a worker exited without a word") from None
+                if kind == "error":
+                    self.close()
+                    raise WorkerGroupStopped(f"worker {rank}: {payload}")
+                seen += counts(kind, payload)
 
     def close(self) -> None:
         """Stop the workers (also done when the group is garbage-collected, and at exit)."""
         self._finalizer()
 
 
-def _shut_down(workers, jobs) -> None:
-    for job_queue, worker in zip(jobs, workers):
-        if worker.is_alive():
-            job_queue.put(None)
+def _shut_down(workers: list[subprocess.Popen], conns: list[Connection | None]) -> None:
+    for conn in conns:
+        if conn is not None:
+            try:
+                _send(conn, None)
+                conn.close()
+            except OSError:  # that worker is gone already
+                pass
     for worker in workers:
-        worker.join(timeout=10)
-        if worker.is_alive():
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             worker.kill()
+            worker.wait()
+
+
+def _send(conn: Connection, message: object) -> None:
+    # plain pickle, by value: Connection.send's pickler passes tensors as shared memory through a helper that
+    # authenticates with multiprocessing's per-family key, which these separately started processes do not share
+    conn.send_bytes(pickle.dumps(message))
+
+
+def _recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
 
 
 def _free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _serve(rank: int, address: dict, device: str, config, source: ModelSource, jobs, events, stop) -> None:
+def serve() -> None:
     """A worker: join the group, build the model once, then run jobs until told to stop or one fails."""
     from kontext_core.parallel.groups import init_from_environment
     from kontext_core.parallel.model import ParallelFlux
     from kontext_core.sampling import sample
 
-    os.environ.update(address | {"RANK": str(rank), "LOCAL_RANK": str(rank)})
+    host, port = os.environ[ADDRESS].rsplit(":", 1)
+    rank = int(os.environ["RANK"])
+    conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ.pop(KEY)))
+    _send(conn, rank)
+    config, source, device = _recv(conn)
     try:
         plan = init_from_environment(config, device)
         model = ParallelFlux(source.load(device=plan.device, **source.kwargs), plan)
     except BaseException as e:
-        events.put(("error", rank, f"{type(e).__name__}: {e}"))
+        _send(conn, ("error", rank, f"{type(e).__name__}: {e}"))
         return
-    events.put(("ready", rank, None))
+    _send(conn, ("ready", rank, None))
 
     def on_step(info: StepInfo) -> None:
-        events.put(("step", rank, dataclasses.replace(info, latent=info.latent.cpu(), denoised=info.denoised.cpu())))
-        if stop.is_set():
+        _send(conn, ("step", rank, dataclasses.replace(info, latent=info.latent.cpu(), denoised=info.denoised.cpu())))
+        if conn.poll() and _recv(conn) == STOP:
             raise _HostStop()
 
     try:
-        while (job := jobs.get()) is not None:
+        while (job := _recv(conn)) is not None:
+            if job == STOP:  # it came after the job it meant had ended
+                continue
             try:
                 with torch.no_grad():
                     out = sample(
@@ -197,12 +254,16 @@ def _serve(rank: int, address: dict, device: str, config, source: ModelSource, j
                         references=[r.to(plan.device) for r in job.references],
                         negative=None if job.negative is None else tuple(t.to(plan.device) for t in job.negative),
                         init_latent=None if job.init_latent is None else job.init_latent.to(plan.device),
-                        callback=plan.step_callback(on_step),
+                        callback=plan.step_callback(on_step if plan.is_writer else None),
                     )
-                events.put(("done", rank, out.cpu() if plan.is_writer else None))
+                _send(conn, ("done", rank, out.cpu() if plan.is_writer else None))
             except (_HostStop, StopRequested):
-                events.put(("stopped", rank, None))
+                _send(conn, ("stopped", rank, None))
     except BaseException as e:  # this worker must exit: its peers wait on it until their connection to it drops
-        events.put(("error", rank, f"{type(e).__name__}: {e}"))
+        _send(conn, ("error", rank, f"{type(e).__name__}: {e}"))
     finally:
         plan.close()
+
+
+if __name__ == "__main__":
+    serve()
