@@ -147,6 +147,7 @@ def test_explicit_then_comfyui_then_cache_for_each_role(tmp_path, monkeypatch):
     snapshot = add_snapshot(cache, KONTEXT_REPO, ["flux1-kontext-dev.safetensors", "ae.safetensors", *DIFFUSERS])
     root = comfyui_with(tmp_path, {"diffusion_models": "flux1-kontext-dev.safetensors", "vae": "ae.safetensors"})
     monkeypatch.setenv("COMFYUI_ROOT", str(root))
+    (tmp_path / "my_clip.safetensors").write_bytes(b"x")  # an explicit path must exist (checked up front)
     files = resolve_model_files(clip=tmp_path / "my_clip.safetensors", hf_cache=cache)
     assert files.clip == tmp_path / "my_clip.safetensors"
     assert files.transformer == root / "models" / "diffusion_models" / "flux1-kontext-dev.safetensors"
@@ -174,6 +175,24 @@ def test_a_comfyui_folder_that_does_not_exist_is_named(tmp_path):
     add_snapshot(cache, KONTEXT_REPO, ["flux1-kontext-dev.safetensors", "ae.safetensors", *DIFFUSERS])
     with pytest.raises(FileNotFoundError, match=r"comfyui_root \(--comfyui\): .*ComfyUl is not a folder"):
         resolve_model_files(comfyui_root=tmp_path / "ComfyUl", hf_cache=cache)  # a typo: not the cache's files
+
+
+def test_every_explicit_path_that_does_not_exist_is_named_at_once(tmp_path):
+    (tmp_path / "ae.safetensors").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_model_files(
+            transformer=tmp_path / "nope.safetensors",
+            vae=tmp_path / "ae.safetensors",
+            t5=tmp_path / "t5.safetensors",
+            clip=tmp_path / "clip.safetensors",
+            hf_cache=tmp_path / "hub",
+        )
+    message = str(info.value)
+    assert all(
+        f"{role} (--{role}): {tmp_path / name}" in message
+        for role, name in [("transformer", "nope.safetensors"), ("t5", "t5.safetensors"), ("clip", "clip.safetensors")]
+    )
+    assert "ae.safetensors" not in message  # the one that exists
 
 
 def test_any_model_configured(tmp_path, monkeypatch):

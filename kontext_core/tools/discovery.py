@@ -206,6 +206,11 @@ def resolve_model_files(
     root = Path(comfyui_root) if comfyui_root else comfyui_root_from_env()
     cache = hf_cache_dir(hf_cache)
     given = {"transformer": transformer, "vae": vae, "t5": t5, "clip": clip}
+    absent = [
+        f"{role} (--{role}): {path}" for role, path in given.items() if path is not None and not Path(path).exists()
+    ]
+    if absent:  # all of them at once, not one per run
+        raise FileNotFoundError(f"not found: {'; '.join(absent)}")
     chosen: dict[str, Path | None] = {}
     sources: dict[str, str] = {}
     for role in ROLES:
