@@ -382,6 +382,23 @@ def test_a_lora_branch_and_a_plain_branch_share_one_loaded_model(comfy, tmp_path
     assert "lora_te1_text_model_encoder_layers_0_mlp_fc1" in comfy.log()  # the part it could not take, reported
 
 
+def _edit_inside_and_outside(comfy: ComfyServer, tmp_path: Path, label: str, *, transformer: str, t5: str = ""):
+    """The example edit with these model files, by the graph and by the engine alone: (saved file, both images)."""
+    seed, prompt = 31, "Make the car yellow."
+    workflow = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), label)
+    workflow[_first(workflow, "KontextCoreModelLoader")]["inputs"]["model_name"] = transformer
+    if t5:
+        workflow[_first(workflow, "KontextCoreTextEncoderLoader")]["inputs"]["t5_name"] = t5
+    workflow[_first(workflow, "KontextCoreSampler")]["inputs"]["seed"] = seed
+    workflow[_first(workflow, "KontextCoreTextEncode")]["inputs"]["prompt"] = prompt
+    entry, _ = run(comfy, workflow)
+    (saved,) = saved_images(comfy, entry)
+    inside = np.asarray(Image.open(saved).convert("RGB"), dtype=np.int16)
+    outside = engine_edit(comfy, tmp_path / f"engine_{label}.png", prompt, seed, transformer=transformer, t5=t5)
+    print(f"\n[{label}] max |inside − outside| = {np.abs(inside - outside).max()}/255")
+    return saved, inside, outside
+
+
 def test_a_gguf_transformer_runs_in_the_graph_as_in_the_engine(comfy, tmp_path):
     """A ComfyUI-GGUF style file (Q8_0 / Q4_x / Q5_x / BF16 blocks) picked in the Model Loader like any other."""
     from tests.helpers.flux_files import write_gguf
@@ -391,16 +408,7 @@ def test_a_gguf_transformer_runs_in_the_graph_as_in_the_engine(comfy, tmp_path):
         pytest.skip("the `gguf` package (the pack's [gguf] extra) is not installed in COMFYUI_PYTHON")
     name = "flux1-kontext-dev-Q8_0.gguf"
     write_gguf(comfy.base / "models" / "diffusion_models" / name, tiny_flux_model(1).state_dict())
-    seed, prompt = 31, "Make the car yellow."
-    workflow = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "gguf")
-    workflow[_first(workflow, "KontextCoreModelLoader")]["inputs"]["model_name"] = name
-    workflow[_first(workflow, "KontextCoreSampler")]["inputs"]["seed"] = seed
-    workflow[_first(workflow, "KontextCoreTextEncode")]["inputs"]["prompt"] = prompt
-    entry, _ = run(comfy, workflow)
-    (saved,) = saved_images(comfy, entry)
-    inside = np.asarray(Image.open(saved).convert("RGB"), dtype=np.int16)
-    outside = engine_edit(comfy, tmp_path / "engine_gguf.png", prompt, seed, transformer=name)
-    print(f"\n[gguf] max |inside − outside| = {np.abs(inside - outside).max()}/255")
+    saved, inside, outside = _edit_inside_and_outside(comfy, tmp_path, "gguf", transformer=name)
     assert len(np.unique(inside)) > 50 and np.array_equal(inside, outside)
     assert Image.open(saved).text["model"] == f"FLUX.1 Kontext ({name})"
 
@@ -422,17 +430,7 @@ def test_a_q4_k_transformer_and_a_gguf_t5_run_kept_quantized_as_in_the_engine(co
     name, t5 = "flux1-kontext-dev-Q4_K_M.gguf", "t5-v1_1-xxl-encoder-Q4_K_M.gguf"
     write_gguf_blocks(comfy.base / "models" / "diffusion_models" / name, state, kinds, reference=False)
     write_t5_gguf(comfy.base / "models" / "text_encoders" / t5, vocab=32128)
-    seed, prompt = 17, "Make the car blue."
-    workflow = shrink(load_workflow(ROOT / "workflows" / "api" / "single_edit.json"), "gguf_k")
-    workflow[_first(workflow, "KontextCoreModelLoader")]["inputs"]["model_name"] = name
-    workflow[_first(workflow, "KontextCoreTextEncoderLoader")]["inputs"]["t5_name"] = t5
-    workflow[_first(workflow, "KontextCoreSampler")]["inputs"]["seed"] = seed
-    workflow[_first(workflow, "KontextCoreTextEncode")]["inputs"]["prompt"] = prompt
-    entry, _ = run(comfy, workflow)
-    (saved,) = saved_images(comfy, entry)
-    inside = np.asarray(Image.open(saved).convert("RGB"), dtype=np.int16)
-    outside = engine_edit(comfy, tmp_path / "engine_gguf_k.png", prompt, seed, transformer=name, t5=t5)
-    print(f"\n[gguf K-quants] max |inside − outside| = {np.abs(inside - outside).max()}/255")
+    _, inside, outside = _edit_inside_and_outside(comfy, tmp_path, "gguf_k", transformer=name, t5=t5)
     assert len(np.unique(inside)) > 50 and np.array_equal(inside, outside)
     assert "(GGUF Q4_K blocks kept)" in comfy.log()  # the Model Loader's memory line
 
