@@ -13,6 +13,7 @@ measuring them only.
 
 Usage: python3 split.py   (run from anywhere; paths are relative to this file)
 """
+
 import collections
 import json
 import pathlib
