@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from . import conditioning, images, loaders, safety, sampling, save
+from . import conditioning, images, loaders, parallel, safety, sampling, save
 from ._spec import KontextNode
 
 NODES: list[type[KontextNode]] = [
     *loaders.NODES,
+    *parallel.NODES,
     *conditioning.NODES,
     *images.NODES,
     *sampling.NODES,

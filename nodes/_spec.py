@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from kontext_core.parallel.workers import WorkerGroup
+
 
 @dataclass(frozen=True)
 class Input:
@@ -136,11 +138,12 @@ class LoraModel:
     loras: tuple  # kontext_core.runtime.lora.LoraPatch, in the order the LoRA loaders were chained
 
 
-def model_input(node: type[KontextNode], name: str, model: Any) -> tuple[torch.nn.Module, tuple]:
-    """The transformer of a KONTEXT_MODEL and the LoRAs it carries, or a ValueError naming the input."""
+def model_input(node: type[KontextNode], name: str, model: Any) -> tuple[torch.nn.Module | WorkerGroup, tuple]:
+    """The transformer of a KONTEXT_MODEL (or the worker group holding it) and the LoRAs it carries, or a
+    ValueError naming the input."""
     if isinstance(model, LoraModel):
         return model.transformer, model.loras
-    if isinstance(model, torch.nn.Module):
+    if isinstance(model, (torch.nn.Module, WorkerGroup)):
         return model, ()
     raise ValueError(f"{node.NODE_ID}: input '{name}' must be a KONTEXT_MODEL, got {type(model).__name__}")
 

@@ -34,6 +34,22 @@ def auto_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+# inputs the Kontext Parallel Model Loader (nodes/parallel.py) shares
+TRANSFORMER_FILE = Input(
+    "model_name",
+    "COMBO",
+    "Transformer file in models/diffusion_models (or models/unet).",
+    options=lambda: list_models("diffusion_models"),
+)
+COMPUTE_DTYPE = Input(
+    "compute_dtype",
+    "COMBO",
+    "Precision of the arithmetic: 'auto' is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on a CPU.",
+    default="auto",
+    options=tuple(COMPUTE_DTYPES),
+)
+
+
 class KontextCoreModelLoader(KontextNode):
     NODE_ID = "KontextCoreModelLoader"
     DISPLAY_NAME = "Kontext Model Loader"
@@ -43,12 +59,7 @@ class KontextCoreModelLoader(KontextNode):
         "with the Kontext Core engine. The model stays loaded between runs; picking another file frees the old one."
     )
     INPUTS = (
-        Input(
-            "model_name",
-            "COMBO",
-            "Transformer file in models/diffusion_models (or models/unet).",
-            options=lambda: list_models("diffusion_models"),
-        ),
+        TRANSFORMER_FILE,
         Input(
             "weight_dtype",
             "COMBO",
@@ -57,13 +68,7 @@ class KontextCoreModelLoader(KontextNode):
             default="default",
             options=tuple(WEIGHT_DTYPES),
         ),
-        Input(
-            "compute_dtype",
-            "COMBO",
-            "Precision of the arithmetic: 'auto' is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on a CPU.",
-            default="auto",
-            options=tuple(COMPUTE_DTYPES),
-        ),
+        COMPUTE_DTYPE,
         Input(
             "attention",
             "COMBO",

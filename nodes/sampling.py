@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kontext_core import sampling
+from kontext_core.parallel.workers import SamplingJob, WorkerGroup
 from kontext_core.runtime.lora import use_loras
 
 from ._comfy import interruptible, step_callback
@@ -193,6 +194,24 @@ class KontextCoreSampler(KontextNode):
             method = reference_method(meta.get("reference_latents_method") or "offset")
         except ValueError as e:
             raise ValueError(f"{cls.NODE_ID}: input 'positive': {e}") from None
+        options = sampling.SamplingOptions(
+            steps=steps, guidance=guidance, denoise=denoise, true_cfg_scale=true_cfg_scale, reference_method=method
+        )
+        if isinstance(model, WorkerGroup):
+            if loras:
+                raise ValueError(f"{cls.NODE_ID}: input 'model': LoRAs are not applied to a parallel model's workers")
+            noise = sampling.get_noise(batch_size, height, width, seed)
+            job = SamplingJob(
+                noise,
+                txt.cpu(),
+                meta["pooled_output"].cpu(),
+                options,
+                [r.cpu() for r in references],
+                negative=None if neg is None else tuple(t.cpu() for t in neg),
+                init_latent=init,
+            )
+            out = model.sample(job, callback=step_callback(steps))
+            return ({"samples": sampling.latent_from_model(out).float().cpu()},)
         device = next(model.parameters()).device
         noise = sampling.get_noise(batch_size, height, width, seed, device=device)
         with torch.no_grad(), interruptible(model):
@@ -202,14 +221,10 @@ class KontextCoreSampler(KontextNode):
                 noise,
                 txt,
                 meta["pooled_output"],
+                options,
                 references=references,
-                reference_method=method,
-                steps=steps,
-                guidance=guidance,
-                denoise=denoise,
                 init_latent=init,
                 negative=neg,
-                true_cfg_scale=true_cfg_scale,
                 callback=step_callback(steps),
             )
         return ({"samples": sampling.latent_from_model(out).float().cpu()},)

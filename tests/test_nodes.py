@@ -53,7 +53,7 @@ def test_pack_imports_outside_comfyui_with_v1_fallback():
 
 
 def test_every_node_is_prefixed_documented_and_tooltipped():
-    assert len(BY_ID) == len(nodes.NODES) == 16
+    assert len(BY_ID) == len(nodes.NODES) == 17
     for node_id, node in BY_ID.items():
         assert (
             node_id.startswith("KontextCore") and node.DISPLAY_NAME and not node.DISPLAY_NAME.startswith("KontextCore")

@@ -1,0 +1,82 @@
+"""The Kontext Parallel Model Loader in a real ComfyUI on this CPU: two workers over gloo hold the built-in small
+model between prompts, and the Kontext Sampler on them gives the image the plain loader's graph gives."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tests.helpers.comfyui_server import ROOT, ComfyServer, comfy_session
+
+from kontext_core.tools.comfyui_client.jobs import output_images
+
+comfy = pytest.fixture(scope="session", name="comfy")(comfy_session)
+WORKER_MODULE = "kontext_core.parallel.workers"
+
+
+def small_edit(prefix: str, seed: int) -> dict:
+    workflow = json.loads((ROOT / "workflows" / "api" / "small_model_edit.json").read_text())
+    workflow = copy.deepcopy(workflow)
+    for node in workflow.values():
+        if node["class_type"] == "KontextCoreSampler":
+            node["inputs"].update(steps=4, seed=seed)
+        elif node["class_type"] == "KontextCoreSaveImage":
+            node["inputs"]["filename_prefix"] = f"{prefix}/edit"
+    return workflow
+
+
+def on_workers(workflow: dict, devices: str = "cpu,cpu") -> dict:
+    loader = next(n for n in workflow.values() if n["class_type"] == "KontextCoreModelLoader")
+    loader["class_type"] = "KontextCoreParallelModelLoader"
+    name = loader["inputs"]["model_name"]
+    loader["inputs"] = {"model_name": name, "method": "ulysses", "devices": devices, "compute_dtype": "auto"}
+    return workflow
+
+
+def saved_pixels(comfy: ComfyServer, workflow: dict) -> np.ndarray:
+    runner = comfy.runner()
+    try:
+        entry = runner.run_prompt(workflow)
+    finally:
+        runner.close()
+    (image,) = output_images(entry)
+    path = comfy.base / "output" / image["subfolder"] / image["filename"]
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def worker_pids(server_pid: int) -> set[int]:
+    """The server's worker processes, found in /proc by their command line."""
+    pids = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == server_pid and WORKER_MODULE.encode() in cmdline:
+            pids.add(int(proc.name))
+    return pids
+
+
+def test_the_parallel_loader_gives_the_plain_graphs_image_and_keeps_its_workers(comfy):
+    plain = saved_pixels(comfy, small_edit("parallel-plain", seed=5))
+    split = saved_pixels(comfy, on_workers(small_edit("parallel-split", seed=5)))
+    assert len(np.unique(plain)) > 20  # a real picture
+    assert np.abs(split - plain).max() <= 1  # 1/255: the split sums attention in another order
+    workers = worker_pids(comfy.process.pid)
+    assert len(workers) == 2
+    saved_pixels(comfy, on_workers(small_edit("parallel-split", seed=6)))  # a new seed: the sampler runs again
+    assert worker_pids(comfy.process.pid) == workers, "the same workers served the second prompt"
+
+
+def test_a_bad_device_list_is_refused_naming_the_input(comfy):
+    runner = comfy.runner()
+    try:
+        with pytest.raises(Exception, match="input 'devices'"):
+            runner.run_prompt(on_workers(small_edit("parallel-bad", seed=7), devices="cpu"))
+    finally:
+        runner.close()
