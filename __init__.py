@@ -32,6 +32,9 @@ if __package__:  # loaded as a package (ComfyUI, importlib); a bare run of this 
                 return [v3_class(node) for node in NODES]
 
         async def comfy_entrypoint() -> KontextCoreExtension:
+            from .nodes import routes  # the editor's server route; needs ComfyUI's server, so only here
+
+            routes.register()
             return KontextCoreExtension()
 
     else:

@@ -10,11 +10,19 @@ ahead of plain chaining in every round, by 0.2-0.4 dB there; it slows the drift,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 from torch import Tensor
 
 DEFAULT_THRESHOLD = 40  # 8-bit levels: larger than the small drift of a round trip, smaller than an edit
 DEFAULT_GROW = 2  # pixels: an edit's soft edges come from the edited image whole
+
+
+class Drift(NamedTuple):
+    psnr_db: float | None  # dB over the pixels no round edited; None when every pixel was edited
+    unedited_fraction: float  # the share of the image those pixels cover
 
 
 def keep_unchanged(
@@ -41,3 +49,30 @@ def keep_unchanged(
         changed = torch.nn.functional.max_pool2d(changed, (1, 2 * grow + 1), stride=1, padding=(0, grow))
         changed = torch.nn.functional.max_pool2d(changed, (2 * grow + 1, 1), stride=1, padding=(grow, 0))
     return torch.where(changed.bool(), after, before), changed[:, 0]
+
+
+def drift(chain: list[np.ndarray], *, threshold: int = DEFAULT_THRESHOLD, grow: int = DEFAULT_GROW) -> Drift:
+    """How far the last image of an edit chain has moved from the first where no round edited it.
+
+    `chain` holds the original then each round's result, 8-bit H×W×3 arrays of one size. A round edited the
+    pixels `keep_unchanged` finds changed between it and the round before (so no mask is needed); the PSNR of
+    the last image against the original is taken over the pixels no round edited. `psnr_db` is None when every
+    pixel was edited, and inf when the unedited pixels are exactly the original's.
+    """
+    from kontext_core.synthetic.judge import psnr  # the quality code's PSNR; synthetic/ is imported lazily
+
+    if len(chain) < 2:
+        raise ValueError(f"a drift chain needs the original and at least one round, got {len(chain)} image(s)")
+    for i, image in enumerate(chain):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape != chain[0].shape or image.shape[2] != 3:
+            raise ValueError(
+                f"chain image {i} must be an 8-bit H×W×3 array of the original's size {chain[0].shape}, "
+                f"got {image.dtype} {image.shape}"
+            )
+    images = [torch.tensor(image).permute(2, 0, 1)[None].float() / 255 for image in chain]
+    edited = torch.zeros(chain[0].shape[:2], dtype=torch.bool)
+    for before, after in zip(images, images[1:]):
+        edited |= keep_unchanged(before, after, threshold=threshold, grow=grow)[1][0].bool()
+    unedited = ~edited.numpy()
+    fraction = float(unedited.mean())
+    return Drift(psnr(chain[0], chain[-1], unedited) if unedited.any() else None, fraction)

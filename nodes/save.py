@@ -17,9 +17,12 @@ from . import _comfy
 from ._spec import Input, KontextNode, NodeResult, image_input
 
 CATEGORY = "Kontext Core/image"
+# the node's UI output listing its source images (web/js/kontext_editor.js reads it); the queue shows them too
+SOURCE_OUTPUT = "kontext_source"
+SOURCE_PREFIX = "kontext/source"
 
 
-def _inside(root: str, relative: str, input_name: str) -> str:
+def inside_folder(root: str, relative: str, input_name: str) -> str:
     root = os.path.realpath(root)
     path = os.path.realpath(os.path.join(root, relative))
     if os.path.isabs(relative) or os.path.commonpath([root, path]) != root:
@@ -32,7 +35,7 @@ def save_paths(output_dir: str, prefix: str, count: int) -> tuple[str, list[str]
     ComfyUI's SaveImage numbers them: `<name>_00001_.png`, continuing after the highest number present."""
     if not prefix.strip():
         raise ValueError("input 'filename_prefix' must not be empty")
-    folder = _inside(output_dir, os.path.dirname(prefix.strip()), "filename_prefix")
+    folder = inside_folder(output_dir, os.path.dirname(prefix.strip()), "filename_prefix")
     name = os.path.basename(prefix.strip())
     if not name:
         raise ValueError(f"input 'filename_prefix' must end in a file name, got {prefix!r}")
@@ -56,7 +59,7 @@ def signing_config(c2pa_cert: str, c2pa_key: str) -> provenance.SigningConfig | 
         if user is None:
             raise ValueError("inputs 'c2pa_cert'/'c2pa_key' are resolved in ComfyUI's user folder, unknown here")
         config = provenance.SigningConfig(
-            Path(_inside(user, c2pa_cert, "c2pa_cert")), Path(_inside(user, c2pa_key, "c2pa_key"))
+            Path(inside_folder(user, c2pa_cert, "c2pa_cert")), Path(inside_folder(user, c2pa_key, "c2pa_key"))
         )
         origins = ("input 'c2pa_cert'", "input 'c2pa_key'")
     else:
@@ -158,7 +161,8 @@ class KontextCoreSaveImage(KontextNode):
             "source_image",
             "IMAGE",
             "Optional: the image that was edited. Its presence records the result as an "
-            "edit (C2PA 'edited', with the source as ingredient) instead of a new creation.",
+            "edit (C2PA 'edited', with the source as ingredient) instead of a new creation, and gives the "
+            "editor its before/after view, round history and drift.",
             optional=True,
         ),
     )
@@ -203,7 +207,20 @@ class KontextCoreSaveImage(KontextNode):
                 extra_text={k: json.dumps(v) for k, v in extra.items()},
             )
             saved.append({"filename": name, "subfolder": subfolder, "type": "output"})
-        return NodeResult((), ui={"images": saved})
+        ui = {"images": saved}
+        if sources:
+            ui[SOURCE_OUTPUT] = _save_previews(sources)
+        return NodeResult((), ui=ui)
+
+
+def _save_previews(images: list[Image.Image]) -> list[dict]:
+    """The source images as plain PNGs in ComfyUI's temp folder (emptied at each start), for the editor's
+    before/after view and its drift measure; the saved edit keeps its own record of the source (C2PA)."""
+    temp = _comfy.temp_directory()
+    subfolder, names = save_paths(temp, SOURCE_PREFIX, len(images))
+    for image, name in zip(images, names):
+        image.save(os.path.join(temp, subfolder, name), compress_level=1)
+    return [{"filename": name, "subfolder": subfolder, "type": "temp"} for name in names]
 
 
 def _to_pil(image) -> Image.Image:

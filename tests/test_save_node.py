@@ -59,6 +59,7 @@ def test_signed_edit_records_its_source(monkeypatch, tmp_path):
     pytest.importorskip("c2pa")
     certs = provenance.make_test_certificates(tmp_path / "certs")
     monkeypatch.setattr(_comfy, "output_directory", lambda: str(tmp_path / "out"))
+    monkeypatch.setattr(_comfy, "temp_directory", lambda: str(tmp_path / "temp"))
     monkeypatch.setenv(provenance.CERT_ENV, str(certs.cert_chain))
     monkeypatch.setenv(provenance.KEY_ENV, str(certs.private_key))
     images = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
@@ -67,3 +68,17 @@ def test_signed_edit_records_its_source(monkeypatch, tmp_path):
     report = provenance.verify_png(tmp_path / "out" / "edit_00001_.png", certs.root_cert)
     assert report["validation_state"] == "Trusted"
     assert "c2pa.edited" in json.dumps(report["active_manifest"])
+
+
+def test_an_edit_lists_its_source_for_the_editor(monkeypatch, tmp_path):
+    monkeypatch.setattr(_comfy, "output_directory", lambda: str(tmp_path / "out"))
+    monkeypatch.setattr(_comfy, "temp_directory", lambda: str(tmp_path / "temp"))
+    monkeypatch.delenv(provenance.CERT_ENV, raising=False)
+    monkeypatch.delenv(provenance.KEY_ENV, raising=False)
+    images = torch.rand(1, 16, 24, 3, generator=torch.Generator().manual_seed(1))
+    source = torch.rand(1, 16, 24, 3, generator=torch.Generator().manual_seed(2))
+    assert save.SOURCE_OUTPUT not in save.KontextCoreSaveImage.run(images, "edit").ui  # a creation has none
+    listed = save.KontextCoreSaveImage.run(images, "edit", source_image=source).ui[save.SOURCE_OUTPUT]
+    assert [(d["subfolder"], d["type"]) for d in listed] == [("kontext", "temp")]
+    preview = np.asarray(Image.open(tmp_path / "temp" / "kontext" / listed[0]["filename"]))
+    assert np.array_equal(preview, (source[0].numpy() * 255).round().astype(np.uint8))
