@@ -29,7 +29,9 @@ _NOT_AN_AGE_AFTER = (
     "am|pm|a m|p m|o clock|oclock|percent|per cent|dollars?|euros?|pounds?|bucks|cents?|meters?|metres?|m|cm|mm|km|"
     "feet|foot|ft|inch|inches|miles?|kg|kilos?|lbs?|grams?|g|hours?|hrs?|minutes?|mins?|seconds?|secs?|days?|weeks?|"
     "months?|times|x|stars?|points?|layers?|floors?|stories|storeys|degrees?|people|persons|of|out|to|by|more|less|"
-    "bigger|smaller|taller|shorter|wide|tall|high|deep|long|away|apart|cats?|dogs?|pieces?|items?|slices?|cups?"
+    "bigger|smaller|taller|shorter|wide|tall|high|deep|long|away|apart|cats?|dogs?|pieces?|items?|slices?|cups?|"
+    "words?|characters?|chars|letters?|lines?|colou?rs?|steps?|frames?|images?|photos?|pics?|pixels?|px|"
+    "calories|kcal|grams|ml|litres?|liters?|mph|kph|players?|guests?|seats?|euro|usd|gb|mb"
 )
 # A number of years after these words is a span of time ("celebrating 15 years", "for 10 years"), not an age.
 _SPAN_BEFORE = "".join(
@@ -58,6 +60,19 @@ class AgeFinder:
                 rf"(?:about |around |only |just |barely |maybe |like |now |almost |nearly |probably )?{number}"
                 rf"(?! (?:years?|yrs?) (?:{_TIME_WORDS}) )(?! (?:{_NOT_AN_AGE_AFTER}) )(?= )"
             ),
+            # made younger down to an age: "age her down to about 10", "de-age him back to 8", "regress her to 12"
+            re.compile(
+                rf" (?:age|ages|aged|aging|ageing|de age|de aged|deage|deaged|regress|regresses|regressed|younger|"
+                rf"reverse|reversed) (?:\w+ ){{0,3}}(?:down |back )?(?:to|into|until) (?:about |around |only |just |"
+                rf"maybe |like |age |the age of |an age of )?{number}(?! (?:{_NOT_AN_AGE_AFTER}) )(?= )"
+            ),
+            # an upper bound is an age too: "under 12", "younger than 16", "not even 14"
+            re.compile(
+                rf" (?:under|younger than|below|not yet|not even|barely) (?:the age of |age )?{number}"
+                rf"(?! (?:{_NOT_AN_AGE_AFTER}) )(?! (?:years?|yrs?) (?:{_TIME_WORDS}) )(?= )"
+            ),
+            # the age and a letter for the sex or "yo" in one token: "14F in the pic", "12yof"
+            re.compile(r" (\d{1,2})(?:f|yo|yof|yom|yrs|yr)(?= )"),
             # "a child model, 10, ...": a person word directly followed by the number
             re.compile(
                 rf" (?:child|kid|girl|boy|model|daughter|son|niece|nephew|student|pupil|teen|toddler) {number}"
@@ -74,16 +89,17 @@ class AgeFinder:
 
     def minor_ages(self, text: str) -> list[int]:
         """Every age under 18 stated in `text` (normalised: lower-case words, a space at each end)."""
-        ages = []
+        # Keyed by where the number stands: two wordings that read the same number ("age to 11") are one age.
+        ages: dict[int, int] = {}
         for pattern in self._patterns:
             for m in pattern.finditer(text):
-                ages.append(self._value(m.group(1)))
+                ages.setdefault(m.start(1), self._value(m.group(1)))
         for pattern, offset in self._grades:
             for m in pattern.finditer(text):
                 grade = _ORDINALS.get(m.group(1)) or self._value(m.group(1))
                 if grade <= _MAX_SCHOOL_YEAR:
-                    ages.append(grade + offset)
-        return [age for age in ages if age < ADULT_AGE]
+                    ages.setdefault(m.start(1), grade + offset)
+        return [age for _, age in sorted(ages.items()) if age < ADULT_AGE]
 
     def _value(self, token: str) -> int:
         return int(token) if token.isdigit() else self._numbers[token]

@@ -119,7 +119,8 @@ class PromptNormalizer:
     is read as the known word it can spell, and a word one typing slip away from one of them (a letter missing,
     added, changed or two swapped: "remvoe", "clothse", "kil") is read as it, unless `is_real_word` says it is a
     word in its own right. `glossary` maps words of other languages (and English written without apostrophes)
-    to the English words the rules know; a key of several words replaces that word sequence.
+    to the English words the rules know; a key of several words replaces that word sequence. `compounds` are words
+    that a dash may split into two known words ("top-less", "strip-tease"): they are read whole.
     """
 
     def __init__(
@@ -128,10 +129,12 @@ class PromptNormalizer:
         vocabulary: set[str],
         glossary: dict[str, str],
         is_real_word: Callable[[str], bool],
+        compounds: frozenset[str] = frozenset(),
     ):
         self._leet = leet
+        self._compounds = compounds
         self._vocabulary = frozenset(vocabulary)
-        self._sorted_vocabulary = sorted(self._vocabulary)
+        self._star_candidates = sorted(compounds & self._vocabulary) + sorted(self._vocabulary - compounds)
         self._is_real_word = is_real_word
         self._glossary = {k: v for k, v in glossary.items() if " " not in k}
         phrases = sorted((k for k in glossary if " " in k), key=len, reverse=True)
@@ -194,7 +197,9 @@ class PromptNormalizer:
         pieces = [p for p in _INNER_SEPARATOR.split(chunk) if p]
         if len(pieces) > 1:
             joined = self._read("".join(pieces))
-            if joined in self._vocabulary and not all(self._read(p) in self._vocabulary for p in pieces):
+            if joined in self._compounds or (
+                joined in self._vocabulary and not all(self._read(p) in self._vocabulary for p in pieces)
+            ):
                 return [joined]
         tokens = []
         for raw in _TOKEN_SPLIT.split(chunk):
@@ -222,7 +227,8 @@ class PromptNormalizer:
         if "*" in word:
             # "p**n", "f*ck": each star hides one letter of a listed word.
             pattern = re.compile("^" + re.escape(word).replace(r"\*", "[a-z]") + "$")
-            match = next((v for v in self._sorted_vocabulary if pattern.match(v)), None)
+            # The word lists' own terms first: "p**n" is "porn" before it is "plan".
+            match = next((v for v in self._star_candidates if pattern.match(v)), None)
             return [match] if match else [w for w in word.split("*") if w]
         return [self._read(word)]
 

@@ -17,15 +17,16 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from kontext_core.policy.ages import AGE_VOCABULARY, AgeFinder
 from kontext_core.policy.person_names import named_people
 from kontext_core.policy.prompt_text import PromptNormalizer, fold_script
 from kontext_core.policy.rendered_text import rendered_segments
 from kontext_core.policy.word_lists import first_names, is_english_word
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 CATEGORIES = ("minors", "ncii", "sexual", "violence", "hate")
 MIN_TOLERANCE, MAX_TOLERANCE, DEFAULT_TOLERANCE = 0, 6, 2
@@ -218,8 +219,18 @@ class _PromptFilter:
         words = {k: v for language, pairs in glossary.items() if not language.startswith("_") for k, v in pairs.items()}
         # Words that make a term benign are known words too: "Gore-Tex" must not be read as a slip for "gore text".
         excepting = {w for table in (exceptions, self._marker_exceptions) for e in table.values() for w in e["words"]}
-        vocabulary = self._lexicon.vocabulary() | self._markers.vocabulary() | rule_words | AGE_VOCABULARY | excepting
-        self._normalizer = PromptNormalizer(norm["leet"], vocabulary, words, _is_real_word)
+        vocabulary = (
+            self._lexicon.vocabulary()
+            | self._markers.vocabulary()
+            | rule_words
+            | AGE_VOCABULARY
+            | excepting
+            | set(norm["age_words"])
+        )
+        # One-word terms of the word lists: a word split by a dash whose halves are words too ("top-less") is joined
+        # back only when the whole is such a term, and a starred spelling ("p**n") is read as one first.
+        compounds = frozenset(t.rstrip("*") for t, _ in entries if " " not in t)
+        self._normalizer = PromptNormalizer(norm["leet"], vocabulary, words, _is_real_word, compounds)
         macros = {
             name: "|".join(_term_regex(t) for t in sorted(terms, key=len, reverse=True))
             for name, terms in markers.items()
@@ -277,8 +288,10 @@ class _PromptFilter:
         for hit in hits:
             features.update(f"{hit.category}>={s}" for s in range(1, hit.severity + 1))
         for combo in self._combinations:
-            # Each listed feature is needed; "a|b" is met by either.
-            if all(any(f in features for f in need.split("|")) for need in combo["all"]):
+            # Each listed feature is needed, "a|b" is met by either; a feature under "none" rules the combination out.
+            if all(any(f in features for f in need.split("|")) for need in combo["all"]) and features.isdisjoint(
+                combo.get("none", ())
+            ):
                 hits.append(
                     SafetyHit(
                         combo["category"], combo["severity"], f"combination:{combo['id']}", " + ".join(combo["all"])
@@ -345,6 +358,9 @@ def _load_classifier() -> Any:
 
 
 def _to_pil(image: Any) -> Image.Image:
+    # PIL is imported on first use: a prompt check (and importing this module) needs no image library.
+    from PIL import Image
+
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     import numpy as np
