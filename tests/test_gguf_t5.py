@@ -8,6 +8,7 @@ import torch
 from tests.helpers.gguf_files import write_gguf_blocks, write_t5_gguf
 
 from kontext_core.checkpoints import CheckpointError
+from kontext_core.checkpoints.summary import describe
 from kontext_core.checkpoints.t5_gguf import t5_names
 from kontext_core.checkpoints.text_encoders import load_clip, load_t5
 from kontext_core.runtime.gguf_linear import GGUFLinear, gguf_layers
@@ -37,6 +38,8 @@ def test_a_gguf_t5_keeps_its_blocks_and_encodes_as_the_reference(tmp_path):
     wo = fp16.encoder.block[0].layer[1].DenseReluDense.wo
     assert not isinstance(wo, GGUFLinear) and wo.weight.dtype == torch.float32
     assert isinstance(fp16.encoder.block[0].layer[0].SelfAttention.q, GGUFLinear)
+    text = describe(tmp_path / "t5-v1_1-xxl-encoder-Q4_K_M.gguf")  # `inspect` names it, from its header
+    assert "kind:      T5 text encoder (llama.cpp names)" in text and "Q4_K ×4" in text
 
 
 def test_llama_cpp_names_and_what_is_refused(tmp_path):

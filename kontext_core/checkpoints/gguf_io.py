@@ -37,6 +37,8 @@ _IMAGE_ARCHITECTURES = (
 _UNNAMED = (None, "pig", "cow")
 # the architectures llama.cpp and ComfyUI-GGUF name T5 encoders by
 T5_ARCHITECTURES = ("t5", "t5encoder")
+# what a reader accepts: a FLUX transformer, a T5 encoder, or either (to describe a file)
+ACCEPT_FLUX, ACCEPT_T5, ACCEPT_EITHER = "flux", "t5", "either"
 _ORIGINAL_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF's record of a tensor reshaped to fit GGUF
 
 
@@ -52,7 +54,7 @@ class GGUFSource(TensorNames):
     """The tensors of one GGUF file, with `TensorSource`'s interface: names and shapes from the header,
     `tensor(key)` dequantizes one tensor."""
 
-    def __init__(self, path: Path, *, t5: bool = False):
+    def __init__(self, path: Path, *, accept: str = ACCEPT_FLUX):
         gguf = _gguf()
         if gguf is None:
             raise CheckpointError(path, "GGUF files need the `gguf` package: pip install gguf")
@@ -62,25 +64,24 @@ class GGUFSource(TensorNames):
         self.origin = path
         self.metadata: dict[str, str] = {}
         self._open()
-        self._check_architecture(self._string("general.architecture"), t5)
+        self._check_architecture(self._string("general.architecture"), accept)
         if not self._entries:
             raise CheckpointError(path, "the file holds no tensors")
         self._shapes = {name: self._shape(t) for name, t in self._entries.items()}
         self._types = {name: t.tensor_type for name, t in self._entries.items()}
         self._nbytes = sum(int(t.n_bytes) for t in self._entries.values())
 
-    def _check_architecture(self, architecture: str | None, t5: bool) -> None:
-        if architecture in _UNNAMED:
+    def _check_architecture(self, architecture: str | None, accept: str) -> None:
+        if architecture in _UNNAMED or (accept != ACCEPT_FLUX and architecture in T5_ARCHITECTURES):
             return
-        if t5:
-            if architecture not in T5_ARCHITECTURES:
-                raise CheckpointError(self.origin, f"a GGUF file of architecture {architecture!r}, not a T5 encoder")
-            return
+        if accept == ACCEPT_T5:
+            raise CheckpointError(self.origin, f"a GGUF file of architecture {architecture!r}, not a T5 encoder")
         if architecture not in _IMAGE_ARCHITECTURES:
+            read = "FLUX transformers and T5 encoders are" if accept == ACCEPT_EITHER else "only FLUX transformers are"
             raise CheckpointError(
                 self.origin,
                 f"a GGUF file of architecture {architecture!r} (a language model or text "
-                "encoder?): only FLUX transformers are read from GGUF here",
+                f"encoder?): {read} read from GGUF here",
             )
         if architecture != "flux":
             raise CheckpointError(self.origin, f"a GGUF {architecture!r} model, not a FLUX transformer")

@@ -6,14 +6,16 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from kontext_core.checkpoints.gguf_io import ACCEPT_EITHER, GGUFSource
 from kontext_core.checkpoints.safetensors_io import open_tensors
+from kontext_core.checkpoints.t5_gguf import is_llama_cpp_t5
 
 
 def describe(path: str | os.PathLike) -> str:
     """A few lines naming the file's kind, precision, size and tensor count; never reads a tensor. A file that is
     not a safetensors (or GGUF) checkpoint raises CheckpointError saying why."""
     path = Path(path)
-    source = open_tensors(path)
+    source = GGUFSource(path, accept=ACCEPT_EITHER) if path.suffix.lower() == ".gguf" else open_tensors(path)
     keys = source.keys()
     lines = [f"{path}", f"  kind:      {_kind(keys)}", f"  tensors:   {len(keys)}, {_size(source.nbytes())}"]
     if hasattr(source, "quant_types"):  # GGUF: its GGML types, not the float types they are read as
@@ -51,6 +53,8 @@ def _kind(keys: list[str]) -> str:
         return "VAE"
     if any(".SelfAttention." in k for k in keys):
         return "T5 text encoder"
+    if is_llama_cpp_t5(keys):
+        return "T5 text encoder (llama.cpp names)"
     if any("token_embedding" in k for k in keys):
         return "CLIP text encoder"
     return "unknown"

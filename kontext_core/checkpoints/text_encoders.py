@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from kontext_core.checkpoints.gguf_io import GGUFSource
+from kontext_core.checkpoints.gguf_io import ACCEPT_T5, GGUFSource
 from kontext_core.checkpoints.t5_gguf import BYTES_AS_INT8, is_llama_cpp_t5, kept_t5_blocks, t5_names
 from kontext_core.runtime.gguf_linear import block_shape, use_gguf_linears
 from kontext_core.runtime.quant import FP8_DTYPES
@@ -57,7 +57,9 @@ class _FileTensors:
         gguf_t5 = t5 and path.suffix.lower() == ".gguf"
         if path.suffix.lower() == ".gguf" and not t5:
             raise CheckpointError(path, "of the text encoders only T5 is read from GGUF: give CLIP-L as .safetensors")
-        self.source: TensorSource = GGUFSource(path, t5=True) if gguf_t5 else open_tensors(path, weights_name="model")
+        self.source: TensorSource = (
+            GGUFSource(path, accept=ACCEPT_T5) if gguf_t5 else open_tensors(path, weights_name="model")
+        )
         keys = self.source.keys()
         prefix = next((p for p in prefixes if any(k.startswith(p) for k in keys)), "")
         # llama.cpp's T5 names (`enc.blk.0.attn_q.weight`) stand for transformers' ones

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kontext_core.checkpoints.gguf_io import GGUFSource
+from kontext_core.checkpoints.gguf_io import ACCEPT_T5, GGUFSource
 from kontext_core.checkpoints.safetensors_io import open_tensors
 from kontext_core.runtime.gguf_dequant import BLOCK_FORMATS
 from kontext_core.runtime.gguf_linear import gguf_layers
@@ -75,7 +75,7 @@ class StoredTensor:
 def read_tensors(path: str | os.PathLike, skipped: tuple[str, ...] = (), t5: bool = False) -> list[StoredTensor]:
     """Every tensor of a model file, from its header (no weight is read)."""
     path = Path(path)
-    source = GGUFSource(path, t5=True) if t5 and path.suffix.lower() == ".gguf" else open_tensors(path)
+    source = GGUFSource(path, accept=ACCEPT_T5) if t5 and path.suffix.lower() == ".gguf" else open_tensors(path)
     try:
         kind = getattr(source, "ggml_type", None)
         tensors = []
