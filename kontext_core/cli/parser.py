@@ -41,7 +41,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--transformer", help="FLUX.1 Kontext transformer: .safetensors file or diffusers transformer/ folder"
     )
     g.add_argument("--vae", help="ae.safetensors or a diffusers vae/ folder")
-    g.add_argument("--t5", help="T5-XXL encoder: t5xxl_*.safetensors or a diffusers text_encoder_2/ folder")
+    g.add_argument(
+        "--t5",
+        help="T5-XXL encoder: t5xxl_*.safetensors, a GGUF (t5-v1_1-xxl-encoder-Q8_0.gguf) or a diffusers text_encoder_2/",
+    )
     g.add_argument("--clip", help="CLIP-L: clip_l.safetensors or a diffusers text_encoder/ folder")
     g.add_argument("--t5-tokenizer", help="folder with the T5 tokenizer (Hugging Face format)")
     g.add_argument("--clip-tokenizer", help="folder with the CLIP tokenizer (Hugging Face format)")
