@@ -6,7 +6,8 @@ Read from the prompt as written (look-alike letters folded, case kept), since ca
   from the census lists ("my neighbour Tom");
 - a lower-case first name that is no dictionary word ("undress amanda");
 - a word followed by "from" and a place people meet ("Jessica from accounting", "anna from the gym").
-Creators are no subjects: a name after "by", "after" or "style of" names an artist, not the person shown.
+Creators are no subjects: a name after "by", "after" or "style of", or before "painting" or "sculpture",
+names an artist, not the person shown.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ _ACQUAINTANCE = re.compile(
 # A sentence starts after these marks, so its first word is capitalised whatever it is.
 _SENTENCE_END = set(".!?:;\"'«»“”()[]0123456789")
 _CREATOR_CUES = {"by", "after", "style of", "manner of", "school of"}
+# A name right before one of these is the artist's: "a Rubens painting", "the Rodin sculpture".
+_ARTWORK_AFTER = re.compile(
+    r"\s*(?:s\s+|'s\s+)?(?:painting|paintings|sculpture|sculptures|statue|statues|fresco|frescoes|drawing|"
+    r"drawings|etching|etchings|canvas|canvases|masterpiece|altarpiece|mural|murals)\b"
+)
 
 
 def named_people(folded: str, first_names: frozenset[str], is_english_word: Callable[[str], bool]) -> list[str]:
@@ -40,7 +46,7 @@ def named_people(folded: str, first_names: frozenset[str], is_english_word: Call
         # The creator's name runs on over the capitalised words after the cue ("by Sandro Botticelli").
         creator = capitalised and (creator or bool(_CREATOR_CUES & {" ".join(previous[-1:]), " ".join(previous[-2:])}))
         previous.append(lower)
-        if creator or len(word) < 2:
+        if creator or len(word) < 2 or _ARTWORK_AFTER.match(folded, m.end()):
             continue
         if capitalised and not sentence_start:
             if lower in first_names or not is_english_word(lower):
