@@ -7,6 +7,7 @@ import torch
 import kontext_core
 from kontext_core.model import flux_math
 from kontext_core.checkpoints import CheckpointError
+from kontext_core.parallel.workers import LoraFile, WorkerGroup
 from kontext_core.runtime.lora import load_lora, unmatched_note
 from kontext_core.runtime.memory_plan import loaded_model_note
 from kontext_core.runtime.quant import COMPUTE_DTYPES, WEIGHT_DTYPES, weight_options
@@ -241,6 +242,8 @@ class KontextCoreLoraLoader(KontextNode):
         path = model_path("loras", lora_name, "lora_name")
         if strength == 0:
             return (model,)
+        if isinstance(transformer, WorkerGroup):  # each worker loads it onto its own copy of the model
+            return (LoraModel(transformer, (*loras, LoraFile.of(path, strength))),)
         try:
             lora = load_lora(transformer, path, strength)
         except CheckpointError as e:

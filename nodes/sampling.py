@@ -198,8 +198,6 @@ class KontextCoreSampler(KontextNode):
             steps=steps, guidance=guidance, denoise=denoise, true_cfg_scale=true_cfg_scale, reference_method=method
         )
         if isinstance(model, WorkerGroup):
-            if loras:
-                raise ValueError(f"{cls.NODE_ID}: input 'model': LoRAs are not applied to a parallel model's workers")
             noise = sampling.get_noise(batch_size, height, width, seed)
             job = SamplingJob(
                 noise,
@@ -209,8 +207,12 @@ class KontextCoreSampler(KontextNode):
                 [r.cpu() for r in references],
                 negative=None if neg is None else tuple(t.cpu() for t in neg),
                 init_latent=init,
+                loras=loras,
             )
-            out = model.sample(job, callback=step_callback(steps))
+            try:
+                out = model.sample(job, callback=step_callback(steps))
+            except ValueError as e:  # the workers could not load a LoRA of the chain
+                raise ValueError(f"{cls.NODE_ID}: input 'model': {e}") from None
             return ({"samples": sampling.latent_from_model(out).float().cpu()},)
         device = next(model.parameters()).device
         noise = sampling.get_noise(batch_size, height, width, seed, device=device)

@@ -1,6 +1,6 @@
-"""The persistent worker group a one-process host (ComfyUI) would hold: 2 workers on gloo keep the tiny model
-between jobs, give what one process gives, stop together when the host's callback raises, and a failed job
-closes the group."""
+"""The persistent worker group a one-process host (ComfyUI) holds: 2 workers on gloo keep the tiny model between
+jobs, give what one process gives (with a LoRA too), stop together when the host's callback raises, skip a job
+whose LoRA cannot load, and a failed job closes the group."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from kontext_core.parallel import ParallelConfig
-from kontext_core.parallel.workers import ModelSource, SamplingJob, WorkerGroup, WorkerGroupStopped
+from kontext_core.parallel.workers import LoraFile, ModelSource, SamplingJob, WorkerGroup, WorkerGroupStopped
+from kontext_core.runtime.lora import apply_lora
 from kontext_core.sampling import SamplingOptions, sample
 from tests.helpers.parallel_runs import tiny_flux_on
+from tests.helpers.tiny_files import write_lora
 from tests.helpers.tiny_models import tiny_flux_model
 
 FP32_RELATIVE = 1e-5
@@ -32,20 +34,26 @@ def job(seed: int, steps: int = 3) -> SamplingJob:
     )
 
 
-def one_process(j: SamplingJob) -> torch.Tensor:
+def one_process(j: SamplingJob, lora: LoraFile | None = None) -> torch.Tensor:
+    model = tiny_flux_on("cpu", 3)
+    if lora is not None:
+        apply_lora(model, lora.path, lora.strength)
     with torch.no_grad():
-        return sample(tiny_flux_on("cpu", 3), j.noise, j.txt, j.y, j.options, references=j.references)
+        return sample(model, j.noise, j.txt, j.y, j.options, references=j.references)
 
 
-def test_a_worker_group_serves_jobs_stops_on_request_and_closes_on_a_failure():
+def relative(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((out - expected).abs().max() / expected.abs().max())
+
+
+def test_a_worker_group_serves_jobs_stops_on_request_and_closes_on_a_failure(tmp_path):
     group = WorkerGroup(ModelSource(tiny_flux_on, {"seed": 3}), ParallelConfig("ulysses", timeout_s=60), ["cpu"] * 2)
     try:
         pids = group.pids
         steps = []
         for seed in (1, 2):  # the same workers, the model loaded once
             out = group.sample(job(seed), callback=lambda info: steps.append(info.step))
-            expected = one_process(job(seed))
-            assert float((out - expected).abs().max() / expected.abs().max()) <= FP32_RELATIVE
+            assert relative(out, one_process(job(seed))) <= FP32_RELATIVE
         assert steps == [1, 2, 3] * 2 and group.pids == pids
 
         def interrupt(info):
@@ -54,8 +62,19 @@ def test_a_worker_group_serves_jobs_stops_on_request_and_closes_on_a_failure():
         with pytest.raises(Interrupted, match="stop at step 1"):
             group.sample(job(1, steps=6), callback=interrupt)
         assert group.alive  # stopped together: ready for the next job
-        out = group.sample(job(2))
-        assert torch.allclose(out, one_process(job(2)), rtol=0, atol=FP32_RELATIVE * float(out.abs().max()))
+        assert relative(group.sample(job(2)), one_process(job(2))) <= FP32_RELATIVE
+
+        write_lora(tmp_path / "lora.safetensors")
+        lora = LoraFile.of(str(tmp_path / "lora.safetensors"), 0.8)
+        with_lora = job(3)
+        with_lora.loras = (lora,)
+        assert relative(group.sample(with_lora), one_process(job(3), lora)) <= FP32_RELATIVE
+        assert relative(group.sample(job(3)), one_process(job(3))) <= FP32_RELATIVE  # and off again
+        missing = job(3)
+        missing.loras = (LoraFile(str(tmp_path / "missing.safetensors"), 1.0, (0, 0)),)
+        with pytest.raises(ValueError, match="LoRA: .*missing.safetensors"):
+            group.sample(missing)
+        assert group.alive  # every worker skipped that job: the group goes on
 
         bad = job(1)
         bad.txt = torch.randn(1, 7, 3)  # a text width the model does not take: every worker raises

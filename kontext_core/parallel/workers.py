@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kontext_core.parallel.comm import any_rank_set
 from kontext_core.parallel.config import ParallelConfig
 from kontext_core.parallel.errors import ParallelError, StopRequested
 from kontext_core.sampling import SamplingOptions, StepInfo
@@ -46,9 +47,25 @@ class ModelSource:
     kwargs: dict = dataclasses.field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA each worker loads onto its own copy of the model (`runtime.lora.load_lora`); `stamp` (the file's
+    size and mtime) makes a changed file load again."""
+
+    path: str
+    strength: float
+    stamp: tuple[int, int]
+
+    @classmethod
+    def of(cls, path: str, strength: float) -> LoraFile:
+        stat = os.stat(path)
+        return cls(path, strength, (stat.st_size, stat.st_mtime_ns))
+
+
 @dataclass
 class SamplingJob:
-    """`sampling.sample`'s arguments, on the CPU; each worker moves them to its device."""
+    """`sampling.sample`'s arguments, on the CPU; each worker moves them to its device. `loras`: exactly the
+    LoRAs the model carries for this job, in order (those of an earlier job come off)."""
 
     noise: Tensor
     txt: Tensor
@@ -57,6 +74,7 @@ class SamplingJob:
     references: list[Tensor]
     negative: tuple[Tensor, Tensor] | None = None
     init_latent: Tensor | None = None
+    loras: tuple[LoraFile, ...] = ()
 
 
 class WorkerGroupStopped(ParallelError):
@@ -133,7 +151,7 @@ class WorkerGroup:
             )
         for conn in self._conns:
             _send(conn, job)
-        result, stopped_by = None, None
+        result, stopped_by, refused = None, None, []
 
         def on_event(kind: str, payload) -> bool:
             nonlocal result, stopped_by
@@ -145,11 +163,15 @@ class WorkerGroup:
                     _send(self._conns[0], STOP)
             elif kind == "done" and payload is not None:
                 result = payload
-            return kind in ("done", "stopped")
+            elif kind == "refused" and payload:
+                refused.append(payload)
+            return kind in ("done", "stopped", "refused")
 
         self._wait_for(on_event, len(self._workers))
         if stopped_by is not None:
             raise stopped_by
+        if refused:  # every worker skipped the job together: the group is ready for the next one
+            raise ValueError(refused[0])
         if result is None:
             raise WorkerGroupStopped("the workers stopped the run without a result")
         return result
@@ -215,6 +237,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class WorkerLoras:
+    """The LoRAs on a worker's model: each loaded from its file once, kept while jobs ask for it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.patches: dict[tuple[int, LoraFile], Any] = {}
+
+    def use(self, wanted: tuple[LoraFile, ...]) -> str | None:
+        """Put exactly `wanted` on; the reason when a LoRA cannot be (the model is then left as it was)."""
+        from kontext_core.runtime.lora import load_lora, use_loras
+
+        keys = list(enumerate(wanted))  # by place too: the same file twice is two LoRAs, as with one process
+        try:
+            patches = {k: self.patches.get(k) or load_lora(self.model, k[1].path, k[1].strength) for k in keys}
+            use_loras(self.model, [patches[k] for k in keys])
+        except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+            return f"LoRA: {e}"
+        self.patches = patches
+        return None
+
+
 def serve() -> None:
     """A worker: join the group, build the model once, then run jobs until told to stop or one fails."""
     from kontext_core.parallel.groups import init_from_environment
@@ -239,9 +282,14 @@ def serve() -> None:
         if conn.poll() and _recv(conn) == STOP:
             raise _HostStop()
 
+    loras = WorkerLoras(model.model)
     try:
         while (job := _recv(conn)) is not None:
             if job == STOP:  # it came after the job it meant had ended
+                continue
+            refusal = loras.use(job.loras)
+            if any_rank_set(refusal is not None, plan.device):  # the ranks skip the job together, or none does
+                _send(conn, ("refused", rank, refusal))
                 continue
             try:
                 with torch.no_grad():

@@ -1,5 +1,5 @@
-"""The Kontext Parallel Model Loader in a real ComfyUI on this CPU: two workers over gloo hold the built-in small
-model between prompts, and the Kontext Sampler on them gives the image the plain loader's graph gives."""
+"""The Kontext Parallel Model Loader in a real ComfyUI on this CPU: two workers over gloo hold the model between
+prompts, and the Kontext Sampler on them gives the image the plain loader's graph gives, LoRA chains included."""
 
 from __future__ import annotations
 
@@ -20,14 +20,31 @@ comfy = pytest.fixture(scope="session", name="comfy")(comfy_session)
 WORKER_MODULE = "kontext_core.parallel.workers"
 
 
-def small_edit(prefix: str, seed: int) -> dict:
-    workflow = json.loads((ROOT / "workflows" / "api" / "small_model_edit.json").read_text())
-    workflow = copy.deepcopy(workflow)
+def small_edit(prefix: str, seed: int, example: str = "small_model_edit") -> dict:
+    """An example workflow at test size: 4 steps, images at their own size, outputs under `prefix`."""
+    workflow = json.loads((ROOT / "workflows" / "api" / f"{example}.json").read_text())
     for node in workflow.values():
         if node["class_type"] == "KontextCoreSampler":
             node["inputs"].update(steps=4, seed=seed)
+        elif node["class_type"] == "KontextCoreImageScale":
+            node["inputs"]["mode"] = "keep"
         elif node["class_type"] == "KontextCoreSaveImage":
             node["inputs"]["filename_prefix"] = f"{prefix}/edit"
+    return workflow
+
+
+def with_lora(workflow: dict) -> dict:
+    """The tiny LoRA between the model loader and the sampler."""
+    from tests.helpers.tiny_files import LORA
+
+    workflow = copy.deepcopy(workflow)
+    loader = next(i for i, n in workflow.items() if n["class_type"] == "KontextCoreModelLoader")
+    sampler = next(n for n in workflow.values() if n["class_type"] == "KontextCoreSampler")
+    workflow["90"] = {
+        "class_type": "KontextCoreLoraLoader",
+        "inputs": {"model": [loader, 0], "lora_name": LORA, "strength": 0.9},
+    }
+    sampler["inputs"]["model"] = ["90", 0]
     return workflow
 
 
@@ -99,6 +116,16 @@ def test_cancel_stops_the_workers_after_a_step_and_they_serve_the_next_prompt(co
     assert time.monotonic() - sent[0] < 10
     saved_pixels(comfy, on_workers(small_edit("parallel-after-interrupt", seed=9)))
     assert worker_pids(comfy.process.pid) == workers_before and len(workers_before) == 2
+
+
+def test_a_lora_chain_goes_onto_the_workers_and_comes_off_again(comfy):
+    tiny = small_edit("parallel-lora", seed=11, example="single_edit")  # the tiny random models: the LoRA is theirs
+    plain = saved_pixels(comfy, with_lora(tiny))
+    split = saved_pixels(comfy, on_workers(with_lora(tiny)))
+    split_without = saved_pixels(comfy, on_workers(small_edit("parallel-lora-off", seed=11, example="single_edit")))
+    print(f"\n[parallel] LoRA: max |2 workers − plain loader| = {np.abs(split - plain).max()}/255")
+    assert np.abs(split - plain).max() <= 1
+    assert np.abs(split - split_without).max() > 10  # it acted, and came off for the graph without it
 
 
 def test_a_bad_device_list_is_refused_naming_the_input(comfy):
