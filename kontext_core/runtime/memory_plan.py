@@ -115,8 +115,10 @@ def transformer_options(tensors: list[StoredTensor]) -> list[TransformerOption]:
         options.append(TransformerOption(FP8_WEIGHTS, fp8_weights, 0))
     for option in list(options):
         per_block = sum(_bytes(t, option.name) for t in tensors if t.name.startswith("double_blocks.0."))
+        blocks = sum(_bytes(t, option.name) for t in tensors if t.name.startswith(BLOCK_PREFIXES))
         outside = sum(_bytes(t, option.name) for t in tensors if not t.name.startswith(BLOCK_PREFIXES))
-        options.append(TransformerOption(f"{option.name} + {BLOCK_OFFLOAD}", outside + 2 * per_block, option.scratch))
+        resident = outside + min(2 * per_block, blocks)  # a model of two blocks has no fewer on the card
+        options.append(TransformerOption(f"{option.name} + {BLOCK_OFFLOAD}", resident, option.scratch))
     return options
 
 
