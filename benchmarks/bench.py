@@ -80,16 +80,8 @@ def kontext_layout(
 ) -> FluxParams:
     """FLUX.1 Kontext's layout at another width and depth: (double, single) blocks, (T5, CLIP) widths."""
     (depth, single), (context, vec) = blocks, text_widths
-    return replace(
-        FLUX_KONTEXT_DEV,
-        hidden_size=hidden,
-        num_heads=heads,
-        depth=depth,
-        depth_single_blocks=single,
-        context_in_dim=context,
-        vec_in_dim=vec,
-        axes_dim=axes,
-    )
+    widths = dict(hidden_size=hidden, num_heads=heads, context_in_dim=context, vec_in_dim=vec, axes_dim=axes)
+    return replace(FLUX_KONTEXT_DEV, depth=depth, depth_single_blocks=single, **widths)
 
 
 SIZES = {

@@ -207,17 +207,10 @@ def make_test_certificates(out_dir: str | os.PathLike, *, days: int = 365) -> Te
         )
 
     def key_usage(*, sign: bool, ca: bool) -> x509.KeyUsage:
-        return x509.KeyUsage(
-            digital_signature=sign,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=ca,
-            crl_sign=ca,
-            encipher_only=False,
-            decipher_only=False,
-        )
+        # every usage off but signing (the leaf) or certificate and CRL signing (the CA)
+        unused = ("content_commitment", "key_encipherment", "data_encipherment", "key_agreement")
+        off = dict.fromkeys((*unused, "encipher_only", "decipher_only"), False)
+        return x509.KeyUsage(digital_signature=sign, key_cert_sign=ca, crl_sign=ca, **off)
 
     root_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     start = now - datetime.timedelta(minutes=5)

@@ -24,17 +24,10 @@ def flux_like_kl(
     """diffusers' AutoencoderKL configured as FLUX's VAE (16 channels, no quant convs)."""
     levels = len(widths)
     blocks = {"down_block_types": ("DownEncoderBlock2D",) * levels, "up_block_types": ("UpDecoderBlock2D",) * levels}
-    return diffusers.AutoencoderKL(
-        latent_channels=16,
-        block_out_channels=widths,
-        layers_per_block=layers,
-        norm_num_groups=groups,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-        **blocks,
-    )
+    normalization = dict(scaling_factor=scaling_factor, shift_factor=shift_factor)
+    no_quant_convs = dict(use_quant_conv=False, use_post_quant_conv=False)
+    layout = dict(block_out_channels=widths, layers_per_block=layers, norm_num_groups=groups)
+    return diffusers.AutoencoderKL(latent_channels=16, **layout, **blocks, **no_quant_convs, **normalization)
 
 
 def kontext_pipeline(transformer: torch.nn.Module, vae_kl: torch.nn.Module) -> diffusers.FluxKontextPipeline:
