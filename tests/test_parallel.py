@@ -21,7 +21,7 @@ from tests.helpers.tiny_models import TINY_FLUX
 # fp32 rounding: attention sums in another order (Ulysses: keys in rank order; ring: merged log-sum-exps)
 FP32_RELATIVE = 1e-5
 WORKER = ["-m", "tests.helpers.parallel_worker", "checks"]
-TIMEOUT_S = 30  # the group's timeout: a rank that lost its peer must give up well within it
+TIMEOUT_S = 60  # the group's timeout: a rank that lost its peer must give up before it, startup included
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}-ranks")
@@ -99,8 +99,8 @@ def test_layout_pads_each_segment_and_gathers_back():
 
 
 def test_a_rank_that_raises_stops_every_rank_with_its_error_printed_once():
-    done = torchrun(2, ["-m", "tests.helpers.parallel_worker", "fail", str(TIMEOUT_S)], timeout=90)
+    done = torchrun(2, ["-m", "tests.helpers.parallel_worker", "fail", str(TIMEOUT_S)], timeout=3 * TIMEOUT_S)
     assert done.returncodes != [0]
     assert done.output.count(INJECTED) == 1, done.output
     assert "PeerFailed: rank 0: the all-to-all of attention failed" in done.output
-    assert done.seconds < TIMEOUT_S + 15, "rank 0 learnt of the failure from the lost connection, not the timeout"
+    assert done.seconds < TIMEOUT_S, "rank 0 learnt of the failure from the lost connection, not the timeout"
