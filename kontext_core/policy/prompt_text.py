@@ -177,6 +177,10 @@ class PromptNormalizer:
             or self._is_real_word(token)
         ):
             return token
+        # A letter typed twice ("kidd", "bikinni") is the commonest slip and the safest to read back.
+        single = _DOUBLE.sub(r"\1", token)
+        if single != token and single in self._vocabulary and len(single) >= _MIN_SLIP_TOKEN:
+            return single
         # Slips by how often typists make them: two letters swapped, a letter missing, one too many, one changed.
         missing = {w for w in self._slips.get(token, ()) if len(w) == len(token) + 1}
         if len(token) < _MIN_SLIP_WORD:
