@@ -20,7 +20,9 @@ let branch = null; // the round the loader holds: the next round's parent
 let panel = null; // created with the first round, so workflows without the pack's nodes see nothing
 
 const viewURL = (ref) =>
-  api.apiURL(`/view?${new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder ?? "", type: ref.type })}`);
+  api.apiURL(
+    `/view?${new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder ?? "", type: ref.type })}`,
+  );
 
 // ---- the queued prompt, in ComfyUI's API format: {id: {class_type, inputs}}, a link being [node id, output]
 const linked = (value) => (Array.isArray(value) && value.length === 2 ? String(value[0]) : null);
@@ -28,13 +30,17 @@ const linked = (value) => (Array.isArray(value) && value.length === 2 ? String(v
 function nearest(prompt, starts, wanted) {
   // breadth first upstream from `starts` (ids): the closest node `wanted` accepts
   const seen = new Set();
-  for (let level = starts.filter(Boolean); level.length; ) {
+  for (let level = starts.filter(Boolean); level.length;) {
     const next = [];
     for (const id of level) {
       if (seen.has(id) || !prompt[id]) continue;
       if (wanted(prompt[id])) return id;
       seen.add(id);
-      next.push(...Object.values(prompt[id].inputs ?? {}).map(linked).filter(Boolean));
+      next.push(
+        ...Object.values(prompt[id].inputs ?? {})
+          .map(linked)
+          .filter(Boolean),
+      );
     }
     level = next;
   }
@@ -51,16 +57,21 @@ function roundFor(prompt, outputs, promptId, id) {
   const inputs = prompt[id].inputs;
   const source = outputs[id][SOURCE_OUTPUT]?.[0] ?? null;
   const sampler = nearest(prompt, [linked(inputs.images)], (n) => n.class_type === SAMPLER);
-  const text = sampler && nearest(prompt, [linked(prompt[sampler].inputs.positive)], (n) => n.class_type === TEXT_ENCODE);
+  const text =
+    sampler && nearest(prompt, [linked(prompt[sampler].inputs.positive)], (n) => n.class_type === TEXT_ENCODE);
   let parent = null;
   const from = linked(inputs.source_image);
   if (from && source) {
-    const before = Object.keys(outputs).find((o) => o !== id && prompt[o]?.class_type === SAVE_NODE && linked(prompt[o].inputs.images) === from);
+    const before = Object.keys(outputs).find(
+      (o) => o !== id && prompt[o]?.class_type === SAVE_NODE && linked(prompt[o].inputs.images) === from,
+    );
     if (before) parent = roundFor(prompt, outputs, promptId, before);
     else {
       const loader = nearest(prompt, [from], (n) => n.class_type === LOADER);
       const held = loader ? `input:${prompt[loader].inputs.image}` : `${key}:source`;
-      parent = roundOf.get(held) ?? add({ node: id, image: source, instruction: `original${loader ? `: ${prompt[loader].inputs.image}` : ""}` });
+      parent =
+        roundOf.get(held) ??
+        add({ node: id, image: source, instruction: `original${loader ? `: ${prompt[loader].inputs.image}` : ""}` });
       roundOf.set(held, parent);
     }
   }
@@ -84,7 +95,8 @@ function add(round) {
 
 async function measureDrift(round) {
   const chain = [];
-  for (let r = round; r; r = r.parent) chain.unshift({ filename: r.image.filename, subfolder: r.image.subfolder, type: r.image.type });
+  for (let r = round; r; r = r.parent)
+    chain.unshift({ filename: r.image.filename, subfolder: r.image.subfolder, type: r.image.type });
   const response = await api.fetchApi(DRIFT_ROUTE, { method: "POST", body: JSON.stringify({ chain }) });
   const answer = await response.json();
   round.drift = response.ok ? answer : { error: answer.error ?? `HTTP ${response.status}` };
@@ -95,7 +107,9 @@ async function promptDone({ detail }) {
   const entry = response.ok ? (await response.json())[detail.prompt_id] : null;
   if (!entry) return;
   const [, , prompt] = entry.prompt; // [number, id, prompt, extra data, outputs to execute]
-  const saves = Object.keys(entry.outputs).filter((id) => prompt[id]?.class_type === SAVE_NODE && entry.outputs[id].images?.length);
+  const saves = Object.keys(entry.outputs).filter(
+    (id) => prompt[id]?.class_type === SAVE_NODE && entry.outputs[id].images?.length,
+  );
   if (!saves.length) return;
   const known = rounds.length;
   saves.forEach((id) => roundFor(prompt, entry.outputs, detail.prompt_id, id));
@@ -108,7 +122,7 @@ async function promptDone({ detail }) {
 // ---- edit again: the round's image copied into the input folder (the server's upload API) and set on the loader
 function loaderFor(round) {
   const node = app.graph.getNodeById(Number(round.node));
-  for (let level = node ? [node] : [], seen = new Set(); level.length; ) {
+  for (let level = node ? [node] : [], seen = new Set(); level.length;) {
     const next = [];
     for (const n of level) {
       if (n.comfyClass === LOADER) return n;
@@ -125,9 +139,14 @@ function loaderFor(round) {
 async function editAgain(round) {
   const loader = loaderFor(round);
   if (!loader) return say(`Edit again needs one ${LOADER} node in the workflow to feed the next round.`);
-  const picture = await (await fetch(viewURL(round.image))).blob();
+  const result = await fetch(viewURL(round.image));
+  if (!result.ok) return say(`Edit again: ${round.image.filename} is no longer on the server (${result.status}).`);
+  const picture = await result.blob();
   const form = new FormData();
-  const name = [round.image.type, round.image.subfolder, round.image.filename].filter(Boolean).join("_").replaceAll("/", "_");
+  const name = [round.image.type, round.image.subfolder, round.image.filename]
+    .filter(Boolean)
+    .join("_")
+    .replaceAll("/", "_");
   form.append("image", new File([picture], name, { type: "image/png" }));
   form.append("subfolder", ROUNDS_FOLDER);
   form.append("type", "input");
@@ -147,6 +166,8 @@ async function editAgain(round) {
   app.graph.setDirtyCanvas(true, true);
 }
 
+const editAgainOrSay = (round) => editAgain(round).catch((e) => say(`Edit again failed: ${e}`));
+
 // ---- the page: a compare slider on each save node, the history strip in a panel
 function showCompare(node, round) {
   const view = node?.widgets?.find((w) => w.name === "kontext_compare")?.element;
@@ -156,7 +177,8 @@ function showCompare(node, round) {
   view.dataset.round = round.id;
   view.hidden = false;
   node.kontextRound = round;
-  const [width, height] = node.computeSize(); // a loaded workflow's saved size has no room for the view yet
+  // LiteGraph: a loaded workflow's saved node size has no room for the view yet
+  const [width, height] = node.computeSize();
   node.setSize([Math.max(node.size[0], width), Math.max(node.size[1], height)]);
 }
 
@@ -170,20 +192,31 @@ function compareWidget(node) {
     </div>
     <div style="display:flex;gap:4px;align-items:center;font:11px sans-serif;color:#aaa">before
       <input class="kontext-slider" type="range" min="0" max="100" value="50" style="flex:1">after
-      <button class="kontext-edit-again" title="Make this result the input of the next round">Edit again</button></div>`;
+      <button class="kontext-edit-again" title="Make this result the input of the next round">Edit again</button>
+    </div>`;
   view.querySelector(".kontext-slider").addEventListener("input", (e) => {
     view.querySelector(".kontext-after").style.clipPath = `inset(0 0 0 ${e.target.value}%)`;
   });
-  view.querySelector(".kontext-edit-again").addEventListener("click", () => node.kontextRound && editAgain(node.kontextRound));
-  const widget = node.addDOMWidget("kontext_compare", "kontext_compare", view, { serialize: false, getMinHeight: () => (view.hidden ? 0 : COMPARE_HEIGHT + 30) });
-  widget.serialize = false; // not part of the saved workflow: widgets_values stay the node's own
+  view
+    .querySelector(".kontext-edit-again")
+    .addEventListener("click", () => node.kontextRound && editAgainOrSay(node.kontextRound));
+  // the frontend's DOM widget API (domWidget.ts): it places `view` over the node on the canvas
+  const widget = node.addDOMWidget("kontext_compare", "kontext_compare", view, {
+    serialize: false,
+    getMinHeight: () => (view.hidden ? 0 : COMPARE_HEIGHT + 30),
+  });
+  widget.serialize = false; // LiteGraph's flag: not in the saved workflow, whose widgets_values stay the node's own
 }
 
 const label = (round) => (round.depth ? `round ${round.depth}` : "the original");
 function driftText(round) {
   if (!round.drift) return "";
   if (round.drift.error) return `drift: ${round.drift.error}`;
-  return round.drift.identical ? "unedited: identical" : round.drift.psnr_db === null ? "every pixel edited" : `unedited: ${round.drift.psnr_db.toFixed(1)} dB`;
+  return round.drift.identical
+    ? "unedited: identical"
+    : round.drift.psnr_db === null
+      ? "every pixel edited"
+      : `unedited: ${round.drift.psnr_db.toFixed(1)} dB`;
 }
 const drifting = (round) => round.drift?.psnr_db != null && round.drift.psnr_db < HINT_BELOW_DB;
 
@@ -196,24 +229,41 @@ function render() {
   if (!panel) {
     panel = document.createElement("div");
     panel.id = "kontext-rounds";
-    panel.style.cssText = "position:fixed;left:64px;bottom:12px;z-index:1000;max-width:70vw;padding:6px 8px;background:#222d;color:#ddd;font:12px sans-serif;border-radius:6px";
-    panel.innerHTML = `<b>Kontext rounds</b> <span class="kontext-message"></span><div class="kontext-hint" style="color:#e96"></div><div class="kontext-strip" style="display:flex;gap:6px;overflow-x:auto"></div>`;
+    panel.style.cssText = [
+      "position:fixed;left:64px;bottom:12px;z-index:1000;max-width:70vw;padding:6px 8px", // beside the side bar
+      "background:#222d;color:#ddd;font:12px sans-serif;border-radius:6px",
+    ].join(";");
+    panel.innerHTML = `<b>Kontext rounds</b> <span class="kontext-message"></span>
+      <div class="kontext-hint" style="color:#e96"></div>
+      <div class="kontext-strip" style="display:flex;gap:6px;overflow-x:auto"></div>`;
     document.body.append(panel);
   }
   panel.querySelector(".kontext-strip").replaceChildren(...rounds.map(card));
   const last = rounds.at(-1);
-  panel.querySelector(".kontext-hint").textContent = last && drifting(last)
-    ? `${label(last)} has drifted to ${last.drift.psnr_db.toFixed(1)} dB outside its edits: add Kontext Keep Unchanged after the decode (see the multi_round_keep_unchanged workflow).`
-    : "";
+  panel.querySelector(".kontext-hint").textContent =
+    last && drifting(last)
+      ? `${label(last)} has drifted to ${last.drift.psnr_db.toFixed(1)} dB outside its edits: add Kontext Keep ` +
+        "Unchanged after the decode (as the multi_round_keep_unchanged workflow does)."
+      : "";
 }
 
 function card(round) {
   const item = document.createElement("button");
   item.className = "kontext-round";
   item.title = `Branch from ${label(round)}: make it the input of the next round`;
-  item.style.cssText = `width:120px;text-align:left;background:#333;color:inherit;border:2px solid ${round === branch ? "#6ae" : "#444"};border-radius:4px;padding:3px`;
+  item.style.cssText = [
+    "width:120px;text-align:left;background:#333;color:inherit;border-radius:4px;padding:3px",
+    `border:2px solid ${round === branch ? "#6ae" : "#444"}`, // the round the next one will edit
+  ].join(";");
   const image = [round.image.type, round.image.subfolder, round.image.filename].filter(Boolean).join("/");
-  Object.assign(item.dataset, { id: round.id, depth: round.depth, parent: round.parent?.id ?? "", seed: round.seed ?? "", image, instruction: round.instruction });
+  Object.assign(item.dataset, {
+    id: round.id,
+    depth: round.depth,
+    parent: round.parent?.id ?? "",
+    seed: round.seed ?? "",
+    image,
+    instruction: round.instruction,
+  });
   item.dataset.drift = driftText(round);
   if (round.drift?.psnr_db != null) item.dataset.driftDb = round.drift.psnr_db;
   if (round === branch) item.dataset.branch = "true";
@@ -230,14 +280,17 @@ function card(round) {
   measured.textContent = driftText(round);
   if (drifting(round)) measured.style.color = "#e96";
   item.append(picture, text, said, measured);
-  item.addEventListener("click", () => editAgain(round));
+  item.addEventListener("click", () => editAgainOrSay(round));
   return item;
 }
 
 app.registerExtension({
   name: "KontextCore.Editor",
   setup() {
-    api.addEventListener("execution_success", promptDone);
+    // ComfyUI's websocket message when a prompt has run; its outputs are then in /history/<prompt id>
+    api.addEventListener("execution_success", (event) =>
+      promptDone(event).catch((e) => say(`Could not read the rounds of the last prompt: ${e}`)),
+    );
   },
   nodeCreated(node) {
     if (node.comfyClass === SAVE_NODE) compareWidget(node);
