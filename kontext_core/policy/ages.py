@@ -56,7 +56,8 @@ class AgeFinder:
             ),
             re.compile(rf" (?:aged?|age of|ages|age to|age is|age at) (?:about |around |only |just )?{number}(?= )"),
             re.compile(
-                rf" (?:is|s|was|turned|turns|turning|be|being|like|look|looks|looking|appear|appears|seem|seems) "
+                rf" (?:is|s|was|are|re|were|turned|turns|turning|be|being|like|look|looks|looking|appear|appears|"
+                rf"seem|seems) "
                 rf"(?:about |around |only |just |barely |maybe |like |now |almost |nearly |probably )?{number}"
                 rf"(?! (?:years?|yrs?) (?:{_TIME_WORDS}) )(?! (?:{_NOT_AN_AGE_AFTER}) )(?= )"
             ),
