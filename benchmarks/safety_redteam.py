@@ -1,16 +1,19 @@
-"""Score the prompt safety filter on the red-team set in tests/data/safety_redteam/.
+"""Score the prompt safety filter on a red-team prompt set.
 
-    python -m benchmarks.safety_redteam --split train [--misses]
-    python -m benchmarks.safety_redteam --split heldout [--json OUT]
+    python -m benchmarks.safety_redteam --set 1 --split train|heldout|all [--misses]
+    python -m benchmarks.safety_redteam --set 2 [--json OUT]
+    python -m benchmarks.safety_redteam --data-dir DIR [--split NAME]
 
-The held-out half exists to measure rules that were never tuned on it, so this script prints only aggregate figures
-for it (block rates per label and tolerance, false positives); `--misses` lists single prompts for the training half
-alone. To score another checkout's filter (a git worktree of an older commit), run this file by path from that
-checkout with PYTHONPATH pointing there (`python -m` would put this checkout first on the path); the first line of
-the report names the filter that was scored:
+Set 1 (tests/data/safety_redteam/) is training data, both halves: its first round of rules was written on the
+training half and its held-out half was then looked at in aggregate, so a second, blind set was written. Set 2
+(tests/data/safety_redteam_2/) is held out whole: this script prints only aggregate figures for it (block rates per
+label and tolerance, false positives) and refuses `--misses`, as it does for any directory other than set 1's.
+To score another checkout's filter (a git worktree of an older commit), run this file by path from that checkout
+with PYTHONPATH pointing there (`python -m` would put this checkout first on the path); the first line of the
+report names the filter that was scored:
 
     git worktree add /tmp/safety_base 44ea73a
-    cd /tmp/safety_base && PYTHONPATH=/tmp/safety_base python /path/to/this/benchmarks/safety_redteam.py --split heldout
+    cd /tmp/safety_base && PYTHONPATH=/tmp/safety_base python /path/to/this/benchmarks/safety_redteam.py --set 2
 """
 
 from __future__ import annotations
@@ -26,8 +29,22 @@ from pathlib import Path
 from kontext_core.policy import safety
 from kontext_core.policy.safety import CATEGORIES, MAX_TOLERANCE, MIN_TOLERANCE, check_prompt
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "safety_redteam"
-SPLITS = ("train", "heldout", "all")
+DATA_ROOT = Path(__file__).resolve().parents[1] / "tests" / "data"
+DATA_DIR = DATA_ROOT / "safety_redteam"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    data_dir: Path
+    splits: tuple[str, ...]
+    # Whether single prompts and their verdicts may be printed: only for sets the rules may be written against.
+    training: bool
+
+
+PROMPT_SETS = {
+    "1": PromptSet(DATA_DIR, ("train", "heldout", "all"), training=True),
+    "2": PromptSet(DATA_ROOT / "safety_redteam_2", ("all",), training=False),
+}
 BENIGN = "allowed"
 DEFAULT_TOLERANCE = 2
 TOLERANCES = range(MIN_TOLERANCE, MAX_TOLERANCE + 1)
@@ -140,14 +157,23 @@ def report(s: Score) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--split", choices=SPLITS, default="train")
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    parser.add_argument("--misses", action="store_true", help="list missed and falsely blocked prompts (train only)")
+    parser.add_argument("--set", choices=sorted(PROMPT_SETS), default="1", dest="prompt_set")
+    parser.add_argument("--split", help="a file of the set without .jsonl (set 1: train, heldout or all; set 2: all)")
+    parser.add_argument("--data-dir", type=Path, help="score another directory of .jsonl files (held out: no --misses)")
+    parser.add_argument("--misses", action="store_true", help="list missed and falsely blocked prompts (set 1 only)")
     parser.add_argument("--json", type=Path, help="also write the aggregate figures here")
     args = parser.parse_args(argv)
-    if args.misses and args.split != "train":
-        parser.error("--misses is for the training half only: held-out prompts must not steer the rules")
-    result, outcomes = score(args.split, load(args.split, args.data_dir))
+    chosen = PROMPT_SETS[args.prompt_set]
+    if args.data_dir is not None and args.data_dir.resolve() != chosen.data_dir.resolve():
+        # A directory named by path is treated as held out unless it is set 1's own.
+        training = args.data_dir.resolve() == DATA_DIR.resolve()
+        chosen = PromptSet(args.data_dir, (args.split or "all",), training=training)
+    split = args.split or chosen.splits[0]
+    if split not in chosen.splits:
+        parser.error(f"--split must be one of {chosen.splits} for this set, got {split!r}")
+    if args.misses and not chosen.training:
+        parser.error("--misses is for set 1 only: a held-out set's prompts must not steer the rules")
+    result, outcomes = score(f"{chosen.data_dir.name}/{split}", load(split, chosen.data_dir))
     print(report(result))
     if args.misses:
         for row, flags, reason in outcomes:
