@@ -108,13 +108,14 @@ class ComfyServer:
                 self.process.wait(timeout=10)
 
 
-def start_server(root: Path, python: Path, base: Path) -> ComfyServer:
+def start_server(root: Path, python: Path, base: Path, port: int | None = None) -> ComfyServer:
+    """`port` None picks a free one; a given one brings a stopped server back at its old address."""
     custom_nodes = base / "custom_nodes"
     custom_nodes.mkdir(parents=True, exist_ok=True)
     link = custom_nodes / PACK_FOLDER
     if not link.exists():
         link.symlink_to(ROOT, target_is_directory=True)
-    port = free_port()
+    port = free_port() if port is None else port
     log_path = base / "comfyui.log"
     command = [
         str(python),
