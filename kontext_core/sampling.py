@@ -101,6 +101,20 @@ def reference_placements(
     return placements
 
 
+def check_references(references: Sequence[Tensor], batch: int) -> None:
+    """Each reference a FLUX latent [1 or `batch`, 16, h, w] with even h and w; the error names which one."""
+    for i, ref in enumerate(references, start=1):
+        if not isinstance(ref, Tensor) or ref.ndim != 4 or ref.shape[1] != 16:
+            raise ValueError(f"reference {i} is not a FLUX latent [B, 16, h, w]")
+        if ref.shape[2] % 2 or ref.shape[3] % 2:
+            raise ValueError(
+                f"reference {i} is {ref.shape[3] * 8}×{ref.shape[2] * 8} pixels; Kontext needs sides that are "
+                "multiples of 16 (FLUX packs 2×2 latent pixels into a token)"
+            )
+        if ref.shape[0] not in (1, batch):
+            raise ValueError(f"reference {i} holds {ref.shape[0]} images; expected 1 or the batch of {batch}")
+
+
 def reference_tokens(references: Sequence[Tensor], target_hw: tuple[int, int], method: str) -> tuple[Tensor, Tensor]:
     """Packed tokens [B, N, 64] and ids [N, 3] of all references, in order."""
     placements = reference_placements(target_hw, [tuple(r.shape[-2:]) for r in references], method)
@@ -318,6 +332,7 @@ def sample(
     device, dtype = noise.device, model.compute_dtype
     img_ids = position_ids(lat_h // 2, lat_w // 2)[None].expand(batch, -1, -1).to(device)
     refs = None
+    check_references(references, batch)
     if references:
         tokens, ids = reference_tokens([r.to(device) for r in references], (lat_h, lat_w), options.reference_method)
         refs = References(_batched(tokens, batch, "references").to(dtype), ids[None].expand(batch, -1, -1).to(device))

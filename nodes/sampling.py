@@ -178,18 +178,12 @@ class KontextCoreSampler(KontextNode):
             neg_txt, neg_meta = _single(cls, "negative", negative)
             neg = (neg_txt, neg_meta["pooled_output"])
 
-        references = []
-        for i, reference in enumerate(meta.get("reference_latents") or [], start=1):
-            what = f"its reference {i}"
-            if not isinstance(reference, torch.Tensor) or reference.ndim != 4 or reference.shape[1] != 16:
-                raise ValueError(f"{cls.NODE_ID}: input 'positive': {what} is not a FLUX latent [B, 16, h, w]")
-            _check_even(cls, "positive", reference, what)
-            if reference.shape[0] not in (1, batch_size):
-                raise ValueError(
-                    f"{cls.NODE_ID}: input 'positive': {what} holds {reference.shape[0]} images; "
-                    f"expected 1 or the output's batch of {batch_size}"
-                )
-            references.append(sampling.latent_to_model(reference.float()))
+        given = meta.get("reference_latents") or []
+        try:
+            sampling.check_references(given, batch_size)
+        except ValueError as e:
+            raise ValueError(f"{cls.NODE_ID}: input 'positive': its {e}") from None
+        references = [sampling.latent_to_model(reference.float()) for reference in given]
         try:
             method = reference_method(meta.get("reference_latents_method") or "offset")
         except ValueError as e:

@@ -299,7 +299,7 @@ def test_sampler_takes_whole_floats_as_ints(model, encoder):
     ("references", "method", "message"),
     [
         ([torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 5, 4)], "offset", "its reference 2 is 32×40 pixels"),
-        ([torch.zeros(2, 16, 4, 4)], "offset", "its reference 1 holds 2 images; expected 1 or the output's batch of 1"),
+        ([torch.zeros(2, 16, 4, 4)], "offset", "its reference 1 holds 2 images; expected 1 or the batch of 1"),
         ([torch.zeros(1, 4, 4, 4)], "offset", "its reference 1 is not a FLUX latent"),
         ([torch.zeros(1, 16, 4, 4)], "index_timestep_zero", "reference_latents_method must be one of"),  # core's
     ],

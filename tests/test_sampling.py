@@ -115,6 +115,21 @@ def test_unknown_reference_method_is_refused():
         reference_placements((12, 20), REFS, "tile")
 
 
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        (torch.zeros(1, 4, 4, 4), "reference 2 is not a FLUX latent"),
+        (torch.zeros(1, 16, 5, 4), "reference 2 is 32×40 pixels; Kontext needs sides that are multiples of 16"),
+        (torch.zeros(3, 16, 4, 4), "reference 2 holds 3 images; expected 1 or the batch of 2"),
+    ],
+)
+def test_sample_names_the_reference_that_cannot_be_used(reference, message):
+    model = tiny_flux_model()
+    txt, y = torch.zeros(1, 3, TINY_FLUX.context_in_dim), torch.zeros(1, TINY_FLUX.vec_in_dim)
+    with pytest.raises(ValueError, match=message):
+        sample(model, torch.zeros(2, 16, 4, 4), txt, y, references=[torch.zeros(2, 16, 4, 4), reference], steps=1)
+
+
 def test_reference_tokens_ids_follow_placements():
     refs = [torch.randn(1, 16, 16, 8), torch.randn(1, 16, 8, 24)]
     tokens, ids = reference_tokens(refs, (12, 20), "offset")
