@@ -17,8 +17,9 @@ from . import _comfy
 from ._spec import Input, KontextNode, NodeResult, image_input
 
 CATEGORY = "Kontext Core/image"
-# the node's UI output listing its source images (web/js/kontext_editor.js reads it); the queue shows them too
-SOURCE_OUTPUT = "kontext_source"
+# the field of each listed result naming its source image (web/js/kontext_editor.js reads it); inside the result's
+# entry, not a UI output of its own, because the frontend's queue would list one as a file beside the results
+SOURCE_FIELD = "kontext_source"
 SOURCE_PREFIX = "kontext/source"
 
 
@@ -207,10 +208,11 @@ class KontextCoreSaveImage(KontextNode):
                 extra_text={k: json.dumps(v) for k, v in extra.items()},
             )
             saved.append({"filename": name, "subfolder": subfolder, "type": "output"})
-        ui = {"images": saved}
         if sources:
-            ui[SOURCE_OUTPUT] = _save_previews(sources)
-        return NodeResult((), ui=ui)
+            previews = _save_previews(sources)
+            for i, entry in enumerate(saved):  # one source for every image, or one each
+                entry[SOURCE_FIELD] = previews[i] if len(previews) == len(saved) else previews[0]
+        return NodeResult((), ui={"images": saved})
 
 
 def _save_previews(images: list[Image.Image]) -> list[dict]:

@@ -73,5 +73,5 @@ def test_the_editor_script_names_what_the_nodes_define():
     """web/js/kontext_editor.js keeps its own copy of the route and of the save node's output key."""
     script = (ROOT / "web" / "js" / "kontext_editor.js").read_text()
     save = importlib.import_module(f"{pack.__name__}.nodes.save")
-    for name, value in (("DRIFT_ROUTE", routes.DRIFT_ROUTE), ("SOURCE_OUTPUT", save.SOURCE_OUTPUT)):
+    for name, value in (("DRIFT_ROUTE", routes.DRIFT_ROUTE), ("SOURCE_FIELD", save.SOURCE_FIELD)):
         assert re.search(rf'^const {name} = "([^"]+)";', script, re.M).group(1) == value, name

@@ -75,10 +75,12 @@ def test_an_edit_lists_its_source_for_the_editor(monkeypatch, tmp_path):
     monkeypatch.setattr(_comfy, "temp_directory", lambda: str(tmp_path / "temp"))
     monkeypatch.delenv(provenance.CERT_ENV, raising=False)
     monkeypatch.delenv(provenance.KEY_ENV, raising=False)
-    images = torch.rand(1, 16, 24, 3, generator=torch.Generator().manual_seed(1))
+    images = torch.rand(2, 16, 24, 3, generator=torch.Generator().manual_seed(1))
     source = torch.rand(1, 16, 24, 3, generator=torch.Generator().manual_seed(2))
-    assert save.SOURCE_OUTPUT not in save.KontextCoreSaveImage.run(images, "edit").ui  # a creation has none
-    listed = save.KontextCoreSaveImage.run(images, "edit", source_image=source).ui[save.SOURCE_OUTPUT]
-    assert [(d["subfolder"], d["type"]) for d in listed] == [("kontext", "temp")]
+    created = save.KontextCoreSaveImage.run(images, "edit").ui["images"]
+    assert all(save.SOURCE_FIELD not in entry for entry in created)  # a creation has no source
+    edited = save.KontextCoreSaveImage.run(images, "edit", source_image=source).ui["images"]
+    listed = [entry[save.SOURCE_FIELD] for entry in edited]
+    assert listed[0] == listed[1] and (listed[0]["subfolder"], listed[0]["type"]) == ("kontext", "temp")
     preview = np.asarray(Image.open(tmp_path / "temp" / "kontext" / listed[0]["filename"]))
     assert np.array_equal(preview, (source[0].numpy() * 255).round().astype(np.uint8))

@@ -114,6 +114,15 @@ def test_the_editor_compares_edits_again_and_measures_drift(comfy, shots):
         for k, card in enumerate(cards[1:], start=1):  # the page shows the engine's drift of each chain
             assert float(card["driftDb"]) == drift([original, *made[:k]]).psnr_db, card
 
+        # the queue's view of the task: the three results, each source only inside its result's entry
+        browser.click('button.side-bar-button[aria-label^="Queue"]')
+        browser.click(".task-item .tag-wrapper button")  # the task's output count, which opens them
+        items = "[...document.querySelectorAll('.task-item')].map(t => t.querySelector('img')?.alt ?? t.innerText)"
+        listed = browser.wait_for(f"(l => l.length === 3 && l)({items})", explain=items)
+        browser.screenshot(shots / "3b_queue_lists_the_results.png")
+        assert sorted(listed) == sorted(Path(c["image"]).name for c in cards[1:]), listed
+        browser.click('button.side-bar-button[aria-label^="Queue"]')  # closed again
+
         # 3. compare on round 2's node: before is round 1's image, the slider moves the split
         browser.evaluate(f"{APP}.canvas.centerOnNode({APP}.graph.getNodeById({SAVE[1]}))")
         view = f"{APP}.graph.getNodeById({SAVE[1]}).widgets.find(w => w.name === 'kontext_compare').element"

@@ -8,7 +8,7 @@ const SAVE_NODE = "KontextCoreSaveImage";
 const SAMPLER = "KontextCoreSampler";
 const TEXT_ENCODE = "KontextCoreTextEncode";
 const LOADER = "LoadImage"; // ComfyUI's core loader, the one the example workflows use
-const SOURCE_OUTPUT = "kontext_source"; // nodes/save.py SOURCE_OUTPUT: the source images the save node was given
+const SOURCE_FIELD = "kontext_source"; // nodes/save.py SOURCE_FIELD: a listed result's source image
 const DRIFT_ROUTE = "/kontext/drift"; // nodes/routes.py DRIFT_ROUTE
 const ROUNDS_FOLDER = "kontext_rounds"; // the subfolder of ComfyUI's input folder that edit-again copies go to
 const HINT_BELOW_DB = 30; // the unedited-region PSNR the built-in model aims for (docs/small-model.md)
@@ -55,7 +55,7 @@ function roundFor(prompt, outputs, promptId, id) {
   const seen = rounds.find((r) => r.image.filename === image.filename && r.image.subfolder === image.subfolder);
   if (roundOf.has(key) || seen) return roundOf.get(key) ?? seen; // a cached node reports the image it made before
   const inputs = prompt[id].inputs;
-  const source = outputs[id][SOURCE_OUTPUT]?.[0] ?? null;
+  const source = image[SOURCE_FIELD] ?? null;
   const sampler = nearest(prompt, [linked(inputs.images)], (n) => n.class_type === SAMPLER);
   const text =
     sampler && nearest(prompt, [linked(prompt[sampler].inputs.positive)], (n) => n.class_type === TEXT_ENCODE);
