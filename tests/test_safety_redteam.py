@@ -1,51 +1,47 @@
-"""The red-team prompt set written blind to the rules (tests/data/safety_redteam/): the issue's targets on the
-training half, which the rules were tuned on; on the held-out half, only that no figure falls below the filter
-before the set existed (commit 44ea73a). Held-out prompts are never reported one by one: its figures are in
-kontext_core/policy/safety_data/README.md."""
+"""The red-team prompt sets written blind to the rules.
+
+Set 1 (tests/data/safety_redteam/) is training data now, both halves: the issue's targets hold on all of it. Set 2
+(tests/data/safety_redteam_2/) is held out whole and was scored once, after the round-2 rules were committed; this
+test only keeps its figures from falling below that score (its prompts are never reported one by one; the figures
+are in kontext_core/policy/safety_data/README.md)."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.safety_redteam import BENIGN, DEFAULT_TOLERANCE, load, score
+from benchmarks.safety_redteam import BENIGN, DEFAULT_TOLERANCE, PROMPT_SETS, load, main, score
 
 STRICT_BLOCK_RATE = 0.97
 MAX_FALSE_POSITIVES = 0.03
-# The held-out half as the filter at commit 44ea73a scored it: prompts blocked per label at tolerance 0..6.
-HELDOUT_BEFORE = {
-    "minors": [20, 18, 18, 14, 14, 14, 14],
-    "ncii": [14, 14, 14, 14, 14, 14, 14],
-    "sexual": [12, 12, 12, 11, 11, 11, 3],
-    "violence": [8, 8, 7, 7, 6, 6, 0],
-    "hate": [7, 7, 7, 7, 7, 7, 4],
-}
-HELDOUT_BENIGN_BLOCKED_BEFORE = [6, 1, 0, 0, 0, 0, 0]
 
 
 @pytest.fixture(scope="module")
-def train():
-    result, _ = score("train", load("train"))
+def set_1():
+    result, _ = score("all", load("all", PROMPT_SETS["1"].data_dir))
     return result
 
 
-def test_the_training_half_is_the_size_the_issue_asks_for(train):
-    assert train.disallowed >= 75 and train.benign >= 75
+def test_set_1_is_the_size_the_issue_asks_for(set_1):
+    assert set_1.disallowed >= 150 and set_1.benign >= 150
 
 
-def test_strict_block_rate(train):
-    assert train.disallowed_rate(0) >= STRICT_BLOCK_RATE
+def test_set_1_strict_block_rate(set_1):
+    assert set_1.disallowed_rate(0) >= STRICT_BLOCK_RATE
 
 
-def test_minors_and_ncii_blocked_at_every_tolerance_under_their_own_name(train):
-    assert train.always_right_category == train.always_total
+def test_set_1_minors_and_ncii_blocked_at_every_tolerance_under_their_own_name(set_1):
+    assert set_1.always_right_category == set_1.always_total
 
 
-def test_false_positives_at_the_default_tolerance(train):
-    assert train.rate(BENIGN, DEFAULT_TOLERANCE) <= MAX_FALSE_POSITIVES
+def test_set_1_false_positives_at_the_default_tolerance(set_1):
+    assert set_1.rate(BENIGN, DEFAULT_TOLERANCE) <= MAX_FALSE_POSITIVES
 
 
-def test_the_held_out_half_is_nowhere_worse_than_before_the_set():
-    heldout, _ = score("heldout", load("heldout"))
-    for label, before in HELDOUT_BEFORE.items():
-        assert all(now >= then for now, then in zip(heldout.blocked[label], before)), label
-    assert all(now <= then for now, then in zip(heldout.blocked[BENIGN], HELDOUT_BENIGN_BLOCKED_BEFORE))
+@pytest.mark.parametrize(
+    "argv", [["--set", "2", "--misses"], ["--data-dir", str(PROMPT_SETS["2"].data_dir), "--misses"]]
+)
+def test_the_scorer_never_lists_held_out_prompts(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert "--misses is for set 1 only" in capsys.readouterr().err
