@@ -200,3 +200,29 @@ def test_a_server_down_at_the_start_joins_when_it_answers(make_server, tmp_path,
     err = capsys.readouterr().err
     assert f"no ComfyUI answers at {down.url}" in err and f"server {down.url} answers again" in err
     assert later[0].prompts
+
+
+def test_a_server_waiting_for_a_verdict_no_other_server_can_give_keeps_working(make_server, tmp_path, capsys):
+    """After an item fails on A with an error of its own, A waits for it to run elsewhere before taking more; with
+    the only other server dead, no verdict can come, so A goes on and the item fails after the give-up time."""
+
+    def first_image_fails(prompt):
+        return (
+            ("error", "bad pixels") if prompt["10"]["inputs"]["image"].split("/")[1].startswith("img_0_") else "success"
+        )
+
+    working = make_server(outcome=first_image_fails, seconds=0.05)
+    dead = make_server(outcome=lambda prompt: "die")
+    make_images(tmp_path / "in", 8)
+    exit_code, started = [], time.monotonic()
+    args = ("--retry-after", "0.2", "--give-up-after", "4")
+    batch = threading.Thread(target=lambda: exit_code.append(run_fleet([working, dead], tmp_path, *args)))
+    batch.start()
+    while batch.is_alive() and not ((tmp_path / "out" / queue.MANIFEST_FILE).exists() and len(manifest(tmp_path)) == 7):
+        time.sleep(0.02)
+    others_done = time.monotonic() - started
+    batch.join(20)
+    assert exit_code == [1] and others_done < 3  # the seven others did not wait out the give-up time
+    assert sorted(line["item"] for line in manifest(tmp_path)) == [f"img_{i}.png" for i in range(1, 8)]
+    assert all(line["server"] == working.url for line in manifest(tmp_path))
+    assert "1 failed" in capsys.readouterr().err

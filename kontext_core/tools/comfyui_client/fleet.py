@@ -140,9 +140,9 @@ class FleetBatch:
             while True:
                 if self._over() or not member.in_rotation:
                     return None
-                job = (
-                    None if member.awaiting else next((j for j in self.pending if member.name not in j.failed_on), None)
-                )
+                job = None
+                if not self._verdict_coming(member):
+                    job = next((j for j in self.pending if member.name not in j.failed_on), None)
                 if job is not None:
                     self.pending.remove(job)
                     self.in_flight += 1
