@@ -100,7 +100,7 @@ def servers(tmp_path_factory):
         server.stop()
 
 
-def test_a_server_killed_a_third_of_the_way_loses_nothing_and_rejoins(servers, tmp_path, capsys):
+def test_a_server_killed_a_third_of_the_way_and_restarted_loses_nothing(servers, tmp_path, capsys):
     steady, victim = servers
     csv_path, items = write_task_csv(tmp_path / "in", ITEMS)
     out = tmp_path / "out"
