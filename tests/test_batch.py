@@ -118,3 +118,14 @@ def test_usage_errors(tmp_path, capsys):
     assert "error: --csv: cannot read" in capsys.readouterr().err
     assert main(["--csv", str(csv_path), "--transformer", str(tmp_path / "none.safetensors"), *out]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_ray_without_the_extra_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: `import ray` raises ImportError
+    csv_path, _ = write_task_csv(tmp_path / "in", 1)
+    assert main(["--csv", str(csv_path), "--out", str(tmp_path / "out"), "--ray", "--no-safety-check"]) == 2
+    assert (
+        'error: --ray needs Ray, which is not installed (pip install "comfyui-kontext[ray]")' in capsys.readouterr().err
+    )
