@@ -97,7 +97,6 @@ class FleetBatch:
         self.retry_after, self.give_up_after, self.log = retry_after, give_up_after, log
         self.manifest = Manifest(out)
         self.pending: deque[Job] = deque()
-        self.in_flight = 0
         self.running: set[str] = set()  # keys of the jobs in flight
         self.totals = Totals()
         self.lock = threading.Condition()
@@ -131,7 +130,7 @@ class FleetBatch:
                 return
 
     def _over(self) -> bool:
-        return not self.pending and self.in_flight == 0
+        return not self.pending and not self.running
 
     def _take(self, member: Member) -> Job | None:
         """The next job this server may run (one that has not failed here); None once the batch is over or when
@@ -145,7 +144,6 @@ class FleetBatch:
                     job = next((j for j in self.pending if member.name not in j.failed_on), None)
                 if job is not None:
                     self.pending.remove(job)
-                    self.in_flight += 1
                     self.running.add(job.key)
                     return job
                 self.lock.wait(1.0)
@@ -223,7 +221,6 @@ class FleetBatch:
                 self._failed_attempt(member, job, reason, server_fault(e))
             return
         with self.lock:
-            self.in_flight -= 1
             self.running.discard(job.key)
             self.totals.done += 1
             member.done, member.strikes = member.done + 1, 0
@@ -236,7 +233,6 @@ class FleetBatch:
         self.log(f"{label}: done in {seconds:.1f} s (attempt {job.attempts}) -> {', '.join(files)}")
 
     def _failed_attempt(self, member: Member, job: Job, reason: str, fault: str | None) -> None:
-        self.in_flight -= 1
         self.running.discard(job.key)
         member.failed += 1
         job.failed_on.append(member.name)
