@@ -89,6 +89,7 @@ def test_the_editor_compares_edits_again_and_measures_drift(comfy, shots):
         names = f"({APP}?.extensions ?? []).map(e => e.name)"
         browser.wait_for(f"{names}.includes('KontextCore.Editor') && {APP}.graph.nodes.length > 0", explain=names)
         assert not browser.evaluate(f"{APP}.graph.nodes.some(n => n.type.startsWith('KontextCore'))")
+        frontend = browser.evaluate("window.__COMFYUI_FRONTEND_VERSION__")  # the editor was written on 1.27.10
         browser.screenshot(shots / "0_default_workflow.png")
         assert browser.evaluate("document.getElementById('kontext-rounds') === null")
 
@@ -176,7 +177,7 @@ def test_the_editor_compares_edits_again_and_measures_drift(comfy, shots):
         assert [c["image"] for c in cards[8:]] != [c["image"] for c in cards[2:4]]  # new files, rounds 2, 3 again
         assert np.array_equal(pixels(comfy.base, cards[8]["image"]), made[1])
     print(
-        f"\n[editor] screenshots in {shots}; drift of rounds 1-3: "
+        f"\n[editor] frontend {frontend}; screenshots in {shots}; drift of rounds 1-3: "
         f"{', '.join(f'{drift([original, *made[:k]]).psnr_db:.2f} dB' for k in (1, 2, 3))}; edit-again from round 1 "
         f"vs the workflow's round 2 (latent-chained): {psnr_to_workflow_round_2:.2f} dB"
     )
