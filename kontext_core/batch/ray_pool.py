@@ -88,6 +88,9 @@ class RayPool:
                 others = self._others(pending, slot)
                 batch.failed_attempt(pending, slot.name, reason, others, retry=not isinstance(cause, ItemRefused))
                 continue
+            except ray.exceptions.RayError as e:  # e.g. the result lost with its node: the actor may live on
+                batch.failed_attempt(pending, slot.name, f"{type(e).__name__}: {e}", others=self._others(pending, slot))
+                continue
             batch.finish(pending, result, slot.name)
 
     def _others(self, pending: Pending, slot: Slot) -> int:

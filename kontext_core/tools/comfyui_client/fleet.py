@@ -51,7 +51,6 @@ class Member:
     # items that failed here with an error of their own, not yet run elsewhere: the server takes no new item until
     # they have (a success elsewhere is a strike against it), so a broken server cannot fail the whole queue fast
     awaiting: set[str] = field(default_factory=set)
-    history: list[str] = field(default_factory=list)  # when it left and rejoined the rotation, and why
 
     @property
     def name(self) -> str:
@@ -214,8 +213,11 @@ class FleetBatch:
                 seed=seed,
                 server=member.name,
             )
-            self.manifest.record(record)
-        except (BatchError, urllib.error.URLError, OSError, ValueError, KeyError) as e:
+            try:
+                self.manifest.record(record)
+            except OSError as e:  # this machine's disk: the item is not done, and no server is to blame
+                raise BatchError(f"cannot write {self.manifest.path}: {e.strerror or e}") from None
+        except Exception as e:  # whatever it is, this item on this server is over; the thread serves on
             reason = str(e) if isinstance(e, BatchError) else f"{type(e).__name__}: {e}"
             with self.lock:
                 self._failed_attempt(member, job, reason, server_fault(e))
@@ -265,5 +267,4 @@ class FleetBatch:
         self.log(f"[{job.number}/{len(self.items)}] {job.item.name}: FAILED: {reason}{servers}")
 
     def _note(self, member: Member, what: str) -> None:
-        member.history.append(f"{time.strftime('%H:%M:%S')} {what}")
         self.log(f"server {member.name} {what}")
