@@ -137,7 +137,7 @@ def test_cli_uses_the_small_model_when_nothing_is_configured(tmp_path, monkeypat
 
 def test_small_model_workflow_edits_in_the_node_graph(monkeypatch, tmp_path):
     """The shipped workflow, run node by node with the real built-in files (no stand-ins), does the edit."""
-    from test_workflows import execute, host_folders, load
+    from tests.helpers.workflows import execute, host_folders, load
 
     from kontext_core.synthetic.render import render
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import types
 
 import numpy as np
 import pytest
-import torch
-from tests.helpers.nodes import ROOT, TinyTextEncoder, TinyVAE, load_pack, use_model_folders
+from tests.helpers.nodes import ROOT, TinyTextEncoder, TinyVAE, load_pack
 from PIL import Image
 from tests.helpers.tiny_models import TINY_FLUX, tiny_flux_model
+from tests.helpers.workflows import OURS, execute, host_folders, load
 
 import kontext_core
 from kontext_core.policy import provenance
@@ -19,7 +18,6 @@ from kontext_core.policy import provenance
 pack = load_pack()
 _comfy = sys.modules[f"{pack.__name__}.nodes._comfy"]
 _spec = sys.modules[f"{pack.__name__}.nodes._spec"]
-OURS = {node.NODE_ID: node for node in sys.modules[f"{pack.__name__}.nodes"].NODES}
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # core nodes the workflows may use: input sockets, output types, widget names (None: a UI-only widget)
 CORE = {
@@ -38,13 +36,6 @@ NAMES = [
     "style_preset",
     "text_to_image",
 ]
-
-
-def load(name: str) -> tuple[dict, dict]:
-    return (
-        json.loads((ROOT / "workflows" / f"{name}.json").read_text()),
-        json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text()),
-    )
 
 
 def widget_names(node_type: str) -> list[str | None]:
@@ -145,19 +136,6 @@ def test_multi_round_rounds_edit_the_previous_result():
 # ---------------------------------------------------------------- running the API graphs with tiny models
 
 
-def host_folders(monkeypatch, tmp_path) -> None:
-    """ComfyUI's model, input and output folders under tmp_path; loaders on the CPU with empty caches."""
-    kinds = ("diffusion_models", "text_encoders", "vae", "loras")
-    use_model_folders(monkeypatch, _comfy, {kind: [str(tmp_path / kind)] for kind in kinds}, install=tmp_path)
-    monkeypatch.setattr(_comfy, "input_directory", lambda: str(tmp_path / "input"))
-    monkeypatch.setattr(_comfy, "output_directory", lambda: str(tmp_path / "output"))
-    loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]
-    monkeypatch.setattr(loaders, "torch_device", lambda: torch.device("cpu"))
-    for node in loaders.NODES:
-        if hasattr(node, "_slot"):
-            monkeypatch.setattr(node, "_slot", _comfy.ModelSlot())
-
-
 @pytest.fixture
 def tiny_comfy(monkeypatch, tmp_path):
     """Model folders with placeholder files whose loaders return tiny models; an input folder with images."""
@@ -197,27 +175,6 @@ def tiny_comfy(monkeypatch, tmp_path):
     monkeypatch.delenv(provenance.CERT_ENV, raising=False)
     monkeypatch.delenv(provenance.KEY_ENV, raising=False)
     return tmp_path, saved
-
-
-def execute(api: dict, input_dir) -> dict:
-    """A minimal stand-in for ComfyUI's executor: every node once, inputs resolved through the links."""
-    results = {}
-
-    def value(node_id: str):
-        if node_id not in results:
-            node = api[node_id]
-            inputs = {k: value(v[0])[v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
-            if node["class_type"] == "LoadImage":
-                image = np.asarray(Image.open(input_dir / inputs["image"]).convert("RGB"), dtype=np.float32)
-                results[node_id] = (torch.from_numpy(image / 255.0)[None], None)
-            else:
-                hidden = {"prompt": api, "extra_pnginfo": {}} if OURS[node["class_type"]].HIDDEN else {}
-                results[node_id] = OURS[node["class_type"]].call(**inputs, **hidden).outputs
-        return results[node_id]
-
-    for node_id in api:
-        value(node_id)
-    return results
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -79,14 +79,19 @@ def random_image(batch: int, height: int, width: int, seed: int) -> torch.Tensor
 
 
 class FakeFolderPaths(types.ModuleType):
-    """ComfyUI's `folder_paths` as far as the loaders use it (folders per kind, listing by extension, lookup
-    with `..` stripped), for tests outside ComfyUI; the real one is exercised in tests/integration."""
+    """ComfyUI's `folder_paths` as far as the pack uses it (model folders per kind, listing by extension, lookup
+    with `..` stripped; input/output/temp under `install`), for tests outside ComfyUI; the real one is
+    exercised in tests/integration."""
 
     def __init__(self, folders: dict[str, list[str]], install: Path):
         super().__init__("folder_paths")
         self.__file__ = str(install / "folder_paths.py")  # where ComfyUI's own tokenizers would be looked for
+        self.directories = {kind: str(install / kind) for kind in ("input", "output", "temp")}
         kinds = ("diffusion_models", "text_encoders", "vae", "loras")
         self.folder_names_and_paths = {kind: (list(folders.get(kind, [])), {".safetensors", ".ckpt"}) for kind in kinds}
+
+    def get_directory_by_type(self, kind: str) -> str | None:
+        return self.directories.get(kind)
 
     def get_folder_paths(self, kind: str) -> list[str]:
         return self.folder_names_and_paths[kind][0][:]
