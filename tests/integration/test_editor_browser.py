@@ -115,6 +115,14 @@ def test_the_editor_compares_edits_again_and_measures_drift(comfy, shots):
         assert np.array_equal(original, pixels(comfy.base, f"input/{SCENE}"))  # "keep": the scene as loaded
         for k, card in enumerate(cards[1:], start=1):  # the page shows the engine's drift of each chain
             assert float(card["driftDb"]) == drift([original, *made[:k]]).psnr_db, card
+        # these rounds stay above 30 dB, so no hint shows; the hint's threshold checked in the page's own code
+        assert browser.evaluate("document.querySelector('#kontext-rounds .kontext-hint').textContent") == ""
+        script = f"/extensions/{PACK_FOLDER}/js/kontext_editor.js"
+        hints = browser.evaluate(
+            f"import('{script}').then(m => [29.9, 30].map(db => m.driftHint({{depth: 2, drift: {{psnr_db: db}}}})))"
+        )
+        assert hints[0].startswith("round 2 has drifted to 29.9 dB") and "Keep Unchanged" in hints[0], hints
+        assert hints[1] == "", hints
 
         # the queue's view of the task: the three results, each source only inside its result's entry
         browser.click('button.side-bar-button[aria-label^="Queue"]')

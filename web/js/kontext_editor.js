@@ -239,12 +239,16 @@ function render() {
     document.body.append(panel);
   }
   panel.querySelector(".kontext-strip").replaceChildren(...rounds.map(card));
-  const last = rounds.at(-1);
-  panel.querySelector(".kontext-hint").textContent =
-    last && drifting(last)
-      ? `${label(last)} has drifted to ${last.drift.psnr_db.toFixed(1)} dB outside its edits: add Kontext Keep ` +
-        "Unchanged after the decode (as the multi_round_keep_unchanged workflow does)."
-      : "";
+  panel.querySelector(".kontext-hint").textContent = rounds.length ? driftHint(rounds.at(-1)) : "";
+}
+
+// exported for the browser test, which imports this module again (the same instance) to check the threshold
+export function driftHint(round) {
+  if (!drifting(round)) return "";
+  return (
+    `${label(round)} has drifted to ${round.drift.psnr_db.toFixed(1)} dB outside its edits: add Kontext Keep ` +
+    "Unchanged after the decode (as the multi_round_keep_unchanged workflow does)."
+  );
 }
 
 function card(round) {
