@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.helpers.safety import assert_blocked_as
+
 import json
 from pathlib import Path
 
@@ -13,7 +15,6 @@ from kontext_core.policy.safety import check_prompt, normalize_prompt
 NUMBER_WORDS = json.loads(
     (Path(__file__).parents[1] / "kontext_core/policy/safety_data/normalize.json").read_text(encoding="utf-8")
 )["age_words"]
-TOLERANCES = range(7)
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +60,7 @@ def test_minor_ages(finder, prompt, ages):
     ],
 )
 def test_age_in_its_own_clause_makes_undressing_minors_at_every_tolerance(prompt):
-    for tolerance in TOLERANCES:
-        verdict = check_prompt(prompt, tolerance)
-        assert verdict.blocked and verdict.category == "minors", (tolerance, verdict)
+    assert_blocked_as(prompt, "minors")
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from tests.helpers.safety import assert_blocked_as
+
 import pytest
 
 from kontext_core.policy.person_names import named_people
 from kontext_core.policy.safety import check_prompt
 from kontext_core.policy.word_lists import first_names, is_english_word
-
-TOLERANCES = range(7)
 
 
 @pytest.mark.parametrize(
@@ -39,9 +39,7 @@ def test_named_people(prompt, names):
     ],
 )
 def test_a_name_with_nudity_or_undressing_is_ncii_at_every_tolerance(prompt):
-    for tolerance in TOLERANCES:
-        verdict = check_prompt(prompt, tolerance)
-        assert verdict.blocked and verdict.category == "ncii", (tolerance, verdict)
+    assert_blocked_as(prompt, "ncii")
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.safety import labelled_prompts
+
 from kontext_core.policy.safety import CATEGORIES, DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, check_prompt
 
 DATA = Path(__file__).parent / "data" / "safety_probes_round2.tsv"
@@ -15,16 +17,7 @@ ALWAYS_BLOCKED = ("minors", "ncii")
 BENIGN = "allowed"
 
 
-def _rows() -> list[tuple[str, str]]:
-    rows = []
-    for line in DATA.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            label, prompt = line.split("\t")
-            rows.append((label, prompt))
-    return rows
-
-
-ROWS = _rows()
+ROWS = labelled_prompts(DATA)
 
 
 def test_the_probe_file_holds_every_label():

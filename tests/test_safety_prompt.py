@@ -6,22 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.safety import labelled_prompts
+
 from kontext_core.policy.safety import CATEGORIES, SafetyVerdict, check_prompt, normalize_prompt
 
 DATA = Path(__file__).parent / "data" / "safety_prompts.tsv"
 TOLERANCES = range(7)
 
 
-def _load() -> list[tuple[str, str]]:
-    rows = []
-    for line in DATA.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            label, prompt = line.split("\t")
-            rows.append((label, prompt))
-    return rows
-
-
-ROWS = _load()
+ROWS = labelled_prompts(DATA)
 BAD = [(label, p) for label, p in ROWS if label != "benign"]
 BENIGN = [p for label, p in ROWS if label == "benign"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.helpers.safety import assert_blocked_as
+
 import pytest
 
 from kontext_core.policy.rendered_text import rendered_segments
@@ -38,9 +40,7 @@ def test_rendered_segments(prompt, segments):
     ],
 )
 def test_hateful_slogans_are_hate_below_the_most_permissive_tolerance(prompt):
-    for tolerance in BELOW_MOST_PERMISSIVE:
-        verdict = check_prompt(prompt, tolerance)
-        assert verdict.blocked and verdict.category == "hate", (tolerance, verdict)
+    assert_blocked_as(prompt, "hate", BELOW_MOST_PERMISSIVE)
 
 
 @pytest.mark.parametrize(
