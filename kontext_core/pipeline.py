@@ -22,15 +22,20 @@ class TextEncoder(Protocol):
     def encode(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]: ...
 
 
+# Pixels go k/255 → ×2 − 1 in and (x + 1)/2 → ×255, rounded, out, in float32 and in that order: the same
+# operations as ComfyUI's LoadImage, our VAE nodes and save node, and diffusers' image processor, so the
+# library and a graph give the same 8-bit images (k/127.5 − 1 differs from k/255·2 − 1 in the last bit).
+
+
 def image_to_tensor(image: Image.Image) -> Tensor:
     """PIL image → 1×3×H×W in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1.0
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
 def tensor_to_images(x: Tensor) -> list[Image.Image]:
     """B×3×H×W in [-1, 1] → PIL images, rounded to the nearest 8-bit value."""
-    x = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    x = (((x.float().clamp(-1, 1) + 1.0) / 2.0) * 255.0).round().to(torch.uint8)
     return [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in x]
 
 
