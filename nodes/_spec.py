@@ -6,13 +6,15 @@ A `KontextNode` runs and tests without ComfyUI; `nodes._adapter` turns it into t
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kontext_core.parallel.workers import WorkerGroup
+if TYPE_CHECKING:
+    from kontext_core.parallel.workers import WorkerGroup
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,19 @@ class LoraModel:
     loras: tuple  # kontext_core.runtime.lora.LoraPatch, in the order the LoRA loaders were chained
 
 
+def is_worker_group(model: Any) -> bool:
+    """A Kontext Parallel Model Loader's worker group. Its module loads only when such a loader runs (so the
+    pack imports without it); until then no model can be one."""
+    workers = sys.modules.get("kontext_core.parallel.workers")
+    return workers is not None and isinstance(model, workers.WorkerGroup)
+
+
 def model_input(node: type[KontextNode], name: str, model: Any) -> tuple[torch.nn.Module | WorkerGroup, tuple]:
     """The transformer of a KONTEXT_MODEL (or the worker group holding it) and the LoRAs it carries, or a
     ValueError naming the input."""
     if isinstance(model, LoraModel):
         return model.transformer, model.loras
-    if isinstance(model, (torch.nn.Module, WorkerGroup)):
+    if isinstance(model, torch.nn.Module) or is_worker_group(model):
         return model, ()
     raise ValueError(f"{node.NODE_ID}: input '{name}' must be a KONTEXT_MODEL, got {type(model).__name__}")
 

@@ -7,21 +7,20 @@ import torch
 import kontext_core
 from kontext_core.model import flux_math
 from kontext_core.checkpoints import CheckpointError
-from kontext_core.parallel.workers import LoraFile, WorkerGroup
 from kontext_core.runtime.lora import load_lora, unmatched_note
-from kontext_core.runtime.memory_plan import loaded_model_note
 from kontext_core.runtime.quant import COMPUTE_DTYPES, WEIGHT_DTYPES, weight_options
-from kontext_core.small_model import BUILTIN_PREFIX, NOTICE, small_model_files
 
 from ._comfy import ModelSlot, comfyui_root, torch_device
 from ._models import check_model_name, list_models, model_path
-from ._spec import Input, KontextNode, LoraModel, Output, model_input
+from ._spec import Input, KontextNode, LoraModel, Output, is_worker_group, model_input
 
 CATEGORY = "Kontext Core/loaders"
 T5_LENGTHS = ("auto", "512", "256")  # auto: the tokenizer's own (512 for T5-XXL, 48 for the small model)
 
 
 def _say_if_small(*names: str) -> None:
+    from kontext_core.small_model import BUILTIN_PREFIX, NOTICE  # (the small model's code loads when used)
+
     if any(name.startswith(BUILTIN_PREFIX) for name in names):
         print(NOTICE, flush=True)
 
@@ -101,6 +100,8 @@ class KontextCoreModelLoader(KontextNode):
 
         def load():
             model = kontext_core.load_transformer(path, device=device, dtype=dtype, **options)
+            from kontext_core.runtime.memory_plan import loaded_model_note  # the header reader, only when loading
+
             print(f"{cls.NODE_ID}: {model_name}: {loaded_model_note(model, device)}", flush=True)
             return model
 
@@ -158,6 +159,8 @@ class KontextCoreTextEncoderLoader(KontextNode):
         device = torch_device()
         dtype = auto_compute_dtype(device)
         # the small model's tokenizers live beside its files, not among ComfyUI's
+        from kontext_core.small_model import small_model_files
+
         small = small_model_files()
         tokenizers = {"t5_tokenizer": small.t5_tokenizer} if t5 == str(small.t5) else {}
         tokenizers |= {"clip_tokenizer": small.clip_tokenizer} if clip == str(small.clip) else {}
@@ -242,7 +245,9 @@ class KontextCoreLoraLoader(KontextNode):
         path = model_path("loras", lora_name, "lora_name")
         if strength == 0:
             return (model,)
-        if isinstance(transformer, WorkerGroup):  # each worker loads it onto its own copy of the model
+        if is_worker_group(transformer):  # each worker loads it onto its own copy of the model
+            from kontext_core.parallel.workers import LoraFile
+
             return (LoraModel(transformer, (*loras, LoraFile.of(path, strength))),)
         try:
             lora = load_lora(transformer, path, strength)

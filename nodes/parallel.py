@@ -7,7 +7,6 @@ import torch
 
 import kontext_core
 from kontext_core.parallel.config import METHODS, ParallelConfig
-from kontext_core.parallel.workers import ModelSource, WorkerGroup
 from kontext_core.runtime.quant import COMPUTE_DTYPES
 
 from ._comfy import ModelSlot
@@ -88,6 +87,8 @@ class KontextCoreParallelModelLoader(KontextNode):
         except ValueError as e:
             raise ValueError(f"input 'devices': {e}") from None
         dtype = COMPUTE_DTYPES[compute_dtype] or auto_compute_dtype(torch.device(names[0]))
+        from kontext_core.parallel.workers import ModelSource, WorkerGroup  # torch.distributed and friends
+
         # each worker loads the file itself, onto its own device, keeping fp8 layers fp8 as the plain loader does
         source = ModelSource(kontext_core.load_transformer, {"path": path, "dtype": dtype, "keep_fp8": True})
         return (cls._slot.get(path, (method, tuple(names), dtype), lambda: WorkerGroup(source, config, names)),)

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from kontext_core.policy.safety import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, TOLERANCE_HELP
+# the filter itself (its rules and word lists) loads on the first check: see _engine
+from kontext_core.policy.tolerance import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, TOLERANCE_HELP
 
 from ._spec import Input, KontextNode, Output, image_input
 

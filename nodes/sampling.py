@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from kontext_core import sampling
-from kontext_core.parallel.workers import SamplingJob, WorkerGroup
 from kontext_core.runtime.lora import use_loras
 
 from ._comfy import interruptible, step_callback
-from ._spec import Input, KontextNode, Output, conditioning_input, latent_input, model_input
+from ._spec import Input, KontextNode, Output, conditioning_input, is_worker_group, latent_input, model_input
 from .conditioning import DEFAULT_GUIDANCE, reference_method
 
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
@@ -191,7 +190,9 @@ class KontextCoreSampler(KontextNode):
         options = sampling.SamplingOptions(
             steps=steps, guidance=guidance, denoise=denoise, true_cfg_scale=true_cfg_scale, reference_method=method
         )
-        if isinstance(model, WorkerGroup):
+        if is_worker_group(model):
+            from kontext_core.parallel.workers import SamplingJob
+
             noise = sampling.get_noise(batch_size, height, width, seed)
             job = SamplingJob(
                 noise,

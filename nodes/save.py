@@ -6,15 +6,25 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from kontext_core.policy import provenance
-from kontext_core.small_model import BUILTIN_PREFIX
 
 from . import _comfy
 from ._spec import Input, KontextNode, NodeResult, image_input
+
+if TYPE_CHECKING:
+    from kontext_core.policy import provenance
+
+
+def _provenance():
+    # PNG metadata, C2PA and their libraries load with the first save, not with the pack
+    from kontext_core.policy import provenance
+
+    return provenance
+
 
 CATEGORY = "Kontext Core/image"
 # the field of each listed result naming its source image (web/js/kontext_editor.js reads it); inside the result's
@@ -53,6 +63,7 @@ def save_paths(output_dir: str, prefix: str, count: int) -> tuple[str, list[str]
 def signing_config(c2pa_cert: str, c2pa_key: str) -> provenance.SigningConfig | None:
     """Certificate and key for C2PA: the node's paths (inside ComfyUI's user folder), else the engine's
     environment variables (`provenance.SigningConfig.from_env`), else None (no signature)."""
+    provenance = _provenance()
     if bool(c2pa_cert) != bool(c2pa_key):
         raise ValueError("inputs 'c2pa_cert' and 'c2pa_key' must be given together")
     if c2pa_cert:
@@ -109,13 +120,15 @@ def model_label(prompt, node_id=None) -> str:
     if len(names) != 1:
         return "FLUX.1 Kontext"
     name = names.pop()
-    label = provenance.model_name(name.removeprefix(BUILTIN_PREFIX), builtin=name.startswith(BUILTIN_PREFIX))
+    from kontext_core.small_model import BUILTIN_PREFIX
+
+    label = _provenance().model_name(name.removeprefix(BUILTIN_PREFIX), builtin=name.startswith(BUILTIN_PREFIX))
     loras = [
         (i["lora_name"], _value(graph, i.get("strength")))
         for i in inputs_of("KontextCoreLoraLoader")
         if isinstance(i.get("lora_name"), str)
     ]
-    return provenance.with_loras(label, [(n, s) for n, s in loras if s != 0])  # at 0 the node passes the model on
+    return _provenance().with_loras(label, [(n, s) for n, s in loras if s != 0])  # at 0 the node passes the model on
 
 
 def _value(graph: dict, value):
@@ -197,7 +210,7 @@ class KontextCoreSaveImage(KontextNode):
         saved = []
         for image, name in zip(images, names):
             path = os.path.join(output_dir, subfolder, name)
-            provenance.save_png(
+            _provenance().save_png(
                 _to_pil(image),
                 path,
                 prompt=prompt,

@@ -20,8 +20,6 @@ import torch
 
 from kontext_core.model.config import FluxParams
 from kontext_core.model.flux import Flux
-from kontext_core.runtime.gguf_dequant import BLOCK_FORMATS
-from kontext_core.runtime.gguf_linear import block_shape, use_gguf_linears
 from kontext_core.runtime.quant import FP8_DTYPES, enable_fp8_matmul, fp8_matmul_supported, use_fp8_linears
 from kontext_core.checkpoints.flux_diffusers import Recipe, diffusers_recipes, diffusers_to_bfl, is_diffusers_flux
 from kontext_core.checkpoints.flux_diffusers import recipe_shape, unused_keys
@@ -219,6 +217,8 @@ def kept_gguf_blocks(layout: FluxLayout, linear_weights: set[str]) -> dict[str, 
     if kind_of is None:
         return {}
     kinds = {k.removesuffix(".weight"): kind_of(layout.recipes[k].parts[0]) for k in linear_weights}
+    from kontext_core.runtime.gguf_dequant import BLOCK_FORMATS  # GGUF's code loads for GGUF files only
+
     return {layer: kind for layer, kind in kinds.items() if kind in BLOCK_FORMATS}
 
 
@@ -291,13 +291,15 @@ def load_transformer(
         raise CheckpointError(path, f"inconsistent transformer config: {e}") from None
     if fp8_layers:
         use_fp8_linears(model, fp8_layers)
-    use_gguf_linears(model, gguf_layers)
-
     shapes = dict(layout.shapes)
     for layer in fp8_layers:
         shapes[f"{layer}.scale_weight"] = ()
-    for layer, kind in gguf_layers.items():
-        shapes[f"{layer}.weight"] = block_shape(kind, layout.shapes[f"{layer}.weight"])
+    if gguf_layers:
+        from kontext_core.runtime.gguf_linear import block_shape, use_gguf_linears
+
+        use_gguf_linears(model, gguf_layers)
+        for layer, kind in gguf_layers.items():
+            shapes[f"{layer}.weight"] = block_shape(kind, layout.shapes[f"{layer}.weight"])
 
     def kept_blocks(key: str) -> bool:
         layer, _, param = key.rpartition(".")

@@ -6,12 +6,7 @@ import argparse
 
 from kontext_core.cli.options import at_least, lora_option
 from kontext_core.cli.parallel import add_parallel_options
-from kontext_core.policy.safety import (
-    DEFAULT_TOLERANCE,
-    MAX_TOLERANCE,
-    MIN_TOLERANCE,
-    TOLERANCE_HELP,
-)
+from kontext_core.policy.tolerance import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE, TOLERANCE_HELP
 from kontext_core.synthetic.tasks import HELD_OUT_SEED, KINDS
 
 

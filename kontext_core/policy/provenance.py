@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 
 from kontext_core import __version__
 from kontext_core.files import written_whole
-from kontext_core.policy.safety import INSTALL_HINT  # one extra installs both the classifier and c2pa
+from kontext_core.policy import INSTALL_HINT
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 DEFAULT_MODEL = "FLUX.1 Kontext [dev]"

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kontext_core.policy.ages import AGE_VOCABULARY, AgeFinder
+from kontext_core.policy import INSTALL_HINT
+from kontext_core.policy.tolerance import DEFAULT_TOLERANCE, MAX_TOLERANCE, MIN_TOLERANCE
 from kontext_core.policy.person_names import named_people
 from kontext_core.policy.prompt_text import PromptNormalizer, fold_script
 from kontext_core.policy.rendered_text import rendered_segments
@@ -29,12 +31,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 CATEGORIES = ("minors", "ncii", "sexual", "violence", "hate")
-MIN_TOLERANCE, MAX_TOLERANCE, DEFAULT_TOLERANCE = 0, 6, 2
-TOLERANCE_HELP = (
-    "0 is the strictest, 6 the most permissive, 2 the default (as in BFL's API). Content involving minors "
-    "and non-consensual intimate imagery is blocked at every tolerance."
-)
-INSTALL_HINT = 'pip install "comfyui-kontext[safety]"'
 
 _DATA_DIR = Path(__file__).with_name("safety_data")
 # When several rules fire, the verdict names the gravest category first.
