@@ -32,6 +32,20 @@ def test_importing_the_engine_loads_no_tool_and_no_model_code():
     assert result.stdout.strip() == "[]"
 
 
+def test_importing_the_pack_leaves_what_only_a_run_needs_unloaded():
+    """ComfyUI imports every custom node at start: the filter's rules, provenance, the parallel workers, the
+    memory plan, the GGUF layers and the small model load with the first run that uses them."""
+    code = (
+        "import sys; from tests.helpers.nodes import load_pack; load_pack(); "
+        "print(sorted(m for m in sys.modules if m.startswith(('kontext_core.policy.', 'kontext_core.parallel.', "
+        "'kontext_core.runtime.memory_plan', 'kontext_core.runtime.gguf', 'kontext_core.small_model'))))"
+    )
+    result = run_python(code)
+    # the style presets and the tolerance scale fill node widgets; the parallel config names the loader's methods
+    loaded = ["kontext_core.parallel.config", "kontext_core.policy.styles", "kontext_core.policy.tolerance"]
+    assert result.stdout.strip() == str(loaded), result.stderr
+
+
 @pytest.mark.parametrize(("old", "new"), sorted(_moved.MOVED.items()))
 def test_a_moved_path_is_the_moved_module_with_a_warning_naming_its_home(old, new):
     sys.modules.pop(old, None)
