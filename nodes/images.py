@@ -136,7 +136,9 @@ class KontextCoreVAEEncode(KontextNode):
         top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
         pixels = pixels[:, top : top + height, left : left + width, :3]
         with torch.no_grad():
-            x = pixels.to(device, dtype).movedim(-1, 1) * 2.0 - 1.0
+            # contiguous NCHW, as the library passes it: a channels-last view takes another convolution kernel,
+            # which moves the latent in the last bits and the decoded image by a level here and there
+            x = pixels.to(device, dtype).movedim(-1, 1).contiguous() * 2.0 - 1.0
             return ({"samples": vae.encode_raw(x).float().cpu()},)
 
 
