@@ -146,7 +146,10 @@ class KontextCoreVAEDecode(KontextNode):
     NODE_ID = "KontextCoreVAEDecode"
     DISPLAY_NAME = "Kontext VAE Decode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Decodes a FLUX LATENT (raw VAE space) to an image."
+    DESCRIPTION = (
+        "Decodes a FLUX LATENT (raw VAE space) to an image, in 8-bit levels as a saved PNG holds it, so an image "
+        "edited again from its saved file starts from the very pixels the graph passed on."
+    )
     INPUTS = (
         Input("vae", "KONTEXT_VAE", "From Kontext VAE Loader."),
         Input("samples", "LATENT", "The latent to decode, e.g. from Kontext Sampler."),
@@ -159,7 +162,10 @@ class KontextCoreVAEDecode(KontextNode):
         device, dtype = _vae_place(cls, vae, "decode_raw")
         with torch.no_grad():
             x = vae.decode_raw(raw.to(device, dtype)).float()
-            return (((x.clamp(-1.0, 1.0) + 1.0) / 2.0).movedim(1, -1).cpu(),)
+            image = ((x.clamp(-1.0, 1.0) + 1.0) / 2.0).movedim(1, -1).cpu()
+            # k/255 exactly, as LoadImage reads a saved round back: a round chained in the graph and one made
+            # from the saved file (the editor's Edit again) then edit the same pixels
+            return ((image * 255.0).round() / 255.0,)
 
 
 def folder_images(folder: str, pattern: str) -> tuple[str, list[str]]:

@@ -129,8 +129,12 @@ def test_multi_round_rounds_edit_the_previous_result():
     for (prev_id, _), (_, sampler) in zip(samplers, samplers[1:]):
         reference = api[sampler["inputs"]["positive"][0]]
         assert reference["class_type"] == "KontextCoreReferenceLatent"
-        assert reference["inputs"]["latent"] == [str(prev_id), 0]  # edits the previous result
-        assert sampler["inputs"]["latent"] == [str(prev_id), 0]  # and keeps its size
+        encode = api[reference["inputs"]["latent"][0]]
+        decode = api[encode["inputs"]["pixels"][0]]
+        # edits the previous result's image (as the editor's Edit again does from its saved file)
+        assert (encode["class_type"], decode["class_type"]) == ("KontextCoreVAEEncode", "KontextCoreVAEDecode")
+        assert decode["inputs"]["samples"] == [str(prev_id), 0]
+        assert sampler["inputs"]["latent"] == reference["inputs"]["latent"]  # and keeps its size
 
 
 # ---------------------------------------------------------------- running the API graphs with tiny models
