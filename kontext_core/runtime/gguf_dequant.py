@@ -51,16 +51,14 @@ def _f16(blocks: Tensor, start: int) -> Tensor:
 def _split_bits(packed: Tensor, group: int, shifts: Sequence[int], mask: int) -> Tensor:
     """Several small fields per byte: each run of `group` bytes gives, for each shift in turn, `group` values
     `(byte >> shift) & mask`; `[n, bytes · len(shifts)]` uint8."""
-    n = packed.shape[0]
-    shift = torch.tensor(shifts, dtype=torch.uint8, device=packed.device).reshape(1, 1, -1, 1)
-    return ((packed.reshape(n, -1, 1, group) >> shift) & mask).reshape(n, -1)
+    # Python-int shifts: no small tensor built (and copied to the GPU) for each layer at each call
+    runs = packed.reshape(packed.shape[0], -1, group)
+    return torch.stack([(runs >> s) & mask for s in shifts], dim=2).reshape(packed.shape[0], -1)
 
 
 def _bits_lsb_first(packed: Tensor) -> Tensor:
     """Bit j of a little-endian bit field (Q5_0/Q5_1's `qh`) as value j, `[n, 8 · bytes]` uint8."""
-    n = packed.shape[0]
-    shift = torch.arange(8, dtype=torch.uint8, device=packed.device).reshape(1, 1, 8)
-    return ((packed.reshape(n, -1, 1) >> shift) & 1).reshape(n, -1)
+    return _split_bits(packed, 1, range(8), 1)
 
 
 def _q8_0(b: Tensor) -> Tensor:
