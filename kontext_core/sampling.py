@@ -224,13 +224,16 @@ def euler(
     return x
 
 
+def cfg_mix(v: Tensor, v_neg: Tensor, scale: float) -> Tensor:
+    """uncond + scale · (cond − uncond), in this order of operations wherever the two passes ran."""
+    return v_neg + scale * (v - v_neg)
+
+
 def true_cfg(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:
-    """Classifier-free guidance of two velocities: uncond + scale · (cond − uncond)."""
+    """Classifier-free guidance of two velocities."""
 
     def guided(x: Tensor, sigma: float, step: int) -> Tensor:
-        v = cond(x, sigma, step)
-        v_neg = uncond(x, sigma, step)
-        return v_neg + scale * (v - v_neg)
+        return cfg_mix(cond(x, sigma, step), uncond(x, sigma, step), scale)
 
     return guided
 

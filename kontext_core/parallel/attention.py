@@ -44,8 +44,7 @@ class UlyssesAttention:
         got = all_to_all(sent, self.group)  # [W (head group), B, L, H/W · D]
         return got.permute(1, 2, 0, 3).reshape(b, total // self.ranks, self.ranks * hd)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        check_heads(q.shape[1], self.ranks)
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # heads checked once, by ParallelFlux
         if q.shape[2] == k.shape[2]:
             q, k, v = self._to_all_tokens(torch.stack((q, k, v)))
         else:  # the reference cache appends the references' keys and values: queries are fewer

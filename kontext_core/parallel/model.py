@@ -16,7 +16,7 @@ from kontext_core.parallel.attention import RingAttention, UlyssesAttention, che
 from kontext_core.parallel.comm import all_gather
 from kontext_core.parallel.groups import ParallelPlan
 from kontext_core.parallel.layout import ShardLayout, joined
-from kontext_core.sampling import Velocity, true_cfg
+from kontext_core.sampling import Velocity, cfg_mix, true_cfg
 
 
 class ShardedReferenceCache(ReferenceCache):
@@ -64,8 +64,7 @@ class ParallelFlux:
         mine = cond if self.plan.cfg_rank == 0 else uncond
 
         def guided(x: Tensor, sigma: float, step: int) -> Tensor:
-            v, v_neg = all_gather(mine(x, sigma, step), self.plan.cfg_group)
-            return v_neg + scale * (v - v_neg)  # as `true_cfg`, so both halves and one process agree
+            return cfg_mix(*all_gather(mine(x, sigma, step), self.plan.cfg_group), scale)
 
         return guided
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from kontext_core.checkpoints.gguf_io import ACCEPT_T5, GGUFSource
+from kontext_core.checkpoints.transformer import BLOCK_PREFIXES, FLUX_PREFIXES
 from kontext_core.checkpoints.safetensors_io import open_tensors
 from kontext_core.runtime.gguf_dequant import BLOCK_FORMATS
 from kontext_core.runtime.gguf_linear import gguf_layers
@@ -34,8 +35,6 @@ VAE_DECODE_BYTES_PER_PIXEL = 4 * 128 * COMPUTE_BYTES
 # dequantizing one GGUF weight keeps its codes, scaled values and result in float32 and the cast copy at once
 GGUF_SCRATCH_BYTES_PER_VALUE = 3 * 4 + COMPUTE_BYTES
 TEXT_TOKENS = 512
-BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
-FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 T5_SKIPPED = ("decoder.", "dec.", "lm_head.", "output.weight")
 CLIP_SKIPPED = ("vision_model.", "visual_projection.", "text_projection.", "logit_scale")
 FP8_NAMES = ("F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2")
