@@ -76,8 +76,8 @@ class RingAttention:
         for step in range(self.ranks):
             ring = RingPass(kv, self.group) if step < self.ranks - 1 else None
             kept = self.kept[(self.rank - step) % self.ranks]
-            if len(kept):
-                block = kv.index_select(3, kept)
+            if kept is None or len(kept):  # a shard of pads only has nothing to attend to
+                block = kv if kept is None else kv.index_select(3, kept)  # no copy where there is no pad
                 block_out, block_lse = attention_with_lse(q, block[0], block[1])
                 if out is None:
                     out, lse = block_out, block_lse

@@ -55,9 +55,10 @@ class ShardLayout:
         mask = torch.cat([self.valid(r) for r in range(self.ranks)])
         return None if bool(mask.all()) else mask.nonzero().squeeze(1).to(device)
 
-    def kept_on(self, rank: int, device: torch.device) -> Tensor:
-        """Indices of the real tokens among rank `rank`'s local tokens."""
-        return self.valid(rank).nonzero().squeeze(1).to(device)
+    def kept_on(self, rank: int, device: torch.device) -> Tensor | None:
+        """Indices of the real tokens among rank `rank`'s local tokens, None if it holds no pad."""
+        mask = self.valid(rank)
+        return None if bool(mask.all()) else mask.nonzero().squeeze(1).to(device)
 
 
 def joined(*layouts: ShardLayout) -> ShardLayout:
