@@ -7,7 +7,7 @@ import torch
 
 import kontext_core
 from kontext_core.parallel.config import METHODS, ParallelConfig
-from kontext_core.runtime.quant import COMPUTE_DTYPES
+from kontext_core.runtime.quant import COMPUTE_DTYPES, weight_options
 
 from ._comfy import ModelSlot
 from ._models import model_path
@@ -90,7 +90,7 @@ class KontextCoreParallelModelLoader(KontextNode):
         from kontext_core.parallel.workers import ModelSource, WorkerGroup  # torch.distributed and friends
 
         # each worker loads the file itself, onto its own device, keeping fp8 layers fp8 as the plain loader does
-        source = ModelSource(kontext_core.load_transformer, {"path": path, "dtype": dtype, "keep_fp8": True})
+        source = ModelSource(kontext_core.load_transformer, {"path": path, "dtype": dtype, **weight_options("default")})
         return (cls._slot.get(path, (method, tuple(names), dtype), lambda: WorkerGroup(source, config, names)),)
 
 

@@ -9,9 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kontext_core.batch.items import Item
+from kontext_core.batch.items import BatchError, Item
 from kontext_core.files import written_whole
-from kontext_core.batch.items import BatchError
 from kontext_core.tools.comfyui_client.items import QueueError, Slots, Stalled, TimedOut, patch_workflow, seed_of
 from kontext_core.tools.comfyui_client.transport import Server, WebSocket
 
